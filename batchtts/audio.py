@@ -1,0 +1,101 @@
+"""Audio formats: what to ask the provider for, how to write its answer, and what the file holds.
+
+`wav` is not a wire format: we ask for pcm and wrap it in a RIFF header whose rate and channels come
+from the response's Content-Type (`audio/pcm;rate=24000;channels=1`).
+"""
+
+from __future__ import annotations
+
+import wave
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import mutagen
+import mutagen.mp3
+
+from .errors import TransportError
+
+DEFAULT_RATE = 24000
+DEFAULT_CHANNELS = 1
+SAMPLE_WIDTH = 2
+
+
+def wire_format(fmt: str) -> str:
+    return "pcm" if fmt in ("pcm", "wav") else fmt
+
+
+def is_audio(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower().startswith("audio/")
+
+
+def pcm_params(content_type: str) -> tuple[int, int]:
+    """Sample rate and channels from `audio/pcm;rate=24000;channels=1`; defaults where absent."""
+    rate, channels = DEFAULT_RATE, DEFAULT_CHANNELS
+    for part in content_type.split(";")[1:]:
+        name, _, value = part.partition("=")
+        name = name.strip().lower()
+        try:
+            if name in ("rate", "samplerate", "sample_rate"):
+                rate = int(value.strip())
+            elif name == "channels":
+                channels = int(value.strip())
+        except ValueError:
+            raise TransportError(f"unreadable Content-Type {content_type!r}") from None
+    return rate, channels
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    sample_rate: int | None
+    channels: int | None
+    duration_s: float | None
+
+
+class AudioWriter:
+    """Streams one response body into a file in the row's output format."""
+
+    def __init__(self, f: BinaryIO, fmt: str, content_type: str) -> None:
+        self.f = f
+        self.fmt = fmt
+        self.received = 0
+        self.rate, self.channels = pcm_params(content_type) if fmt in ("pcm", "wav") else (None, None)
+        self._wave: wave.Wave_write | None = None
+        if fmt == "wav":
+            self._wave = wave.open(f, "wb")
+            self._wave.setnchannels(self.channels)
+            self._wave.setsampwidth(SAMPLE_WIDTH)
+            self._wave.setframerate(self.rate)
+
+    def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self._wave is not None:
+            self._wave.writeframesraw(chunk)
+        else:
+            self.f.write(chunk)
+
+    def finish(self) -> AudioInfo:
+        """Check the body is whole audio of its kind and say what it holds."""
+        if self.received == 0:
+            raise TransportError("the provider answered 200 with an empty body")
+        if self.fmt == "mp3":
+            self.f.flush()
+            self.f.seek(0)
+            try:
+                info = mutagen.mp3.MP3(fileobj=self.f).info
+            except mutagen.MutagenError as exc:
+                raise TransportError(f"the body is not valid mp3: {exc}") from exc
+            finally:
+                self.f.seek(0, 2)
+            return AudioInfo(info.sample_rate, info.channels, round(info.length, 3))
+        assert self.rate is not None and self.channels is not None
+        frame = SAMPLE_WIDTH * self.channels
+        if self.received % frame:
+            raise TransportError(f"the pcm body ends mid-sample ({self.received} bytes)")
+        if self._wave is not None:
+            self._wave.close()
+        return AudioInfo(self.rate, self.channels, round(self.received / frame / self.rate, 3))
+
+    def close(self) -> None:
+        """Release the RIFF writer; safe to call twice and after a failed body."""
+        if self._wave is not None:
+            self._wave.close()

@@ -1,0 +1,205 @@
+"""The command line: parse, call the library, report. No work happens here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from . import log as logs
+from .config import FORMATS, Job, load_job
+from .errors import EXIT_SIGINT, EXIT_USAGE, BatchTTSError
+from .results import export as export_results
+from .results import open_context, status as status_report
+from .runner import Plan, RunResult, run as run_job
+
+
+def _fail(exc: BatchTTSError) -> None:
+    click.echo(f"batchtts: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="batchtts")
+def main() -> None:
+    """Narrate a manifest of texts into one audio file per row, resumably."""
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder for audio and the ledger.")
+@click.option("--model", help="Default model for rows without a model column.")
+@click.option("--voice", help="Default voice for rows without a voice column.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
+@click.option("--speed", type=float, help="Default speed multiplier.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Requests in flight at once.")
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per row before it is recorded as failed.")
+@click.option("--timeout", type=float, help="Read timeout in seconds (the wait for each chunk of a body).")
+@click.option("--connect-timeout", type=float, help="Connect timeout in seconds.")
+@click.option("--backoff-initial", type=float, help="First retry waits up to this many seconds (doubling after).")
+@click.option("--backoff-max", type=float, help="Longest wait between two attempts, in seconds.")
+@click.option("--max-row-seconds", type=float, help="Give up on a row after this many seconds of retrying.")
+@click.option("--base-url", envvar="BATCHTTS_BASE_URL", help="Speech API base URL (default OpenRouter's).")
+@click.option("--api-key-env", help="Environment variable that holds the API key.")
+@click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False), help="Ledger file (default OUT/ledger.sqlite).")
+@click.option("--retry-failed", is_flag=True, default=None, help="Also retry rows that failed permanently before.")
+@click.option("--limit", type=click.IntRange(min=0), help="Narrate at most N of the rows left to do.")
+@click.option("--dry-run", is_flag=True, default=None, help="Check the manifest and count what is left; send nothing.")
+@click.option("--grace", "grace_seconds", type=float, help="Seconds in-flight requests get to finish after Ctrl-C.")
+@click.option("--progress-interval", type=float, help="Seconds between progress events when not on a terminal.")
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), help="Log rendering (default: auto).")
+def run(target: Path, **flags: Any) -> None:
+    """Narrate TARGET: a job file (.toml) or a manifest (.csv, .tsv, .parquet, .jsonl).
+
+    \b
+    Exit codes: 0 all done; 1 some rows failed; 2 usage, config or manifest error (nothing sent);
+    3 stopped by the provider (bad key, no credits), progress kept; 75 another run holds the folder;
+    130/143 interrupted, progress kept. Run the same command again to resume.
+    """
+    logs.configure(flags.get("log_format") or "auto")
+    is_job = target.suffix.lower() == ".toml"
+    overrides = {
+        "manifest": None if is_job else target,
+        "out": flags["out"],
+        "ledger": flags["ledger"],
+        "defaults.model": flags["model"],
+        "defaults.voice": flags["voice"],
+        "defaults.format": flags["fmt"],
+        "defaults.speed": flags["speed"],
+        "concurrency": flags["concurrency"],
+        "retry.max_attempts": flags["max_attempts"],
+        "retry.backoff_initial": flags["backoff_initial"],
+        "retry.backoff_max": flags["backoff_max"],
+        "retry.max_row_seconds": flags["max_row_seconds"],
+        "timeouts.read": flags["timeout"],
+        "timeouts.connect": flags["connect_timeout"],
+        "provider.base_url": flags["base_url"],
+        "provider.api_key_env": flags["api_key_env"],
+        "retry_failed": flags["retry_failed"],
+        "limit": flags["limit"],
+        "dry_run": flags["dry_run"],
+        "grace_seconds": flags["grace_seconds"],
+        "progress_interval": flags["progress_interval"],
+        "log_format": flags["log_format"],
+    }
+    try:
+        job = load_job(target if is_job else None, **overrides)
+        if job.log_format != (flags.get("log_format") or "auto"):
+            logs.configure(job.log_format)
+        result = run_job(job)
+    except BatchTTSError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("batchtts: interrupted before any request was sent", err=True)
+        sys.exit(EXIT_SIGINT)
+    if job.dry_run:
+        _print_plan(result.plan, job)
+    else:
+        _print_summary(result, job)
+    sys.exit(result.exit_code)
+
+
+def _print_plan(plan: Plan, job: Job) -> None:
+    click.echo(f"{job.manifest}: {plan.rows} rows, {plan.characters} characters (dry run: nothing sent)")
+    header = f"{'model':<32} {'rows':>9} {'characters':>12} {'done':>9} {'failed':>7} {'to do':>9} {'chars to do':>12}"
+    click.echo(header)
+    for name, m in sorted(plan.models.items()):
+        click.echo(
+            f"{name:<32} {m.rows:>9} {m.characters:>12} {m.done:>9} {m.failed:>7} {m.pending:>9} {m.pending_characters:>12}"
+        )
+
+
+def _print_summary(result: RunResult, job: Job) -> None:
+    c = result.counters
+    lines = [
+        f"narrated {c.done} rows, {c.failed} failed, {result.plan.done} already done"
+        + (f", {result.plan.failed} failed earlier (rerun with --retry-failed)" if result.plan.failed else ""),
+        f"{c.bytes / 1e6:.1f} MB, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
+        f"{result.wall_s:.1f} s",
+        f"files in {job.out}/, ledger at {job.ledger_path}",
+    ]
+    if result.stop_reason:
+        lines.insert(0, f"stopped: {result.stop_reason}")
+    if result.advice:
+        lines.append(result.advice)
+    elif result.exit_code == 1:
+        lines.append(f"see the failed rows with: batchtts status {job.out}")
+    elif result.stop_reason:
+        lines.append("run the same command again to resume")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest to count pending rows against.")
+@click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(target: Path, manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
+    """Show what an output folder (or ledger file) holds: done, failed, pending."""
+    try:
+        job = load_job(job_file) if job_file else None
+        report = status_report(open_context(target, manifest, job))
+    except BatchTTSError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    total = "?" if report["total"] is None else report["total"]
+    pending = "? (pass --manifest)" if report["pending"] is None else report["pending"]
+    click.echo(
+        f"{report['ledger']}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
+        f"  {report['bytes'] / 1e6:.1f} MB, {report['audio_s']:.1f} s of audio"
+    )
+    for f in report["failures"]:
+        again = "retried on next run" if f["retryable"] else "rerun with --retry-failed"
+        click.echo(f"  row {f['row_number']} ({f['key']}): HTTP {f['http_status']}: {f['error']} [{again}]")
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path, dir_okay=False), help="results.parquet or results.csv")
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest (default: the last run's).")
+@click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
+def export(target: Path, to: Path, manifest: Path | None, job_file: Path | None) -> None:
+    """Write one row per manifest row with its audio file, status and carried columns."""
+    try:
+        job = load_job(job_file) if job_file else None
+        rows = export_results(open_context(target, manifest, job), to)
+    except BatchTTSError as exc:
+        _fail(exc)
+    click.echo(f"wrote {rows} rows to {to}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--api-key", envvar="BATCHTTS_SERVE_KEY", help="Require this bearer key.")
+@click.option("--latency", default=0.0, type=float, help="Seconds before each answer.")
+@click.option("--fail-rate", default=0.0, type=float, help="Share of requests answered with an error status.")
+@click.option("--fail-status", default="502,503,524,529", help="Statuses for --fail-rate / --fail-first, comma-separated.")
+@click.option("--fail-first", default=0, type=int, help="First N attempts of each input fail.")
+@click.option("--rate-limit", default=0.0, type=float, help="Requests per second before 429s (0: off).")
+@click.option("--rate-limit-headers", default="both", type=click.Choice(["retry-after", "reset", "both"]))
+@click.option("--retry-after", type=float, help="Retry-After value to send with 429s (default: until the window resets).")
+@click.option("--drop-rate", default=0.0, type=float, help="Share of answers cut after the headers.")
+@click.option("--truncate-rate", default=0.0, type=float, help="Share of answers cut half-way through the body.")
+@click.option("--drop-first", default=0, type=int, help="First N attempts of each input are cut after the headers.")
+@click.option("--truncate-first", default=0, type=int, help="First N attempts of each input are cut half-way.")
+@click.option("--stall-first", default=0, type=int, help="First N attempts of each input stall mid-body.")
+@click.option("--stall-seconds", default=5.0, type=float)
+@click.option("--credits", type=int, help="Answer 402 after this many successes.")
+@click.option("--seed", type=int, help="Seed for the random faults.")
+@click.option("--engine", default="tone", type=click.Choice(["tone"]), help="What the audio is made with.")
+def serve(**options: Any) -> None:
+    """Run an OpenRouter-compatible speech server on loopback, with faults on demand."""
+    try:
+        from .server import ServeConfig, run_server
+    except ImportError as exc:
+        click.echo(f"batchtts serve needs the serve extra: pip install 'batchtts[serve]' ({exc})", err=True)
+        sys.exit(EXIT_USAGE)
+    statuses = tuple(int(s) for s in options.pop("fail_status").split(",") if s.strip())
+    run_server(ServeConfig(fail_statuses=statuses, **options))

@@ -1,0 +1,153 @@
+"""The HTTP speech client: OpenRouter's `POST /audio/speech`, or any OpenAI-compatible endpoint.
+
+One `httpx.AsyncClient` per run, on the httpx-aiohttp transport: httpx's own pool spends ten times
+the CPU per request at high concurrency (encode/httpx#3215), which caps throughput on small machines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from email.utils import parsedate_to_datetime
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from . import __version__
+from .audio import is_audio
+from .config import Provider, Timeouts
+from .errors import HTTPStatusError, ProviderStopError, TransportError
+from .providers import SpeechRequest
+
+_MAX_ERROR_BODY = 64 * 1024
+
+
+def retry_after_seconds(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """The wait a provider asked for: Retry-After (seconds or HTTP date) or X-RateLimit-Reset (epoch ms)."""
+    now = time.time() if now is None else now
+    waits: list[float] = []
+    value = headers.get("retry-after")
+    if value:
+        try:
+            waits.append(float(value))
+        except ValueError:
+            try:
+                waits.append(parsedate_to_datetime(value).timestamp() - now)
+            except (TypeError, ValueError):
+                pass
+    reset = headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            at = float(reset)
+            # Epoch milliseconds per OpenRouter; tolerate providers that send epoch seconds.
+            waits.append((at / 1000 if at > 1e11 else at) - now)
+        except ValueError:
+            pass
+    return max(0.0, max(waits)) if waits else None
+
+
+def error_message(body: bytes, status: int) -> str:
+    """The provider's own words from an error body, else the start of the body."""
+    try:
+        data = json.loads(body)
+        error = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(error, dict) and error.get("message"):
+            message = str(error["message"])
+            meta = error.get("metadata")
+            if isinstance(meta, dict) and meta.get("raw"):
+                message += f" ({str(meta['raw'])[:300]})"
+            return message[:1000]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    text = body.decode("utf-8", "replace").strip()
+    return text[:300] if text else httpx.codes.get_reason_phrase(status) or "no message"
+
+
+def describe_transport_error(exc: httpx.TransportError) -> str:
+    kind = {
+        httpx.ConnectTimeout: "connect timed out",
+        httpx.ReadTimeout: "read timed out",
+        httpx.WriteTimeout: "write timed out",
+        httpx.PoolTimeout: "no free connection in time",
+        httpx.ConnectError: "cannot connect",
+        httpx.RemoteProtocolError: "connection dropped",
+        httpx.ReadError: "connection dropped mid-body",
+    }.get(type(exc), "connection failed")
+    detail = str(exc).strip()
+    return f"{kind}: {detail}" if detail else kind
+
+
+class _HTTPAudio:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.content_type = response.headers.get("content-type", "")
+        length = response.headers.get("content-length")
+        # Content-Length counts encoded bytes; compare it only when the body is sent as is.
+        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        self.content_length = int(length) if length and length.isdigit() and not encoded else None
+        self.generation_id = response.headers.get("x-generation-id")
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes()
+
+
+class HTTPSpeechClient:
+    def __init__(
+        self,
+        provider: Provider,
+        api_key: str,
+        timeouts: Timeouts,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        headers = {"Authorization": f"Bearer {api_key}", "User-Agent": f"batchtts/{__version__}"}
+        if provider.referer:
+            headers["HTTP-Referer"] = provider.referer
+        if provider.title:
+            headers["X-Title"] = provider.title
+        self._client = httpx.AsyncClient(
+            base_url=provider.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=None),
+            limits=limits,
+            transport=transport or AiohttpTransport(limits=limits, trust_env=True),
+        )
+
+    @asynccontextmanager
+    async def speak(self, request: SpeechRequest) -> AsyncIterator[_HTTPAudio]:
+        try:
+            async with self._client.stream("POST", "audio/speech", json=request.to_json()) as response:
+                if response.status_code != 200:
+                    raise await self._status_error(response)
+                audio = _HTTPAudio(response)
+                if not is_audio(audio.content_type):
+                    body = await _read_bounded(response)
+                    raise TransportError(
+                        f"the provider answered 200 with {audio.content_type or 'no content type'}, not audio: "
+                        f"{error_message(body, 200)}"
+                    )
+                yield audio
+        except httpx.TransportError as exc:
+            raise TransportError(describe_transport_error(exc)) from exc
+
+    async def _status_error(self, response: httpx.Response) -> HTTPStatusError:
+        body = await _read_bounded(response)
+        message = error_message(body, response.status_code)
+        if response.status_code in (401, 402):
+            return ProviderStopError(message, response.status_code)
+        return HTTPStatusError(message, response.status_code, retry_after_seconds(response.headers))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    body = b""
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) >= _MAX_ERROR_BODY:
+            break
+    return body

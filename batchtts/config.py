@@ -1,0 +1,176 @@
+"""The typed job: what a TOML job file says, overridden by command-line flags.
+
+A Python user builds a `Job` directly and calls `batchtts.run(job)`; the CLI builds the same object
+from a job file plus flags, so both paths meet here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import MissingKeyError, UsageError
+
+OutputFormat = Literal["mp3", "pcm", "wav"]
+FORMATS: tuple[str, ...] = ("mp3", "pcm", "wav")
+DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+DEFAULT_RETRY_STATUSES = (429, 502, 503, 524, 529)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Values for rows whose manifest leaves a column empty or absent."""
+
+    model: str | None = None
+    voice: str | None = None
+    format: OutputFormat = "mp3"
+    speed: float | None = None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; `read` bounds the wait between two chunks of a body, not the whole body."""
+
+    connect: float = 10.0
+    read: float = 120.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try one row before recording it as failed."""
+
+    statuses: tuple[int, ...] = DEFAULT_RETRY_STATUSES
+    max_attempts: int = 6
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_row_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class Provider:
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENROUTER_API_KEY"
+    referer: str | None = "https://github.com/batchtts/batchtts"
+    title: str | None = "batchtts"
+
+    def api_key(self) -> str:
+        key = os.environ.get(self.api_key_env, "").strip()
+        if not key:
+            raise MissingKeyError(self.api_key_env)
+        return key
+
+
+@dataclass(frozen=True)
+class Job:
+    manifest: Path
+    out: Path
+    ledger: Path | None = None
+    defaults: Defaults = field(default_factory=Defaults)
+    provider: Provider = field(default_factory=Provider)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int = 16
+    limit: int | None = None
+    retry_failed: bool = False
+    dry_run: bool = False
+    grace_seconds: float = 30.0
+    progress_interval: float = 10.0
+    log_format: Literal["auto", "console", "json"] = "auto"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger if self.ledger is not None else self.out / "ledger.sqlite"
+
+    def validate(self) -> None:
+        if self.defaults.format not in FORMATS:
+            raise UsageError(f"unknown format {self.defaults.format!r}: use one of {', '.join(FORMATS)}")
+        if self.concurrency < 1:
+            raise UsageError("concurrency must be at least 1")
+        if self.retry.max_attempts < 1:
+            raise UsageError("max_attempts must be at least 1")
+        if self.limit is not None and self.limit < 0:
+            raise UsageError("limit must not be negative")
+        if self.log_format not in ("auto", "console", "json"):
+            raise UsageError("log_format must be auto, console or json")
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved configuration for the start event; holds no secret, only the key's variable name."""
+        data = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+_SECTIONS: dict[str, type] = {
+    "defaults": Defaults,
+    "provider": Provider,
+    "timeouts": Timeouts,
+    "retry": RetryPolicy,
+}
+_PATHS = ("manifest", "out", "ledger")
+
+
+def load_job(path: Path | None, **overrides: Any) -> Job:
+    """Read a job file (paths in it are relative to the file) and apply overrides that are not None.
+
+    Overrides use dotted names for sections: `{"defaults.model": "m", "concurrency": 8}`.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot read job file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+        base = path.resolve().parent
+
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise UsageError(f"{path}: [{key}] must be a table")
+            sections[key] = dict(value)
+        else:
+            top[key] = value
+    for p in _PATHS:
+        if p in top and top[p] is not None:
+            top[p] = base / Path(top[p]).expanduser()
+
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        if "." in dotted:
+            section, name = dotted.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[dotted] = Path(value) if dotted in _PATHS else value
+
+    built: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        values = sections.get(name, {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UsageError(f"unknown key{'s' if len(unknown) > 1 else ''} in [{name}]: {', '.join(sorted(unknown))}")
+        if "statuses" in values:
+            values["statuses"] = tuple(int(s) for s in values["statuses"])
+        built[name] = cls(**values)
+
+    known_top = {f.name for f in dataclasses.fields(Job)} - set(_SECTIONS)
+    unknown = set(top) - known_top
+    if unknown:
+        raise UsageError(f"unknown job setting{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}")
+    for required in ("manifest", "out"):
+        if top.get(required) is None:
+            raise UsageError(f"no {required}: give it in the job file or on the command line")
+    try:
+        job = Job(**top, **built)
+    except TypeError as exc:
+        raise UsageError(f"bad job setting: {exc}") from exc
+    job.validate()
+    return job

@@ -1,0 +1,113 @@
+"""Every error batchtts raises, and the exit code each one means.
+
+    BatchTTSError
+    ├── UsageError                  exit 2: bad flags, job file or environment, nothing sent
+    │   ├── MissingKeyError         the API key variable is unset
+    │   └── ManifestError           the manifest is unreadable or has bad rows (carries the problems)
+    ├── FolderLockedError           exit 75: another run holds the output folder
+    └── SpeechError                 one attempt at one row went wrong (carries status and message)
+        ├── TransportError          no usable answer: connection refused, dropped or timed out,
+        │                           a body cut short, a 200 that is not audio
+        └── HTTPStatusError         the provider answered with an error status (and maybe a wait)
+            └── ProviderStopError   401 or 402: no row can succeed until the user acts, exit 3
+
+Whether a SpeechError is worth another attempt is the retry policy's call (`retry.py`), not the
+error's. Row-level errors never escape the runner as tracebacks: they end up in the ledger and the
+summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_FAILED_ROWS = 1
+EXIT_USAGE = 2
+EXIT_PROVIDER_STOP = 3
+EXIT_LOCKED = 75
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class BatchTTSError(Exception):
+    exit_code = EXIT_USAGE
+
+
+class UsageError(BatchTTSError):
+    exit_code = EXIT_USAGE
+
+
+class MissingKeyError(UsageError):
+    def __init__(self, env_var: str) -> None:
+        super().__init__(
+            f"no API key: set the {env_var} environment variable "
+            f"(or name another variable with api_key_env in the job file)"
+        )
+        self.env_var = env_var
+
+
+@dataclass(frozen=True)
+class ManifestProblem:
+    row: int | None
+    message: str
+    id: str | None = None
+
+    def __str__(self) -> str:
+        where = "manifest" if self.row is None else f"row {self.row}"
+        if self.id:
+            where += f" (id {self.id!r})"
+        return f"{where}: {self.message}"
+
+
+class ManifestError(UsageError):
+    """Raised before anything is sent, so a bad manifest never costs a request."""
+
+    shown = 20
+
+    def __init__(self, path: str, problems: list[ManifestProblem], total: int | None = None) -> None:
+        self.path = path
+        self.problems = problems[: self.shown]
+        self.total = len(problems) if total is None else total
+        lines = [f"{path}: {self.total} problem{'s' if self.total != 1 else ''} in the manifest"]
+        lines += [f"  {p}" for p in self.problems]
+        if self.total > len(self.problems):
+            lines.append(f"  ... and {self.total - len(self.problems)} more")
+        super().__init__("\n".join(lines))
+
+
+class FolderLockedError(BatchTTSError):
+    exit_code = EXIT_LOCKED
+
+
+class SpeechError(BatchTTSError):
+    """One attempt at one row failed; `status` is None for transport faults."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message if self.status is None else f"HTTP {self.status}: {self.message}"
+
+
+class TransportError(SpeechError):
+    pass
+
+
+class HTTPStatusError(SpeechError):
+    """`retry_after` is the wait in seconds the provider asked for, if it named one."""
+
+    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class ProviderStopError(HTTPStatusError):
+    exit_code = EXIT_PROVIDER_STOP
+
+    @property
+    def advice(self) -> str:
+        if self.status == 402:
+            return "the account is out of credits: add credits, then run the same command again to resume"
+        return "the provider refused the API key: check the key, then run the same command again to resume"

@@ -1,0 +1,174 @@
+"""The results ledger: one SQLite row per manifest key, the record that makes every rerun resumable.
+
+WAL mode with synchronous=NORMAL: a commit survives kill -9 (it is in the WAL before the call
+returns) without an fsync per row. A row is written only after its audio file has been renamed
+into place, so "done" in the ledger always names a complete file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how far a file is.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE rows (
+        key           TEXT PRIMARY KEY,
+        row_number    INTEGER,
+        fingerprint   TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+        retryable     INTEGER NOT NULL DEFAULT 0,
+        path          TEXT,
+        bytes         INTEGER,
+        sha256        TEXT,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        duration_s    REAL,
+        model         TEXT,
+        voice         TEXT,
+        format        TEXT,
+        characters    INTEGER,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        http_status   INTEGER,
+        error         TEXT,
+        generation_id TEXT,
+        latency_s     REAL,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+    CREATE INDEX rows_status ON rows (status);
+    CREATE TABLE runs (
+        id          INTEGER PRIMARY KEY,
+        started_at  TEXT NOT NULL,
+        finished_at TEXT,
+        manifest    TEXT,
+        config      TEXT,
+        exit_code   INTEGER,
+        summary     TEXT
+    );
+    """,
+)
+
+COLUMNS = (
+    "key", "row_number", "fingerprint", "status", "retryable", "path", "bytes", "sha256", "sample_rate",
+    "channels", "duration_s", "model", "voice", "format", "characters", "attempts", "http_status", "error",
+    "generation_id", "latency_s", "created_at", "updated_at",
+)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    fingerprint: str
+    status: str
+    retryable: bool
+    path: str | None
+    bytes: int | None
+
+
+class Ledger:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if readonly:
+                self.db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise UsageError(f"cannot open ledger {path}: {exc}") from exc
+        self.db.execute("PRAGMA busy_timeout=5000")
+
+    @classmethod
+    def open_existing(cls, path: Path) -> Ledger:
+        if not path.exists():
+            raise UsageError(f"no ledger at {path}: run the job first, or point --ledger at it")
+        return cls(path, readonly=True)
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise UsageError(f"ledger {self.path} was written by a newer batchtts (schema {version})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+
+    def lookup(self, key: str) -> Entry | None:
+        found = self.db.execute(
+            "SELECT fingerprint, status, retryable, path, bytes FROM rows WHERE key = ?", (key,)
+        ).fetchone()
+        return Entry(found[0], found[1], bool(found[2]), found[3], found[4]) if found else None
+
+    def record(self, **values: Any) -> None:
+        """Insert or replace one key's row; attempts add up while the fingerprint stays the same."""
+        stamp = now()
+        values = {**values, "created_at": stamp, "updated_at": stamp}
+        names = [c for c in COLUMNS if c in values]
+        updates = ", ".join(
+            f"{c} = excluded.{c}" for c in names if c not in ("key", "created_at", "attempts")
+        )
+        self.db.execute(
+            f"INSERT INTO rows ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT(key) DO UPDATE SET {updates}, attempts = CASE "
+            f"WHEN rows.fingerprint = excluded.fingerprint THEN rows.attempts + excluded.attempts "
+            f"ELSE excluded.attempts END",
+            [values[c] for c in names],
+        )
+
+    def start_run(self, manifest: Path, config: dict[str, Any]) -> int:
+        cur = self.db.execute(
+            "INSERT INTO runs (started_at, manifest, config) VALUES (?, ?, ?)",
+            (now(), str(manifest), json.dumps(config, default=str)),
+        )
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
+        self.db.execute(
+            "UPDATE runs SET finished_at = ?, exit_code = ?, summary = ? WHERE id = ?",
+            (now(), exit_code, json.dumps(summary), run_id),
+        )
+
+    def last_run(self) -> dict[str, Any] | None:
+        found = self.db.execute("SELECT manifest, config FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return {"manifest": found[0], "config": json.loads(found[1] or "{}")} if found else None
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        return {
+            status: {"rows": n, "bytes": b or 0, "duration_s": d or 0.0}
+            for status, n, b, d in self.db.execute(
+                "SELECT status, COUNT(*), SUM(bytes), SUM(duration_s) FROM rows GROUP BY status"
+            )
+        }
+
+    def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
+        cur = self.db.execute(
+            "SELECT key, row_number, http_status, error, attempts, retryable FROM rows "
+            "WHERE status = 'failed' ORDER BY row_number" + (f" LIMIT {int(limit)}" if limit else "")
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur]
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        cur = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows")
+        for r in cur:
+            yield dict(zip(COLUMNS, r))
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows WHERE key = ?", (key,)).fetchone()
+        return dict(zip(COLUMNS, found)) if found else None
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,70 @@
+"""What a person watching the run sees: a tqdm bar on a terminal, a periodic log event otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import structlog
+from tqdm import tqdm
+
+log = structlog.get_logger("batchtts")
+
+
+class Progress:
+    def __init__(self, total: int, characters: int, interactive: bool, interval: float) -> None:
+        self.total = total
+        self.characters = characters
+        self.interval = interval
+        self.done = self.failed = self.retries = self.characters_done = 0
+        self.started = time.monotonic()
+        self.bar: tqdm | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        if interactive:
+            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+    def start(self) -> None:
+        if self.bar is None and self.interval > 0:
+            self._ticker = asyncio.create_task(self._tick())
+
+    def row_finished(self, ok: bool, characters: int) -> None:
+        if ok:
+            self.done += 1
+            self.characters_done += characters
+        else:
+            self.failed += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self._postfix()
+
+    def retried(self) -> None:
+        self.retries += 1
+        if self.bar is not None:
+            self._postfix()
+
+    def _postfix(self) -> None:
+        assert self.bar is not None
+        self.bar.set_postfix(retries=self.retries, failed=self.failed, refresh=False)
+
+    def event(self) -> None:
+        elapsed = time.monotonic() - self.started
+        finished = self.done + self.failed
+        rate = finished / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - finished) / rate if rate > 0 else None
+        log.info(
+            "progress", done=self.done, failed=self.failed, total=self.total, retries=self.retries,
+            characters=self.characters_done, rows_per_s=round(rate, 2),
+            eta_s=None if eta is None else round(eta, 1),
+        )
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.event()
+
+    def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,259 @@
+"""A whole run: lock the folder, check and plan the manifest, narrate what is left, report.
+
+`run(job)` is the library entry point the CLI calls. The manifest is read twice, both times as a
+stream: once to refuse a bad manifest and count what is left before anything is sent, once to feed
+the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import structlog
+
+from . import manifest
+from .client import HTTPSpeechClient
+from .config import Job
+from .errors import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_PROVIDER_STOP,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+)
+from .ledger import Entry, Ledger
+from .manifest import Row
+from .narrator import Counters, Narrator
+from .pool import WorkerPool
+from .progress import Progress
+from .providers import SpeechProvider
+from .storage import OutputFolder
+
+log = structlog.get_logger("batchtts")
+_FEED_BATCH = 512
+
+
+@dataclass
+class ModelPlan:
+    rows: int = 0
+    characters: int = 0
+    done: int = 0
+    failed: int = 0
+    pending: int = 0
+    pending_characters: int = 0
+
+
+@dataclass
+class Plan:
+    """What the manifest asks for against what the ledger already has, per model."""
+
+    models: dict[str, ModelPlan] = field(default_factory=dict)
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(m, name) for m in self.models.values())
+
+    @property
+    def rows(self) -> int:
+        return self._sum("rows")
+
+    @property
+    def characters(self) -> int:
+        return self._sum("characters")
+
+    @property
+    def done(self) -> int:
+        return self._sum("done")
+
+    @property
+    def failed(self) -> int:
+        return self._sum("failed")
+
+    @property
+    def pending(self) -> int:
+        return self._sum("pending")
+
+    @property
+    def pending_characters(self) -> int:
+        return self._sum("pending_characters")
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    plan: Plan
+    counters: Counters = field(default_factory=Counters)
+    stop_reason: str | None = None
+    advice: str | None = None
+    wall_s: float = 0.0
+    out: Path | None = None
+    ledger: Path | None = None
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "exit_code": self.exit_code, "rows": self.plan.rows, "already_done": self.plan.done,
+            "skipped_failed": self.plan.failed, **asdict(self.counters),
+            "audio_s": round(self.counters.audio_s, 3), "wall_s": round(self.wall_s, 3),
+            "stop_reason": self.stop_reason,
+        }
+
+
+def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed: bool) -> bool:
+    """The resume rule: skip a row only if its file is there as recorded, for the same audio."""
+    if entry is None or entry.fingerprint != row.fingerprint:
+        return True
+    if entry.status == "done":
+        return entry.path != row.relpath or not folder.has(entry.path, entry.bytes)
+    return entry.retryable or retry_failed
+
+
+def make_plan(job: Job, ledger: Ledger | None, folder: OutputFolder) -> Plan:
+    """Validate the manifest (raises ManifestError) and count what is done and what is left."""
+    plan = Plan()
+    pending = 0
+
+    def count(row: Row) -> None:
+        nonlocal pending
+        model = plan.models.setdefault(row.model, ModelPlan())
+        model.rows += 1
+        model.characters += len(row.text)
+        entry = ledger.lookup(row.key) if ledger is not None else None
+        if needs_work(row, entry, folder, job.retry_failed):
+            if job.limit is None or pending < job.limit:
+                pending += 1
+                model.pending += 1
+                model.pending_characters += len(row.text)
+        elif entry is not None and entry.status == "failed":
+            model.failed += 1
+        else:
+            model.done += 1
+
+    manifest.validate(job.manifest, job.defaults, on_row=count)
+    return plan
+
+
+def _valid_rows(job: Job) -> Iterator[Row]:
+    for row in manifest.iter_rows(job.manifest, job.defaults):
+        if isinstance(row, Row):
+            yield row
+
+
+def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    sent = 0
+    for row in _valid_rows(job):
+        if job.limit is not None and sent >= job.limit:
+            break
+        if needs_work(row, ledger.lookup(row.key), folder, job.retry_failed):
+            batch.append(row)
+            sent += 1
+            if len(batch) >= _FEED_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+async def _pending_rows(job: Job, folder: OutputFolder) -> AsyncIterator[Row]:
+    """Rows left to do, planned in a thread so the event loop keeps serving responses meanwhile."""
+    reader = Ledger(job.ledger_path, readonly=True)
+    try:
+        batches = _pending_batches(job, reader, folder)
+        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+            for row in batch:
+                yield row
+    finally:
+        reader.close()
+
+
+def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
+    """Narrate every row of the job's manifest that the ledger does not already hold."""
+    job.validate()
+    started = time.monotonic()
+    folder = OutputFolder(job.out)
+    if job.dry_run:
+        ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
+        try:
+            plan = make_plan(job, ledger, folder)
+        finally:
+            if ledger is not None:
+                ledger.close()
+        return RunResult(EXIT_OK, plan, wall_s=time.monotonic() - started, out=job.out, ledger=job.ledger_path)
+
+    api_key = job.provider.api_key() if provider is None else None
+    with folder.lock():
+        ledger = Ledger(job.ledger_path)
+        try:
+            plan = make_plan(job, ledger, folder)
+            cleaned = folder.clean_partials()
+            run_id = ledger.start_run(job.manifest.resolve(), job.redacted())
+            log.info(
+                "start", manifest=str(job.manifest), out=str(job.out), ledger=str(job.ledger_path),
+                rows=plan.rows, already_done=plan.done, pending=plan.pending, skipped_failed=plan.failed,
+                partial_files_removed=cleaned, config=job.redacted(),
+            )
+            if provider is None and plan.pending:
+                assert api_key is not None
+                provider = HTTPSpeechClient(job.provider, api_key, job.timeouts, job.concurrency)
+            result = RunResult(EXIT_OK, plan, out=job.out, ledger=job.ledger_path)
+            if plan.pending:
+                assert provider is not None
+                asyncio.run(_execute(job, plan, ledger, folder, provider, result))
+            result.wall_s = time.monotonic() - started
+            if result.exit_code == EXIT_OK and result.counters.failed + plan.failed:
+                result.exit_code = EXIT_FAILED_ROWS
+            ledger.finish_run(run_id, result.exit_code, result.summary())
+            log.info("summary", **result.summary())
+            return result
+        finally:
+            ledger.close()
+
+
+async def _execute(
+    job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, provider: SpeechProvider, result: RunResult
+) -> None:
+    progress = Progress(
+        plan.pending, plan.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
+        interval=job.progress_interval,
+    )
+    narrator = Narrator(provider, folder, ledger, job.retry, progress)
+    pool: WorkerPool[Row] = WorkerPool(job.concurrency, narrator)
+    narrator.pool = pool
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            log.warning(
+                "stopping", signal=signal.Signals(signum).name, grace_s=job.grace_seconds,
+                message="taking no new rows; letting requests in flight finish. Signal again to stop at once.",
+            )
+            pool.stop(f"interrupted by {signal.Signals(signum).name}", grace=job.grace_seconds)
+        else:
+            log.warning("cancelling", message="stopping requests in flight now; they will be redone next run")
+            pool.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    progress.start()
+    try:
+        await pool.run(_pending_rows(job, folder))
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        progress.close()
+        await provider.aclose()
+    result.counters = narrator.counters
+    if narrator.provider_stop is not None:
+        result.exit_code = EXIT_PROVIDER_STOP
+        result.stop_reason = str(narrator.provider_stop)
+        result.advice = narrator.provider_stop.advice
+    elif received:
+        result.exit_code = EXIT_SIGTERM if received[0] == signal.SIGTERM else EXIT_SIGINT
+        result.stop_reason = pool.stop_reason

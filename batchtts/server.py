@@ -1,0 +1,321 @@
+"""`batchtts serve`: an OpenRouter-compatible speech server on loopback, with faults on demand.
+
+Tests and rehearsals point the real CLI at it. It validates requests like the API, answers with
+synthetic audio, and injects what production does to a batch job: latency, error statuses, rate
+limits with Retry-After / X-RateLimit-* headers, connections cut after the headers or mid-body,
+stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice.
+
+Admin endpoints (not part of the API): `GET /_batchtts/stats`, `POST /_batchtts/faults` (a JSON
+object of ServeConfig fields to change at runtime), `POST /_batchtts/reset`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import socket
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .tone import synthesize_tone
+
+ERROR_MESSAGES = {
+    400: "Invalid request parameters",
+    401: "Missing Authentication header",
+    402: "Insufficient credits. Add more using https://openrouter.ai/credits",
+    404: "Resource not found",
+    429: "Rate limit exceeded",
+    500: "Internal Server Error",
+    502: "Provider returned error",
+    503: "Service temporarily unavailable",
+    524: "Request timed out. Please try again later.",
+    529: "Provider returned error",
+}
+MODELS = [
+    ("openai/gpt-4o-mini-tts", "OpenAI: GPT-4o mini TTS", "0.0000006", 4096),
+    ("elevenlabs/eleven-turbo-v2", "ElevenLabs: Turbo v2", "0.00003", 40000),
+    ("local/espeak-ng", "eSpeak NG (offline)", "0", 100000),
+]
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None
+    latency: float = 0.0
+    fail_rate: float = 0.0
+    fail_statuses: tuple[int, ...] = (502, 503, 524, 529)
+    fail_first: int = 0
+    rate_limit: float = 0.0
+    rate_limit_headers: str = "both"
+    retry_after: float | None = None
+    drop_rate: float = 0.0
+    truncate_rate: float = 0.0
+    drop_first: int = 0
+    truncate_first: int = 0
+    stall_first: int = 0
+    stall_seconds: float = 5.0
+    credits: int | None = None
+    max_input_chars: int = 4096
+    seed: int | None = None
+    engine: str = "tone"
+
+    def public(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "api_key": None if self.api_key is None else "<set>"}
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    successes: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    by_input: Counter[str] = field(default_factory=Counter)
+    log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200_000))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "successes": self.successes, "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight, "by_status": {str(k): v for k, v in self.by_status.items()},
+            "by_input": dict(self.by_input), "log": list(self.log),
+        }
+
+
+class _Answered(Exception):
+    """Raised by a check that has already sent the whole answer."""
+
+
+class SpeechServer:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.random = random.Random(config.seed)
+        self.attempts: Counter[str] = Counter()
+        self.window = (0, 0)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The speech endpoint as a raw ASGI app, so a fault can cut the response where it likes."""
+        request = Request(scope, receive)
+        arrived = time.time()
+        entry: dict[str, Any] = {"t": arrived, "status": None, "outcome": "error", "input_sha256": None}
+        self.stats.requests += 1
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        self.stats.log.append(entry)
+        try:
+            await self._answer(request, entry, send)
+        except _Answered:
+            pass
+        finally:
+            self.stats.in_flight -= 1
+            if entry["status"] is not None:
+                self.stats.by_status[entry["status"]] += 1
+
+    async def _answer(self, request: Request, entry: dict[str, Any], send: Send) -> None:
+        config = self.config
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        text = body.get("input") if isinstance(body, dict) else None
+        if isinstance(text, str):
+            entry["input_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            self.stats.by_input[entry["input_sha256"]] += 1
+
+        if config.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            if not auth:
+                await self._error(send, entry, 401)
+            if auth != f"Bearer {config.api_key}":
+                await self._error(send, entry, 401, "Invalid API key")
+        if config.credits is not None and self.stats.successes >= config.credits:
+            await self._error(send, entry, 402)
+        if config.rate_limit > 0:
+            await self._rate_limit(send, entry)
+        request_format, speed = await self._validate(body, send, entry)
+        assert isinstance(text, str)
+
+        attempt = self.attempts[text]
+        self.attempts[text] += 1
+        fault = None
+        for name, count in (("fail", config.fail_first), ("drop", config.drop_first),
+                            ("truncate", config.truncate_first), ("stall", config.stall_first)):
+            if attempt < count:
+                fault = name
+                break
+            attempt -= count
+        if fault is None:
+            roll = self.random.random()
+            for name, rate in (("fail", config.fail_rate), ("drop", config.drop_rate), ("truncate", config.truncate_rate)):
+                if roll < rate:
+                    fault = name
+                    break
+                roll -= rate
+        if config.latency > 0:
+            await asyncio.sleep(config.latency)
+        if fault == "fail":
+            statuses = config.fail_statuses or (503,)
+            await self._error(send, entry, statuses[(self.attempts[text] - 1) % len(statuses)])
+
+        audio, content_type = synthesize_tone(text, request_format, speed)
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(audio)).encode()),
+            (b"x-generation-id", f"gen-{uuid.uuid4().hex[:20]}".encode()),
+        ]
+        entry["status"] = 200
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if fault == "drop":
+            entry["outcome"] = "dropped"
+            return  # returning mid-response makes uvicorn close the connection
+        half = len(audio) // 2
+        if fault == "truncate":
+            entry["outcome"] = "truncated"
+            await send({"type": "http.response.body", "body": audio[:half], "more_body": True})
+            return
+        if fault == "stall":
+            entry["outcome"] = "stalled"
+            await send({"type": "http.response.body", "body": audio[:half], "more_body": True})
+            await asyncio.sleep(config.stall_seconds)
+            await send({"type": "http.response.body", "body": audio[half:]})
+            return
+        self.stats.successes += 1
+        entry["outcome"] = "ok"
+        await send({"type": "http.response.body", "body": audio})
+
+    async def _rate_limit(self, send: Send, entry: dict[str, Any]) -> None:
+        now = time.time()
+        second = math.floor(now)
+        start, count = self.window
+        if start != second:
+            start, count = second, 0
+        count += 1
+        self.window = (start, count)
+        if count > self.config.rate_limit:
+            await self._error(send, entry, 429, reset_at=start + 1.0)
+
+    async def _validate(self, body: Any, send: Send, entry: dict[str, Any]) -> tuple[str, float]:
+        if not isinstance(body, dict):
+            await self._error(send, entry, 400, "Request body must be a JSON object")
+        for name in ("model", "input", "voice"):
+            value = body.get(name)
+            if not isinstance(value, str) or not value.strip():
+                await self._error(send, entry, 400, f"Invalid request parameters: '{name}' is required")
+        request_format = body.get("response_format", "pcm")
+        if request_format not in ("mp3", "pcm"):
+            await self._error(send, entry, 400, f"Invalid request parameters: response_format must be mp3 or pcm, not {request_format!r}")
+        speed = body.get("speed", 1.0)
+        if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0.25 <= speed <= 4.0:
+            await self._error(send, entry, 400, "Invalid request parameters: speed must be a number from 0.25 to 4")
+        if len(body["input"]) > self.config.max_input_chars:
+            await self._error(send, entry, 400, f"Invalid request parameters: input is longer than {self.config.max_input_chars} characters")
+        if "missing" in body["model"]:
+            await self._error(send, entry, 404, f"Model not found: {body['model']}")
+        if "[[bad]]" in body["input"]:
+            await self._error(send, entry, 400)
+        return request_format, float(speed)
+
+    async def _error(self, send: Send, entry: dict[str, Any], status: int, message: str | None = None,
+                     reset_at: float | None = None) -> None:
+        config = self.config
+        headers = [(b"content-type", b"application/json")]
+        if status == 429:
+            wait = config.retry_after if config.retry_after is not None else (reset_at or time.time() + 1) - time.time()
+            reset_at = reset_at if reset_at is not None else time.time() + wait
+            if config.rate_limit_headers in ("retry-after", "both"):
+                value = f"{wait:g}" if config.retry_after is not None else str(max(1, math.ceil(wait)))
+                headers.append((b"retry-after", value.encode()))
+            if config.rate_limit_headers in ("reset", "both"):
+                headers += [
+                    (b"x-ratelimit-limit", str(int(config.rate_limit)).encode()),
+                    (b"x-ratelimit-remaining", b"0"),
+                    (b"x-ratelimit-reset", str(int(reset_at * 1000)).encode()),
+                ]
+        body = json.dumps({"error": {"code": status, "message": message or ERROR_MESSAGES.get(status, "Error")}}).encode()
+        headers.append((b"content-length", str(len(body)).encode()))
+        entry["status"] = status
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        raise _Answered
+
+
+def create_app(config: ServeConfig) -> Starlette:
+    speech = SpeechServer(config)
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"data": [
+            {"id": model_id, "name": name, "pricing": {"prompt": price, "completion": "0"},
+             "context_length": limit, "architecture": {"input_modalities": ["text"], "output_modalities": ["speech"]}}
+            for model_id, name, price, limit in MODELS
+        ]})
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(speech.stats.as_json())
+
+    async def faults(request: Request) -> JSONResponse:
+        changes = await request.json()
+        known = {f.name for f in dataclasses.fields(ServeConfig)} - {"host", "port"}
+        unknown = set(changes) - known
+        if unknown:
+            return JSONResponse({"error": {"code": 400, "message": f"unknown fields: {sorted(unknown)}"}}, status_code=400)
+        if "fail_statuses" in changes:
+            changes["fail_statuses"] = tuple(changes["fail_statuses"])
+        speech.config = dataclasses.replace(speech.config, **changes)
+        return JSONResponse(speech.config.public())
+
+    async def reset(request: Request) -> JSONResponse:
+        speech.stats = Stats()
+        speech.attempts.clear()
+        return JSONResponse({"reset": True})
+
+    return Starlette(routes=[
+        Route("/api/v1/audio/speech", speech, methods=["POST"]),
+        Route("/api/v1/models", models),
+        Route("/_batchtts/stats", stats),
+        Route("/_batchtts/faults", faults, methods=["POST"]),
+        Route("/_batchtts/reset", reset, methods=["POST"]),
+    ])
+
+
+class _QuietCuts(logging.Filter):
+    """Cut connections are what the server was asked for, not errors worth a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing response" not in record.getMessage()
+
+
+def run_server(config: ServeConfig) -> None:
+    """Bind (port 0 picks a free one), print the base URL on one line, serve until SIGINT/SIGTERM."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"batchtts serve listening on http://{shown}:{port}/api/v1", flush=True)
+    logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config), log_level="warning", access_log=False, timeout_keep_alive=30, backlog=2048,
+    ))
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.flush()

@@ -1,0 +1,45 @@
+"""Synthetic speech for load tests and rehearsals: a tone as long as the text would take to say."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from array import array
+
+import lameenc
+
+RATE = 24000
+SECONDS_PER_CHAR = 0.06
+MIN_SECONDS = 0.2
+PCM_CONTENT_TYPE = f"audio/pcm;rate={RATE};channels=1"
+
+
+def tone_seconds(text: str, speed: float = 1.0) -> float:
+    return max(MIN_SECONDS, len(text) * SECONDS_PER_CHAR / (speed or 1.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _pcm(samples: int, hz: int) -> bytes:
+    step = 2 * math.pi * hz / RATE
+    return array("h", (int(6000 * math.sin(i * step)) for i in range(samples))).tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _mp3(samples: int, hz: int) -> bytes:
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(48)
+    encoder.set_in_sample_rate(RATE)
+    encoder.set_channels(1)
+    encoder.set_quality(7)
+    return bytes(encoder.encode(_pcm(samples, hz)) + encoder.flush())
+
+
+def synthesize_tone(text: str, response_format: str, speed: float = 1.0) -> tuple[bytes, str]:
+    """Audio bytes and their content type. The pitch (one of 16) follows a hash of the text, so
+    different rows sound different while repeated lengths hit the cache."""
+    samples = int(tone_seconds(text, speed) * RATE)
+    hz = 220 + 40 * (hashlib.blake2b(text.encode(), digest_size=1).digest()[0] % 16)
+    if response_format == "mp3":
+        return _mp3(samples, hz), "audio/mpeg"
+    return _pcm(samples, hz), PCM_CONTENT_TYPE

@@ -1,0 +1,201 @@
+"""Narrow unit tests: header parsing, the retry policy, job files, storage safety, the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batchtts.client import HTTPSpeechClient, error_message, retry_after_seconds
+from batchtts.config import Provider, RetryPolicy, Timeouts, load_job
+from batchtts.errors import FolderLockedError, HTTPStatusError, ProviderStopError, TransportError, UsageError
+from batchtts.ledger import Ledger
+from batchtts.providers import SpeechRequest
+from batchtts.retry import build_retrying, is_transient
+from batchtts.storage import OutputFolder, safe_name, unsafe_reason
+
+
+def test_retry_after_in_seconds_dates_and_reset_milliseconds():
+    now = 1_700_000_000.0
+    assert retry_after_seconds(httpx.Headers({"Retry-After": "7"}), now) == 7
+    assert retry_after_seconds(httpx.Headers({"Retry-After": "0.25"}), now) == 0.25
+    date = formatdate(now + 30, usegmt=True)
+    assert retry_after_seconds(httpx.Headers({"Retry-After": date}), now) == pytest.approx(30, abs=1)
+    reset_ms = str(int((now + 2.5) * 1000))
+    assert retry_after_seconds(httpx.Headers({"X-RateLimit-Reset": reset_ms}), now) == pytest.approx(2.5)
+    both = httpx.Headers({"Retry-After": "1", "X-RateLimit-Reset": reset_ms})
+    assert retry_after_seconds(both, now) == pytest.approx(2.5)
+    assert retry_after_seconds(httpx.Headers({"X-RateLimit-Reset": str(int((now - 5) * 1000))}), now) == 0
+    assert retry_after_seconds(httpx.Headers({"Retry-After": "soon"}), now) is None
+    assert retry_after_seconds(httpx.Headers(), now) is None
+
+
+def test_error_message_takes_the_providers_words():
+    body = b'{"error": {"code": 502, "message": "Provider returned error", "metadata": {"raw": "upstream 500"}}}'
+    assert error_message(body, 502) == "Provider returned error (upstream 500)"
+    assert error_message(b"<html>gateway</html>", 502) == "<html>gateway</html>"
+    assert error_message(b"", 503) == "Service Unavailable"
+
+
+def test_transient_means_listed_statuses_and_transport_faults_never_401_402():
+    statuses = RetryPolicy().statuses
+    assert is_transient(TransportError("dropped"), statuses)
+    assert all(is_transient(HTTPStatusError("x", s), statuses) for s in (429, 502, 503, 524, 529))
+    assert not any(is_transient(HTTPStatusError("x", s), statuses) for s in (400, 404, 500))
+    assert not is_transient(ProviderStopError("x", 402), statuses)
+
+
+def test_retrying_honours_the_providers_wait_and_stops_after_max_attempts():
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def scenario() -> int:
+        calls = 0
+        retrying = build_retrying(RetryPolicy(max_attempts=3, backoff_initial=0.5, backoff_max=1), lambda: False, sleep=sleep)
+        with pytest.raises(HTTPStatusError):
+            async for attempt in retrying:
+                with attempt:
+                    calls += 1
+                    raise HTTPStatusError("slow down", 429, retry_after=4.0)
+        return calls
+
+    assert asyncio.run(scenario()) == 3
+    assert len(slept) == 2 and all(4.0 <= s <= 4.4 for s in slept)
+
+
+def test_retrying_backs_off_with_full_jitter_under_the_cap():
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def scenario() -> None:
+        retrying = build_retrying(RetryPolicy(max_attempts=6, backoff_initial=1, backoff_max=3), lambda: False, sleep=sleep)
+        with pytest.raises(TransportError):
+            async for attempt in retrying:
+                with attempt:
+                    raise TransportError("dropped")
+
+    asyncio.run(scenario())
+    assert len(slept) == 5 and all(0 <= s <= 3 for s in slept)
+
+
+def test_request_body_carries_optional_fields_only_when_set():
+    assert SpeechRequest("m", "hi", "v", "pcm").to_json() == {"model": "m", "input": "hi", "voice": "v", "response_format": "pcm"}
+    body = SpeechRequest("m", "hi", "v", "mp3", 1.5, {"openai": {"x": 1}}).to_json()
+    assert body["speed"] == 1.5 and body["provider"] == {"options": {"openai": {"x": 1}}}
+
+
+def test_http_client_sends_key_and_attribution_headers():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"\x00\x00" * 10, headers={"content-type": "audio/pcm;rate=16000;channels=1"})
+
+    async def scenario() -> None:
+        client = HTTPSpeechClient(Provider(base_url="http://127.0.0.1:9/api/v1"), "k", Timeouts(), 4,
+                                  transport=httpx.MockTransport(handler))
+        async with client.speak(SpeechRequest("m", "hi", "v", "pcm")) as audio:
+            assert audio.content_type.startswith("audio/pcm")
+        await client.aclose()
+
+    asyncio.run(scenario())
+    request = seen[0]
+    assert str(request.url) == "http://127.0.0.1:9/api/v1/audio/speech"
+    assert request.headers["authorization"] == "Bearer k"
+    assert request.headers["x-title"] == "batchtts" and request.headers["http-referer"]
+
+
+def test_job_file_paths_are_relative_to_it_and_flags_override(tmp_path):
+    job_file = tmp_path / "jobs" / "j.toml"
+    job_file.parent.mkdir()
+    job_file.write_text('manifest = "../m.csv"\nout = "../o"\nconcurrency = 3\n[defaults]\nvoice = "nova"\n[retry]\nstatuses = [429]\n')
+    job = load_job(job_file, **{"defaults.model": "x", "concurrency": 9, "defaults.voice": None})
+    assert job.manifest == tmp_path / "jobs" / ".." / "m.csv" and job.out == tmp_path / "jobs" / ".." / "o"
+    assert (job.concurrency, job.defaults.voice, job.defaults.model, job.retry.statuses) == (9, "nova", "x", (429,))
+    assert job.ledger_path == job.out / "ledger.sqlite"
+
+
+def test_job_file_mistakes_are_usage_errors(tmp_path):
+    bad = tmp_path / "j.toml"
+    for text, expected in [("manifest = ", "not valid TOML"), ('manifest="m"\nout="o"\nconcurency=3', "unknown job setting"),
+                           ('manifest="m"\nout="o"\n[retry]\ntries=3', "unknown key in [retry]"), ('out="o"', "no manifest")]:
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            load_job(bad)
+
+
+def test_shipped_job_files_load():
+    for job_file in (Path(__file__).parent.parent / "jobs").glob("*.toml"):
+        assert load_job(job_file).manifest.exists(), job_file
+
+
+def test_names_are_refused_or_made_safe():
+    assert unsafe_reason("a/../../b") and unsafe_reason("/abs") and unsafe_reason("C:x") and unsafe_reason("a\x00")
+    assert unsafe_reason("..\\x") and unsafe_reason("ledger.sqlite", allow_folders=True)
+    assert unsafe_reason("chapters/01", allow_folders=True) is None
+    assert safe_name("plain-id_1.2") == "plain-id_1.2"
+    assert safe_name("a b") != safe_name("a_b") and safe_name(".hidden").startswith("hidden-")
+    assert len(safe_name("x" * 1000)) < 140
+
+
+def test_the_lock_refuses_a_second_holder(tmp_path):
+    folder = OutputFolder(tmp_path)
+    with folder.lock():
+        with pytest.raises(FolderLockedError, match=f"pid {os.getpid()}"):
+            with OutputFolder(tmp_path).lock():
+                pass
+    with folder.lock():
+        pass
+
+
+def test_partial_files_never_appear_under_final_names(tmp_path):
+    folder = OutputFolder(tmp_path)
+    partial, f = folder.open_partial()
+    f.write(b"half a file")
+    assert not list(tmp_path.glob("*.mp3"))
+    assert folder.clean_partials() == 1 and not partial.exists()
+    partial, f = folder.open_partial()
+    f.write(b"whole")
+    published = folder.publish(partial, f, "sub/x.mp3")
+    assert (tmp_path / "sub" / "x.mp3").read_bytes() == b"whole" and published.bytes == 5
+
+
+def test_ledger_migrates_and_sums_attempts_per_fingerprint(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.record(key="a", fingerprint="f1", status="failed", attempts=2)
+    ledger.record(key="a", fingerprint="f1", status="done", attempts=1, bytes=3, path="a.mp3")
+    assert ledger.get("a")["attempts"] == 3
+    ledger.record(key="a", fingerprint="f2", status="done", attempts=1)
+    assert ledger.get("a")["attempts"] == 1
+    ledger.close()
+    again = Ledger(tmp_path / "l.sqlite")
+    assert again.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert again.lookup("a").fingerprint == "f2"
+    again.close()
+
+
+def test_gate_holds_every_waiter():
+    from batchtts.pool import Gate
+
+    async def scenario() -> list[float]:
+        gate = Gate()
+        gate.hold(0.2)
+        start = time.monotonic()
+
+        async def waiter() -> float:
+            await gate.wait()
+            return time.monotonic() - start
+
+        return list(await asyncio.gather(*(waiter() for _ in range(5))))
+
+    assert all(t >= 0.2 for t in asyncio.run(scenario()))
