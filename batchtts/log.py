@@ -17,10 +17,24 @@ class _BarSafeStream:
         self.stream = stream
 
     def write(self, text: str) -> None:
-        tqdm.write(text.rstrip("\n"), file=self.stream)
+        if text.strip():  # print() sends the newline as a write of its own
+            tqdm.write(text.rstrip("\n"), file=self.stream)
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def _for_people(hidden_events: frozenset[str]) -> structlog.types.Processor:
+    """Console rendering leaves the full configuration to JSON logs, and on a terminal leaves
+    retries to the progress bar and the summary to the CLI's closing lines."""
+
+    def processor(logger: object, name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+        if event.get("event") in hidden_events:
+            raise structlog.DropEvent
+        event.pop("config", None)
+        return event
+
+    return processor
 
 
 def configure(log_format: str = "auto", stream: TextIO | None = None) -> str:
@@ -36,7 +50,8 @@ def configure(log_format: str = "auto", stream: TextIO | None = None) -> str:
         processors.append(structlog.processors.JSONRenderer())
         out: TextIO = stream
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        hidden = frozenset({"retry", "summary"}) if stream.isatty() else frozenset()
+        processors += [_for_people(hidden), structlog.dev.ConsoleRenderer(colors=stream.isatty())]
         out = _BarSafeStream(stream)  # type: ignore[assignment]
     structlog.configure(
         processors=processors,

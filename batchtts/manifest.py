@@ -78,7 +78,8 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
     kind = detect_format(path)
     try:
         if kind == "parquet":
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            # pre_buffer would cache every row group read so far until the file is closed.
+            for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS):
                 yield batch.to_pylist()
         elif kind == "jsonl":
             yield from _read_jsonl(path)
@@ -207,13 +208,15 @@ def _hash64(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def _duplicates(hashes: array.array) -> set[int]:
+def _duplicates(hashes: array.array, keep: int = 10_000) -> tuple[set[int], int]:
+    """How many rows repeat an earlier hash, and (some of) the repeated hashes, to name them."""
     if not hashes:
-        return set()
+        return set(), 0
+    # Sorting needs two more 8-byte arrays; a hash table of counts would need several times that.
     values = pa.Array.from_buffers(pa.uint64(), len(hashes), [None, pa.py_buffer(hashes)])
-    counts = pc.value_counts(values)
-    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    return set(repeated.to_pylist())
+    ordered = values.take(pc.array_sort_indices(values))
+    repeated = pc.filter(ordered.slice(1), pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))
+    return set(repeated.slice(0, keep).to_pylist()), len(repeated)
 
 
 def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None) -> ManifestSummary:
@@ -251,11 +254,10 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
                 paths.append(_hash64(result.relpath.casefold()))
     if columns is None:
         raise ManifestError(str(path), [ManifestProblem(None, "the manifest has no rows")])
-    dup_ids, dup_paths = _duplicates(ids), _duplicates(paths)
-    if dup_ids or dup_paths:
-        found = _report_duplicates(path, defaults, dup_ids, dup_paths)
-        total_problems += len(found)
-        problems.extend(found)
+    (dup_ids, id_count), (dup_paths, path_count) = _duplicates(ids), _duplicates(paths)
+    if id_count or path_count:
+        total_problems += id_count + path_count
+        problems.extend(_report_duplicates(path, defaults, dup_ids, dup_paths))
     if total_problems:
         problems.sort(key=lambda p: p.row or 0)
         raise ManifestError(str(path), problems, total_problems)
@@ -263,20 +265,22 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
 
 
 def _report_duplicates(path: Path, defaults: Defaults, dup_ids: set[int], dup_paths: set[int]) -> list[ManifestProblem]:
-    """Second pass, only when the first found duplicates: name the rows that share an id or a file."""
+    """Second pass, only when the first found duplicates: name the first rows that share an id or a file."""
     first_id: dict[str, int] = {}
     first_path: dict[str, int] = {}
     problems: list[ManifestProblem] = []
     number = 0
     for batch in read_records(path):
+        if len(problems) >= ManifestError.shown:
+            break
         for record in batch:
             number += 1
             row_id = _text(record.get("id"))
             if row_id is not None and _hash64(row_id) in dup_ids:
                 if row_id in first_id:
                     problems.append(ManifestProblem(number, f"duplicate id (first at row {first_id[row_id]})", row_id))
-                    continue
-                first_id[row_id] = number
+                else:
+                    first_id[row_id] = number
             result = make_row(number, record, defaults)
             if isinstance(result, list) or (result.id is None and result.output is None):
                 continue
