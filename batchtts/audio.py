@@ -10,6 +10,7 @@ import wave
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import lameenc
 import mutagen
 import mutagen.mp3
 
@@ -18,6 +19,20 @@ from .errors import TransportError
 DEFAULT_RATE = 24000
 DEFAULT_CHANNELS = 1
 SAMPLE_WIDTH = 2
+
+
+def encode_mp3(pcm: bytes, rate: int, channels: int = 1, kbps: int = 48) -> bytes:
+    """16-bit PCM to mp3; 48 kbps is plenty for speech at 22.05 or 24 kHz."""
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(kbps)
+    encoder.set_in_sample_rate(rate)
+    encoder.set_channels(channels)
+    encoder.set_quality(5)
+    return bytes(encoder.encode(pcm) + encoder.flush())
+
+
+def pcm_content_type(rate: int, channels: int = 1) -> str:
+    return f"audio/pcm;rate={rate};channels={channels}"
 
 
 def wire_format(fmt: str) -> str:

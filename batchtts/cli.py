@@ -113,12 +113,21 @@ def _print_plan(plan: Plan, job: Job) -> None:
         )
 
 
+def _size(n: float) -> str:
+    units = ("bytes", "KB", "MB", "GB")
+    step = 0
+    while n >= 1000 and step < len(units) - 1:
+        n /= 1000
+        step += 1
+    return f"{n:.0f} bytes" if step == 0 else f"{n:.1f} {units[step]}"
+
+
 def _print_summary(result: RunResult, job: Job) -> None:
     c = result.counters
     lines = [
         f"narrated {c.done} rows, {c.failed} failed, {result.plan.done} already done"
         + (f", {result.plan.failed} failed earlier (rerun with --retry-failed)" if result.plan.failed else ""),
-        f"{c.bytes / 1e6:.1f} MB, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
+        f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
         f"{result.wall_s:.1f} s",
         f"files in {job.out}/, ledger at {job.ledger_path}",
     ]
@@ -152,7 +161,7 @@ def status(target: Path, manifest: Path | None, job_file: Path | None, as_json: 
     pending = "? (pass --manifest)" if report["pending"] is None else report["pending"]
     click.echo(
         f"{report['ledger']}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
-        f"  {report['bytes'] / 1e6:.1f} MB, {report['audio_s']:.1f} s of audio"
+        f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"
     )
     for f in report["failures"]:
         again = "retried on next run" if f["retryable"] else "rerun with --retry-failed"
@@ -175,6 +184,31 @@ def export(target: Path, to: Path, manifest: Path | None, job_file: Path | None)
 
 
 @main.command()
+@click.option("--model", default="local/espeak-ng", show_default=True, help="Model whose voices to list.")
+def voices(model: str) -> None:
+    """List the voices a model takes (every eSpeak NG voice and variant for local/* models)."""
+    from .engine import engine
+    from .local import MODELS, OPENAI_VOICES
+    from .providers import is_local
+
+    if not is_local(model):
+        click.echo(f"{model} is narrated by a remote provider, whose voices batchtts cannot list; OpenAI-family "
+                   f"models take: {', '.join(OPENAI_VOICES)}")
+        return
+    if model not in MODELS:
+        click.echo(f"batchtts: unknown local model {model!r}: use one of {', '.join(MODELS)}", err=True)
+        sys.exit(EXIT_USAGE)
+    eng = engine()
+    click.echo(f"{model}: OpenAI voice names, mapped so a manifest written for OpenRouter rehearses unchanged")
+    for name, espeak in OPENAI_VOICES.items():
+        click.echo(f"  {name:<10} -> {espeak}")
+    click.echo(f"\neSpeak NG voices ({len(eng.voices)}), usable as they are or with a variant: en-us+f3")
+    for v in eng.voices:
+        click.echo(f"  {v.name:<16} {v.description}")
+    click.echo(f"\nvariants ({len(eng.variants)}): {', '.join(eng.variants)}")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
 @click.option("--api-key", envvar="BATCHTTS_SERVE_KEY", help="Require this bearer key.")
@@ -193,7 +227,8 @@ def export(target: Path, to: Path, manifest: Path | None, job_file: Path | None)
 @click.option("--stall-seconds", default=5.0, type=float)
 @click.option("--credits", type=int, help="Answer 402 after this many successes.")
 @click.option("--seed", type=int, help="Seed for the random faults.")
-@click.option("--engine", default="tone", type=click.Choice(["tone"]), help="What the audio is made with.")
+@click.option("--engine", default="espeak", show_default=True, type=click.Choice(["espeak", "tone"]),
+              help="espeak: real speech from the embedded engine; tone: a cheap synthetic tone for load tests.")
 def serve(**options: Any) -> None:
     """Run an OpenRouter-compatible speech server on loopback, with faults on demand."""
     try:

@@ -139,7 +139,7 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
             top[key] = value
     for p in _PATHS:
         if p in top and top[p] is not None:
-            top[p] = base / Path(top[p]).expanduser()
+            top[p] = Path(os.path.normpath(base / Path(top[p]).expanduser()))
 
     for dotted, value in overrides.items():
         if value is None:

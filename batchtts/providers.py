@@ -11,6 +11,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+LOCAL_PREFIX = "local/"
+
+
+def is_local(model: str) -> bool:
+    """`local/*` models are narrated in-process by the embedded engine; all others over HTTP."""
+    return model.startswith(LOCAL_PREFIX)
+
 
 @dataclass(frozen=True)
 class SpeechRequest:
@@ -50,3 +57,23 @@ class SpeechProvider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class RoutingProvider:
+    """One provider for the pool, so a manifest can mix local and remote rows in one run."""
+
+    def __init__(self, local: SpeechProvider, remote: SpeechProvider | None) -> None:
+        self.local = local
+        self.remote = remote
+
+    def speak(self, request: SpeechRequest) -> AbstractAsyncContextManager[AudioStream]:
+        if is_local(request.model):
+            return self.local.speak(request)
+        if self.remote is None:
+            raise RuntimeError(f"no remote provider for {request.model!r}")
+        return self.remote.speak(request)
+
+    async def aclose(self) -> None:
+        await self.local.aclose()
+        if self.remote is not None:
+            await self.remote.aclose()

@@ -32,7 +32,8 @@ from .manifest import Row
 from .narrator import Counters, Narrator
 from .pool import WorkerPool
 from .progress import Progress
-from .providers import SpeechProvider
+from .local import LocalSpeechProvider
+from .providers import RoutingProvider, SpeechProvider, is_local
 from .storage import OutputFolder
 
 log = structlog.get_logger("batchtts")
@@ -185,11 +186,12 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
                 ledger.close()
         return RunResult(EXIT_OK, plan, wall_s=time.monotonic() - started, out=job.out, ledger=job.ledger_path)
 
-    api_key = job.provider.api_key() if provider is None else None
     with folder.lock():
         ledger = Ledger(job.ledger_path)
         try:
             plan = make_plan(job, ledger, folder)
+            if provider is None and plan.pending:
+                provider = _providers(job, plan)
             cleaned = folder.clean_partials()
             run_id = ledger.start_run(job.manifest.resolve(), job.redacted())
             log.info(
@@ -197,13 +199,11 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
                 rows=plan.rows, already_done=plan.done, pending=plan.pending, skipped_failed=plan.failed,
                 partial_files_removed=cleaned, config=job.redacted(),
             )
-            if provider is None and plan.pending:
-                assert api_key is not None
-                provider = HTTPSpeechClient(job.provider, api_key, job.timeouts, job.concurrency)
             result = RunResult(EXIT_OK, plan, out=job.out, ledger=job.ledger_path)
             if plan.pending:
                 assert provider is not None
                 asyncio.run(_execute(job, plan, ledger, folder, provider, result))
+            folder.tidy()
             result.wall_s = time.monotonic() - started
             if result.exit_code == EXIT_OK and result.counters.failed + plan.failed:
                 result.exit_code = EXIT_FAILED_ROWS
@@ -212,6 +212,14 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
             return result
         finally:
             ledger.close()
+
+
+def _providers(job: Job, plan: Plan) -> SpeechProvider:
+    """The embedded engine for `local/*` rows; the HTTP client, and so the key, only if other rows are left."""
+    remote = None
+    if any(m.pending for name, m in plan.models.items() if not is_local(name)):
+        remote = HTTPSpeechClient(job.provider, job.provider.api_key(), job.timeouts, job.concurrency)
+    return RoutingProvider(LocalSpeechProvider(), remote)
 
 
 async def _execute(

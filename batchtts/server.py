@@ -1,7 +1,8 @@
 """`batchtts serve`: an OpenRouter-compatible speech server on loopback, with faults on demand.
 
 Tests and rehearsals point the real CLI at it. It validates requests like the API, answers with
-synthetic audio, and injects what production does to a batch job: latency, error statuses, rate
+audio from the embedded eSpeak NG engine (or, with `engine="tone"`, a cheap synthetic tone for
+load tests), and injects what production does to a batch job: latency, error statuses, rate
 limits with Retry-After / X-RateLimit-* headers, connections cut after the headers or mid-body,
 stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice.
 
@@ -33,6 +34,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from . import local
+from .engine import UnknownVoiceError, engine
 from .tone import synthesize_tone
 
 ERROR_MESSAGES = {
@@ -75,7 +78,7 @@ class ServeConfig:
     credits: int | None = None
     max_input_chars: int = 4096
     seed: int | None = None
-    engine: str = "tone"
+    engine: str = "espeak"
 
     def public(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "api_key": None if self.api_key is None else "<set>"}
@@ -175,7 +178,10 @@ class SpeechServer:
             statuses = config.fail_statuses or (503,)
             await self._error(send, entry, statuses[(self.attempts[text] - 1) % len(statuses)])
 
-        audio, content_type = synthesize_tone(text, request_format, speed)
+        if config.engine == "espeak":
+            audio, content_type = await local.synthesize(text, body["voice"], request_format, speed)
+        else:
+            audio, content_type = synthesize_tone(text, request_format, speed)
         headers = [
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(audio)).encode()),
@@ -227,6 +233,11 @@ class SpeechServer:
             await self._error(send, entry, 400, "Invalid request parameters: speed must be a number from 0.25 to 4")
         if len(body["input"]) > self.config.max_input_chars:
             await self._error(send, entry, 400, f"Invalid request parameters: input is longer than {self.config.max_input_chars} characters")
+        if self.config.engine == "espeak":
+            try:
+                engine().check_voice(local.espeak_voice(body["voice"]))
+            except UnknownVoiceError as exc:
+                await self._error(send, entry, 400, f"Invalid request parameters: {exc}")
         if "missing" in body["model"]:
             await self._error(send, entry, 404, f"Model not found: {body['model']}")
         if "[[bad]]" in body["input"]:

@@ -115,6 +115,13 @@ class OutputFolder:
         shutil.rmtree(self.partial_dir)
         return count
 
+    def tidy(self) -> None:
+        """Remove the partial folder once a run leaves it empty."""
+        try:
+            self.partial_dir.rmdir()
+        except OSError:
+            pass
+
     def open_partial(self) -> tuple[Path, BinaryIO]:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         path = self.partial_dir / uuid.uuid4().hex

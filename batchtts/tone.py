@@ -7,12 +7,12 @@ import hashlib
 import math
 from array import array
 
-import lameenc
+from .audio import encode_mp3, pcm_content_type
 
 RATE = 24000
 SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.2
-PCM_CONTENT_TYPE = f"audio/pcm;rate={RATE};channels=1"
+PCM_CONTENT_TYPE = pcm_content_type(RATE)
 
 
 def tone_seconds(text: str, speed: float = 1.0) -> float:
@@ -27,12 +27,7 @@ def _pcm(samples: int, hz: int) -> bytes:
 
 @functools.lru_cache(maxsize=64)
 def _mp3(samples: int, hz: int) -> bytes:
-    encoder = lameenc.Encoder()
-    encoder.set_bit_rate(48)
-    encoder.set_in_sample_rate(RATE)
-    encoder.set_channels(1)
-    encoder.set_quality(7)
-    return bytes(encoder.encode(_pcm(samples, hz)) + encoder.flush())
+    return encode_mp3(_pcm(samples, hz), RATE)
 
 
 def synthesize_tone(text: str, response_format: str, speed: float = 1.0) -> tuple[bytes, str]:

@@ -34,7 +34,7 @@ MODEL = "openai/gpt-4o-mini-tts"
 
 def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchtts", "serve", "--port", "0", *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "batchtts", "serve", "--port", "0", "--engine", "tone", *args], stdout=subprocess.PIPE, text=True
     )
     line = proc.stdout.readline()
     return proc, line.rsplit(" ", 1)[1].strip()

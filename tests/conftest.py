@@ -53,12 +53,14 @@ class Server:
 
 @pytest.fixture
 def serve():
-    """Start `batchtts serve --port 0 ARGS...`; every server is stopped when the test ends."""
+    """Start `batchtts serve --port 0 ARGS...` (the tone engine unless ARGS name one); every server
+    is stopped when the test ends."""
     started: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> Server:
+        engine = [] if "--engine" in args else ["--engine", "tone"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "batchtts", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "batchtts", "serve", "--port", "0", *engine, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         started.append(proc)
@@ -123,7 +125,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     import csv
 
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -119,7 +119,7 @@ def test_job_file_paths_are_relative_to_it_and_flags_override(tmp_path):
     job_file.parent.mkdir()
     job_file.write_text('manifest = "../m.csv"\nout = "../o"\nconcurrency = 3\n[defaults]\nvoice = "nova"\n[retry]\nstatuses = [429]\n')
     job = load_job(job_file, **{"defaults.model": "x", "concurrency": 9, "defaults.voice": None})
-    assert job.manifest == tmp_path / "jobs" / ".." / "m.csv" and job.out == tmp_path / "jobs" / ".." / "o"
+    assert job.manifest == tmp_path / "m.csv" and job.out == tmp_path / "o"
     assert (job.concurrency, job.defaults.voice, job.defaults.model, job.retry.statuses) == (9, "nova", "x", (429,))
     assert job.ledger_path == job.out / "ledger.sqlite"
 
