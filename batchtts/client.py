@@ -66,15 +66,19 @@ def error_message(body: bytes, status: int) -> str:
 
 
 def describe_transport_error(exc: httpx.TransportError) -> str:
-    kind = {
-        httpx.ConnectTimeout: "connect timed out",
-        httpx.ReadTimeout: "read timed out",
-        httpx.WriteTimeout: "write timed out",
-        httpx.PoolTimeout: "no free connection in time",
-        httpx.ConnectError: "cannot connect",
-        httpx.RemoteProtocolError: "connection dropped",
-        httpx.ReadError: "connection dropped mid-body",
-    }.get(type(exc), "connection failed")
+    if isinstance(exc, httpx.ConnectTimeout) and not isinstance(exc.__cause__, TimeoutError):
+        # httpx-aiohttp maps a refused connection to ConnectTimeout; say what happened.
+        kind = "cannot connect"
+    else:
+        kind = {
+            httpx.ConnectTimeout: "connect timed out",
+            httpx.ReadTimeout: "read timed out",
+            httpx.WriteTimeout: "write timed out",
+            httpx.PoolTimeout: "no free connection in time",
+            httpx.ConnectError: "cannot connect",
+            httpx.RemoteProtocolError: "connection dropped",
+            httpx.ReadError: "connection dropped mid-body",
+        }.get(type(exc), "connection failed")
     detail = str(exc).strip()
     return f"{kind}: {detail}" if detail else kind
 

@@ -392,3 +392,37 @@ def test_export_joins_manifest_and_ledger_with_carried_columns(serve, tmp_path):
         assert data[2]["voice"] == "echo" and data[0]["split"] == "train" and data[1]["speaker_id"] == 4
         assert all(r["status"] == "done" and r["sample_rate"] == 24000 and r["duration_s"] > 0 for r in data)
         assert all((out / r["path"]).exists() for r in data)
+
+
+def test_a_second_signal_stops_at_once_and_leaves_no_partial_file_under_a_final_name(serve, tmp_path):
+    server = serve("--latency", "30")
+    out = tmp_path / "out"
+    proc = start_batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(6)), out, server, "--concurrency", "3"))
+    wait_for(lambda: server.stats()["in_flight"] >= 3)
+    proc.send_signal(signal.SIGINT)
+    while '"stopping"' not in proc.stderr.readline():  # two signals sent at once may merge into one
+        pass
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=10)  # far sooner than the 30 s the requests in flight would take
+    assert proc.returncode == 130
+    assert not [p for p in out.iterdir() if p.suffix == ".mp3"]
+    entries = ledger_rows(out / "ledger.sqlite")
+    assert entries == {}
+    server.faults(latency=0)
+    assert batchtts(*run_args(tmp_path / "m.csv", out, server)).returncode == 0
+    assert_all_done(out, 6)
+
+
+def test_off_a_terminal_progress_is_a_periodic_json_event(serve, tmp_path):
+    server = serve("--latency", "0.1")
+    out = tmp_path / "out"
+    result = batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(12)), out, server, "--concurrency", "2",
+                                "--progress-interval", "0.15"))
+    assert result.returncode == 0
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) >= 2 and progress[-1]["total"] == 12
+    assert progress[0]["done"] <= progress[-1]["done"]
+    summary = next(e for e in events if e["event"] == "summary")
+    assert summary["requests"] == 12 and summary["done"] == 12 and summary["wall_s"] > 0
+    assert "\r" not in result.stderr  # no progress bar off a terminal

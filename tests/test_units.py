@@ -199,3 +199,24 @@ def test_gate_holds_every_waiter():
         return list(await asyncio.gather(*(waiter() for _ in range(5))))
 
     assert all(t >= 0.2 for t in asyncio.run(scenario()))
+
+
+def test_a_refused_connection_is_reported_as_such(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again at once: nothing listens there
+
+    async def scenario() -> str:
+        client = HTTPSpeechClient(Provider(base_url=f"http://127.0.0.1:{port}/api/v1"), "k", Timeouts(connect=2), 2)
+        try:
+            async with client.speak(SpeechRequest("m", "hi", "v", "pcm")):
+                pass
+        except TransportError as exc:
+            return exc.message
+        finally:
+            await client.aclose()
+        return "no error"
+
+    assert asyncio.run(scenario()).startswith("cannot connect")
