@@ -14,7 +14,7 @@ import lameenc
 import mutagen
 import mutagen.mp3
 
-from .errors import TransportError
+from .errors import RejectedError, TransportError
 
 DEFAULT_RATE = 24000
 DEFAULT_CHANNELS = 1
@@ -73,6 +73,9 @@ class AudioWriter:
         self.f = f
         self.fmt = fmt
         self.received = 0
+        kind = content_type.split(";", 1)[0].strip().lower()
+        if fmt in ("pcm", "wav") and kind in ("audio/mpeg", "audio/mp3", "audio/wav", "audio/x-wav", "audio/ogg"):
+            raise RejectedError(f"asked for raw pcm, the provider sent {kind}: this model may not offer pcm")
         self.rate, self.channels = pcm_params(content_type) if fmt in ("pcm", "wav") else (None, None)
         self._wave: wave.Wave_write | None = None
         if fmt == "wav":

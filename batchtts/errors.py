@@ -8,7 +8,8 @@
     └── SpeechError                 one attempt at one row went wrong (carries status and message)
         ├── TransportError          no usable answer: connection refused, dropped or timed out,
         │                           a body cut short, a 200 that is not audio
-        ├── RejectedError           an in-process provider refused the row (an unknown voice)
+        ├── RejectedError           the row can never succeed as asked, though no HTTP status
+        │                           said so: an unknown local voice, audio of the wrong kind
         └── HTTPStatusError         the provider answered with an error status (and maybe a wait)
             └── ProviderStopError   401 or 402: no row can succeed until the user acts, exit 3
 

@@ -43,7 +43,7 @@ class JobContext:
 
 
 def open_context(target: Path, manifest_path: Path | None, job: Job | None) -> JobContext:
-    ledger_file = job.ledger_path if job is not None and not target.exists() else ledger_path_for(target)
+    ledger_file = job.ledger if job is not None and job.ledger is not None else ledger_path_for(target)
     ledger = Ledger.open_existing(ledger_file)
     last = ledger.last_run() or {}
     config = last.get("config", {})

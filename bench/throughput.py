@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import subprocess
@@ -49,17 +50,28 @@ def write_manifest(path: Path, rows: list[str]) -> Path:
     return path
 
 
+# A small launcher runs each measured command: on Linux a child's peak RSS counts the pages it
+# inherited at fork, so forking straight from this process (which builds large manifests) would
+# inflate it.
+_LAUNCHER = """
+import json, resource, subprocess, sys
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps([code, usage.ru_utime + usage.ru_stime, usage.ru_maxrss]))
+"""
+
+
 def run_cli(*args: str) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one CLI run."""
     env = {**os.environ, "OPENROUTER_API_KEY": "bench"}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "batchtts", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "batchtts", *args],
+                         env=env, capture_output=True, text=True, check=True).stdout
     wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"batchtts {' '.join(args)} exited {os.waitstatus_to_exitcode(status)}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024
+    code, cpu, maxrss_kb = json.loads(out)
+    if code != 0:
+        raise SystemExit(f"batchtts {' '.join(args)} exited {code}")
+    return wall, cpu, maxrss_kb // 1024
 
 
 async def bare(url: str, rows: list[str], concurrency: int, transport: httpx.AsyncBaseTransport | None) -> float:

@@ -220,3 +220,23 @@ def test_a_refused_connection_is_reported_as_such(tmp_path):
         return "no error"
 
     assert asyncio.run(scenario()).startswith("cannot connect")
+
+
+def test_audio_of_the_wrong_kind_or_shape_is_refused():
+    import io
+
+    from batchtts.audio import AudioWriter
+    from batchtts.errors import RejectedError
+
+    with pytest.raises(RejectedError, match="audio/mpeg"):
+        AudioWriter(io.BytesIO(), "wav", "audio/mpeg")
+    writer = AudioWriter(io.BytesIO(), "pcm", "audio/pcm;rate=16000;channels=2")
+    writer.write(b"\x00" * 6)
+    with pytest.raises(TransportError, match="mid-sample"):
+        writer.finish()
+    with pytest.raises(TransportError, match="empty body"):
+        AudioWriter(io.BytesIO(), "mp3", "audio/mpeg").finish()
+    with pytest.raises(TransportError, match="not valid mp3"):
+        bad = AudioWriter(io.BytesIO(), "mp3", "audio/mpeg")
+        bad.write(b"<html>not audio</html>" * 20)
+        bad.finish()
