@@ -14,8 +14,10 @@ from . import log as logs
 from .config import FORMATS, Job, load_job
 from .errors import EXIT_SIGINT, EXIT_USAGE, BatchTTSError
 from .results import export as export_results
-from .results import open_context, status as status_report
-from .runner import Plan, RunResult, run as run_job
+from .results import open_context
+from .results import status as status_report
+from .runner import Plan, RunResult
+from .runner import run as run_job
 
 
 def _fail(exc: BatchTTSError) -> None:
@@ -104,7 +106,7 @@ def run(target: Path, **flags: Any) -> None:
 
 
 def _print_plan(plan: Plan, job: Job) -> None:
-    click.echo(f"{job.manifest}: {plan.rows} rows, {plan.characters} characters (dry run: nothing sent)")
+    click.echo(f"{job.manifest}: {plan.total.rows} rows, {plan.total.characters} characters (dry run: nothing sent)")
     header = f"{'model':<32} {'rows':>9} {'characters':>12} {'done':>9} {'failed':>7} {'to do':>9} {'chars to do':>12}"
     click.echo(header)
     for name, m in sorted(plan.models.items()):
@@ -123,10 +125,10 @@ def _size(n: float) -> str:
 
 
 def _print_summary(result: RunResult, job: Job) -> None:
-    c = result.counters
+    c, total = result.counters, result.plan.total
     lines = [
-        f"narrated {c.done} rows, {c.failed} failed, {result.plan.done} already done"
-        + (f", {result.plan.failed} failed earlier (rerun with --retry-failed)" if result.plan.failed else ""),
+        f"narrated {c.done} rows, {c.failed} failed, {total.done} already done"
+        + (f", {total.failed} failed earlier (rerun with --retry-failed)" if total.failed else ""),
         f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
         f"{result.wall_s:.1f} s",
         f"files in {job.out}/, ledger at {job.ledger_path}",

@@ -159,16 +159,16 @@ class Ledger:
             "WHERE status = 'failed' ORDER BY row_number" + (f" LIMIT {int(limit)}" if limit else "")
         )
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur]
+        return [dict(zip(names, r, strict=True)) for r in cur]
 
     def entries(self) -> Iterator[dict[str, Any]]:
         cur = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows")
         for r in cur:
-            yield dict(zip(COLUMNS, r))
+            yield dict(zip(COLUMNS, r, strict=True))
 
     def get(self, key: str) -> dict[str, Any] | None:
         found = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows WHERE key = ?", (key,)).fetchone()
-        return dict(zip(COLUMNS, found)) if found else None
+        return dict(zip(COLUMNS, found, strict=True)) if found else None
 
     def close(self) -> None:
         self.db.close()

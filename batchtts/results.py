@@ -70,7 +70,7 @@ def status(ctx: JobContext) -> dict[str, Any]:
     }
     if ctx.manifest is not None and ctx.manifest.exists():
         job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)
-        plan = make_plan(job, ctx.ledger, OutputFolder(ctx.out))
+        plan = make_plan(job, ctx.ledger, OutputFolder(ctx.out)).total
         report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed, pending=plan.pending)
     return report
 

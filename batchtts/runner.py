@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import structlog
@@ -28,11 +28,11 @@ from .errors import (
     EXIT_SIGTERM,
 )
 from .ledger import Entry, Ledger
+from .local import LocalSpeechProvider
 from .manifest import Row
 from .narrator import Counters, Narrator
 from .pool import WorkerPool
 from .progress import Progress
-from .local import LocalSpeechProvider
 from .providers import RoutingProvider, SpeechProvider, is_local
 from .storage import OutputFolder
 
@@ -56,32 +56,9 @@ class Plan:
 
     models: dict[str, ModelPlan] = field(default_factory=dict)
 
-    def _sum(self, name: str) -> int:
-        return sum(getattr(m, name) for m in self.models.values())
-
     @property
-    def rows(self) -> int:
-        return self._sum("rows")
-
-    @property
-    def characters(self) -> int:
-        return self._sum("characters")
-
-    @property
-    def done(self) -> int:
-        return self._sum("done")
-
-    @property
-    def failed(self) -> int:
-        return self._sum("failed")
-
-    @property
-    def pending(self) -> int:
-        return self._sum("pending")
-
-    @property
-    def pending_characters(self) -> int:
-        return self._sum("pending_characters")
+    def total(self) -> ModelPlan:
+        return ModelPlan(*(sum(getattr(m, f.name) for m in self.models.values()) for f in fields(ModelPlan)))
 
 
 @dataclass
@@ -96,9 +73,10 @@ class RunResult:
     ledger: Path | None = None
 
     def summary(self) -> dict[str, object]:
+        total = self.plan.total
         return {
-            "exit_code": self.exit_code, "rows": self.plan.rows, "already_done": self.plan.done,
-            "skipped_failed": self.plan.failed, **asdict(self.counters),
+            "exit_code": self.exit_code, "rows": total.rows, "already_done": total.done,
+            "skipped_failed": total.failed, **asdict(self.counters),
             "audio_s": round(self.counters.audio_s, 3), "wall_s": round(self.wall_s, 3),
             "stop_reason": self.stop_reason,
         }
@@ -190,22 +168,23 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
         ledger = Ledger(job.ledger_path)
         try:
             plan = make_plan(job, ledger, folder)
-            if provider is None and plan.pending:
+            total = plan.total
+            if provider is None and total.pending:
                 provider = _providers(job, plan)
             cleaned = folder.clean_partials()
             run_id = ledger.start_run(job.manifest.resolve(), job.redacted())
             log.info(
                 "start", manifest=str(job.manifest), out=str(job.out), ledger=str(job.ledger_path),
-                rows=plan.rows, already_done=plan.done, pending=plan.pending, skipped_failed=plan.failed,
+                rows=total.rows, already_done=total.done, pending=total.pending, skipped_failed=total.failed,
                 partial_files_removed=cleaned, config=job.redacted(),
             )
             result = RunResult(EXIT_OK, plan, out=job.out, ledger=job.ledger_path)
-            if plan.pending:
+            if total.pending:
                 assert provider is not None
                 asyncio.run(_execute(job, plan, ledger, folder, provider, result))
             folder.tidy()
             result.wall_s = time.monotonic() - started
-            if result.exit_code == EXIT_OK and result.counters.failed + plan.failed:
+            if result.exit_code == EXIT_OK and result.counters.failed + total.failed:
                 result.exit_code = EXIT_FAILED_ROWS
             ledger.finish_run(run_id, result.exit_code, result.summary())
             log.info("summary", **result.summary())
@@ -226,7 +205,7 @@ async def _execute(
     job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, provider: SpeechProvider, result: RunResult
 ) -> None:
     progress = Progress(
-        plan.pending, plan.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
+        plan.total.pending, plan.total.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
         interval=job.progress_interval,
     )
     narrator = Narrator(provider, folder, ledger, job.retry, progress)

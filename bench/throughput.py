@@ -93,9 +93,10 @@ async def bare(url: str, rows: list[str], concurrency: int, transport: httpx.Asy
         return time.perf_counter() - started
 
 
-def cpu_of(fn) -> tuple[float, float]:
+def measure_bare(url: str, rows: list[str], concurrency: int, transport: httpx.AsyncBaseTransport | None) -> tuple[float, float]:
+    """Wall and CPU seconds of the bare script, run in this process."""
     before = resource.getrusage(resource.RUSAGE_SELF)
-    wall = fn()
+    wall = asyncio.run(bare(url, rows, concurrency, transport))
     after = resource.getrusage(resource.RUSAGE_SELF)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -114,9 +115,9 @@ def main() -> None:
             server, url = start_server("--latency", str(latency))
             try:
                 tag = f"L{latency}"
-                wall_ref, cpu_ref = cpu_of(lambda: asyncio.run(bare(url, texts(n, tag + "ref"), c, AiohttpTransport(
-                    limits=httpx.Limits(max_connections=c)))))
-                wall_httpx, cpu_httpx = cpu_of(lambda: asyncio.run(bare(url, texts(n, tag + "httpx"), c, None)))
+                aiohttp_transport = AiohttpTransport(limits=httpx.Limits(max_connections=c))
+                wall_ref, cpu_ref = measure_bare(url, texts(n, tag + "ref"), c, aiohttp_transport)
+                wall_httpx, _ = measure_bare(url, texts(n, tag + "httpx"), c, None)
                 manifest = write_manifest(work / f"{tag}.parquet", texts(n, tag))
                 wall, cpu, _ = run_cli("run", str(manifest), "--out", str(work / tag), "--model", MODEL, "--voice",
                                        "alloy", "--format", "pcm", "--concurrency", str(c), "--base-url", url)
@@ -150,7 +151,7 @@ def main() -> None:
 
     widths = [max(len(r[i]) for r in table + [("scenario", "figure", "measured", "ratio")]) for i in range(4)]
     for r in [("scenario", "figure", "measured", "ratio"), tuple("-" * w for w in widths), *table]:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+        print(" | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
 
 
 if __name__ == "__main__":

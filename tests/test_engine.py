@@ -8,7 +8,6 @@ import wave
 from pathlib import Path
 
 import httpx
-
 from conftest import ROOT, batchtts, ledger_rows, write_csv
 
 LOCAL = "local/espeak-ng"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import batchtts, write_csv, write_jsonl
 
 from batchtts.config import Defaults
 from batchtts.errors import ManifestError
 from batchtts.manifest import Row, make_row, validate
-from conftest import batchtts, write_csv, write_jsonl
 
 DEFAULTS = Defaults(model="m", voice="v")
 

@@ -12,7 +12,6 @@ import mutagen.mp3
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import (
     FAST_RETRY,
     KEY,
@@ -373,7 +372,7 @@ def test_dry_run_counts_and_sends_nothing(serve, tmp_path):
     assert batchtts(*run_args(manifest, out, server, "--limit", "1")).returncode == 0
     dry = batchtts(*run_args(manifest, out, server, "--dry-run"), key=None)
     assert dry.returncode == 0, dry.stderr
-    line = next(l for l in dry.stdout.splitlines() if l.startswith(MODEL))
+    line = next(text for text in dry.stdout.splitlines() if text.startswith(MODEL))
     assert line.split()[1:] == ["4", str(sum(len(r["text"]) for r in rows(4))), "1", "0", "3",
                                 str(sum(len(r["text"]) for r in rows(4)[1:]))]
     assert server.stats()["requests"] == 1
