@@ -50,6 +50,8 @@ def main() -> None:
 @click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False), help="Ledger file (default OUT/ledger.sqlite).")
 @click.option("--retry-failed", is_flag=True, default=None, help="Also retry rows that failed permanently before.")
 @click.option("--limit", type=click.IntRange(min=0), help="Narrate at most N of the rows left to do.")
+@click.option("--max-chars", type=click.IntRange(min=1),
+              help="Split rows longer than this into chunks (default: the model's input limit, 4096 if unknown).")
 @click.option("--dry-run", is_flag=True, default=None, help="Check the manifest and count what is left; send nothing.")
 @click.option("--grace", "grace_seconds", type=float, help="Seconds in-flight requests get to finish after Ctrl-C.")
 @click.option("--progress-interval", type=float, help="Seconds between progress events when not on a terminal.")
@@ -83,6 +85,7 @@ def run(target: Path, **flags: Any) -> None:
         "provider.api_key_env": flags["api_key_env"],
         "retry_failed": flags["retry_failed"],
         "limit": flags["limit"],
+        "max_chars": flags["max_chars"],
         "dry_run": flags["dry_run"],
         "grace_seconds": flags["grace_seconds"],
         "progress_interval": flags["progress_interval"],
@@ -183,6 +186,29 @@ def export(target: Path, to: Path, manifest: Path | None, job_file: Path | None)
     except BatchTTSError as exc:
         _fail(exc)
     click.echo(f"wrote {rows} rows to {to}")
+
+
+@main.group()
+def manifest() -> None:
+    """Make manifests."""
+
+
+@manifest.command("from-text")
+@click.argument("book", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="chapters.csv to write.")
+@click.option("--chapter-pattern", help="Regular expression for the lines that start a chapter.")
+def from_text(book: Path, out: Path, chapter_pattern: str | None) -> None:
+    """Turn a plain-text or Markdown BOOK into a manifest with one row per chapter (id, title, track, text)."""
+    from .books import book_to_manifest
+
+    try:
+        chapters = book_to_manifest(book, out, chapter_pattern)
+    except BatchTTSError as exc:
+        _fail(exc)
+    characters = sum(len(c.text) for c in chapters)
+    click.echo(f"wrote {len(chapters)} chapters ({characters} characters) to {out}")
+    for i, c in enumerate(chapters[:50], start=1):
+        click.echo(f"  {i:>3}  {len(c.text):>8} chars  {c.title}")
 
 
 @main.command()

@@ -51,6 +51,14 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Stitching:
+    """How the chunks of a long row are joined: seconds of silence at each kind of seam."""
+
+    sentence_gap: float = 0.35
+    paragraph_gap: float = 0.8
+
+
+@dataclass(frozen=True)
 class Provider:
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENROUTER_API_KEY"
@@ -73,6 +81,9 @@ class Job:
     provider: Provider = field(default_factory=Provider)
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    stitching: Stitching = field(default_factory=Stitching)
+    max_chars: int | None = None
+    limits: dict[str, int] = field(default_factory=dict)
     concurrency: int = 16
     limit: int | None = None
     retry_failed: bool = False
@@ -94,6 +105,10 @@ class Job:
             raise UsageError("max_attempts must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise UsageError("limit must not be negative")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise UsageError("max_chars must be at least 1")
+        if not all(isinstance(v, int) and v > 0 for v in self.limits.values()):
+            raise UsageError("[limits] maps model names (or prefixes) to positive character counts")
         if self.log_format not in ("auto", "console", "json"):
             raise UsageError("log_format must be auto, console or json")
 
@@ -108,6 +123,7 @@ _SECTIONS: dict[str, type] = {
     "provider": Provider,
     "timeouts": Timeouts,
     "retry": RetryPolicy,
+    "stitching": Stitching,
 }
 _PATHS = ("manifest", "out", "ledger")
 

@@ -55,12 +55,42 @@ MIGRATIONS: tuple[str, ...] = (
         summary     TEXT
     );
     """,
+    """
+    ALTER TABLE rows ADD COLUMN chunks INTEGER;
+    CREATE TABLE chunks (
+        fingerprint   TEXT PRIMARY KEY,
+        row_key       TEXT NOT NULL,
+        chunk_index   INTEGER NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+        retryable     INTEGER NOT NULL DEFAULT 0,
+        path          TEXT,
+        bytes         INTEGER,
+        sha256        TEXT,
+        sample_rate   INTEGER,
+        channels      INTEGER,
+        duration_s    REAL,
+        characters    INTEGER,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        http_status   INTEGER,
+        error         TEXT,
+        generation_id TEXT,
+        latency_s     REAL,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+    CREATE INDEX chunks_row ON chunks (row_key);
+    """,
 )
 
 COLUMNS = (
     "key", "row_number", "fingerprint", "status", "retryable", "path", "bytes", "sha256", "sample_rate",
     "channels", "duration_s", "model", "voice", "format", "characters", "attempts", "http_status", "error",
-    "generation_id", "latency_s", "created_at", "updated_at",
+    "generation_id", "latency_s", "chunks", "created_at", "updated_at",
+)
+CHUNK_COLUMNS = (
+    "fingerprint", "row_key", "chunk_index", "status", "retryable", "path", "bytes", "sha256", "sample_rate",
+    "channels", "duration_s", "characters", "attempts", "http_status", "error", "generation_id", "latency_s",
+    "created_at", "updated_at",
 )
 
 
@@ -114,19 +144,29 @@ class Ledger:
 
     def record(self, **values: Any) -> None:
         """Insert or replace one key's row; attempts add up while the fingerprint stays the same."""
+        self._upsert("rows", "key", COLUMNS, values)
+
+    def record_chunk(self, **values: Any) -> None:
+        self._upsert("chunks", "fingerprint", CHUNK_COLUMNS, values)
+
+    def _upsert(self, table: str, key: str, columns: tuple[str, ...], values: dict[str, Any]) -> None:
         stamp = now()
         values = {**values, "created_at": stamp, "updated_at": stamp}
-        names = [c for c in COLUMNS if c in values]
-        updates = ", ".join(
-            f"{c} = excluded.{c}" for c in names if c not in ("key", "created_at", "attempts")
-        )
+        names = [c for c in columns if c in values]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in (key, "created_at", "attempts"))
         self.db.execute(
-            f"INSERT INTO rows ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT(key) DO UPDATE SET {updates}, attempts = CASE "
-            f"WHEN rows.fingerprint = excluded.fingerprint THEN rows.attempts + excluded.attempts "
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT({key}) DO UPDATE SET {updates}, attempts = CASE "
+            f"WHEN {table}.fingerprint = excluded.fingerprint THEN {table}.attempts + excluded.attempts "
             f"ELSE excluded.attempts END",
             [values[c] for c in names],
         )
+
+    def chunk(self, fingerprint: str) -> dict[str, Any] | None:
+        found = self.db.execute(
+            f"SELECT {', '.join(CHUNK_COLUMNS)} FROM chunks WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
+        return dict(zip(CHUNK_COLUMNS, found, strict=True)) if found else None
 
     def start_run(self, manifest: Path, config: dict[str, Any]) -> int:
         cur = self.db.execute(

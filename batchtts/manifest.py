@@ -27,6 +27,7 @@ from .errors import ManifestError, ManifestProblem
 
 BATCH_ROWS = 4096
 KNOWN_COLUMNS = ("id", "text", "voice", "model", "response_format", "speed", "provider_options", "output")
+TAG_COLUMNS = ("title", "artist", "album", "track")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +43,20 @@ class Row:
     speed: float | None
     provider_options: dict[str, Any] | None
     output: str | None
+    tags: dict[str, str]
+
+    def _hash(self, text: str, fmt: str) -> str:
+        shape = [self.model, self.voice, text, fmt, self.speed, self.provider_options]
+        return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     @property
     def fingerprint(self) -> str:
         """Hash of everything that shapes the audio: a change here means the file must be redone."""
-        shape = [self.model, self.voice, self.text, self.format, self.speed, self.provider_options]
-        return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        return self._hash(self.text, self.format)
+
+    def chunk_fingerprint(self, text: str) -> str:
+        """The same for one piece of a long row, as it is requested (wav rows ask for pcm)."""
+        return self._hash(text, "pcm" if self.format == "wav" else self.format)
 
     @property
     def key(self) -> str:
@@ -186,7 +195,8 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
             output = storage.normalise_relpath(output)
     if problems:
         return [ManifestProblem(number, p, row_id) for p in problems]
-    return Row(number, row_id, text, model, voice, fmt, speed, options, output)  # type: ignore[arg-type]
+    tags = {name: value for name in TAG_COLUMNS if (value := _text(record.get(name))) is not None}
+    return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags)  # type: ignore[arg-type]
 
 
 def iter_rows(path: Path, defaults: Defaults) -> Iterator[Row | list[ManifestProblem]]:

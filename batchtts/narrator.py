@@ -1,14 +1,16 @@
-"""Narrating one row: request it with retries, stream the audio to disk, publish it, record it.
+"""Narrating the work the pool hands out: a row, or one chunk of a long row, requested with retries,
+streamed to disk, published and recorded; and, once a long row's chunks are all there, its stitching.
 
-The order is what makes reruns safe: the file is renamed into place before the ledger says done,
-and a row whose failure was transient is left for the next run instead of being marked failed.
+The order is what makes reruns safe: a file is renamed into place before the ledger says done, and
+work whose failure was transient is left for the next run instead of being marked failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,7 +18,8 @@ import structlog
 from tenacity import RetryCallState
 
 from .audio import AudioInfo, AudioWriter, wire_format
-from .config import RetryPolicy
+from .chunking import Chunk
+from .config import RetryPolicy, Stitching
 from .errors import HTTPStatusError, ProviderStopError, SpeechError, TransportError
 from .ledger import Ledger
 from .manifest import Row
@@ -24,7 +27,9 @@ from .pool import Gate, WorkerPool
 from .progress import Progress
 from .providers import SpeechProvider, SpeechRequest
 from .retry import build_retrying, is_transient
-from .storage import OutputFolder, Published
+from .stitch import Part, stitch
+from .storage import OutputFolder, Published, chunk_path
+from .tags import write_tags
 
 log = structlog.get_logger("batchtts")
 
@@ -35,9 +40,46 @@ class Counters:
     failed: int = 0
     requests: int = 0
     retries: int = 0
+    chunks: int = 0
     bytes: int = 0
     audio_s: float = 0.0
     characters: int = 0
+
+
+@dataclass
+class Assembly:
+    """A long row on its way: its chunks, the ones already on disk, and what is still out."""
+
+    row: Row
+    chunks: list[Chunk]
+    parts: list[Part | None]
+    remaining: int
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    failure: tuple[int, SpeechError] | None = None
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    assembly: Assembly
+    index: int
+
+
+WorkItem = Row | ChunkJob | Assembly
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    generation_id: str | None
+    published: Published
+    info: AudioInfo
+    attempts: int
+    latency_s: float
+
+
+class _Stopped(Exception):
+    """The run began winding down before this work was sent."""
 
 
 class Narrator:
@@ -47,16 +89,18 @@ class Narrator:
         folder: OutputFolder,
         ledger: Ledger,
         policy: RetryPolicy,
+        stitching: Stitching,
         progress: Progress,
     ) -> None:
         self.provider = provider
         self.folder = folder
         self.ledger = ledger
         self.policy = policy
+        self.stitching = stitching
         self.progress = progress
         self.gate = Gate()
         self.counters = Counters()
-        self.pool: WorkerPool[Row] | None = None
+        self.pool: WorkerPool[WorkItem] | None = None
         self.provider_stop: ProviderStopError | None = None
         self._in_flight: set[str] = set()
 
@@ -64,54 +108,134 @@ class Narrator:
     def stopping(self) -> bool:
         return self.pool is not None and self.pool.stopping
 
-    async def __call__(self, row: Row) -> None:
-        if row.key in self._in_flight or (row.id is None and row.output is None and self._already_done(row)):
+    async def __call__(self, item: WorkItem) -> None:
+        if isinstance(item, ChunkJob):
+            await self._narrate_chunk(item)
+        elif isinstance(item, Assembly):
+            await self._finish(item)
+        elif item.key in self._in_flight or (item.id is None and item.output is None and self._already_done(item)):
             return  # an identical row without id: one file serves both
-        self._in_flight.add(row.key)
-        try:
-            await self._narrate(row)
-        finally:
-            self._in_flight.discard(row.key)
+        else:
+            self._in_flight.add(item.key)
+            try:
+                await self._narrate_row(item)
+            finally:
+                self._in_flight.discard(item.key)
 
     def _already_done(self, row: Row) -> bool:
         entry = self.ledger.lookup(row.key)
         return entry is not None and entry.fingerprint == row.fingerprint and entry.status == "done"
 
-    async def _narrate(self, row: Row) -> None:
-        attempts = 0
-        started = time.monotonic()
+    async def _narrate_row(self, row: Row) -> None:
         request = SpeechRequest(row.model, row.text, row.voice, wire_format(row.format), row.speed, row.provider_options)
+        attempts = [0]
         try:
-            async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row)):
-                with attempt:
-                    attempts += 1
-                    await self.gate.wait()
-                    if self.stopping:
-                        return
-                    self.counters.requests += 1
-                    generation_id, published, info = await self._attempt(request, row)
-        except SpeechError as exc:
-            self._failed(row, exc, attempts)
+            outcome = await self._request(request, row.format, row.relpath, row.tags, row, attempts)
+        except _Stopped:
             return
-        self.counters.done += 1
-        self.counters.bytes += published.bytes
-        self.counters.audio_s += info.duration_s or 0.0
-        self.counters.characters += len(row.text)
-        self.ledger.record(
-            key=row.key, row_number=row.number, fingerprint=row.fingerprint, status="done", retryable=0,
-            path=row.relpath, bytes=published.bytes, sha256=published.sha256, sample_rate=info.sample_rate,
-            channels=info.channels, duration_s=info.duration_s, model=row.model, voice=row.voice,
-            format=row.format, characters=len(row.text), attempts=attempts, http_status=200, error=None,
-            generation_id=generation_id, latency_s=round(time.monotonic() - started, 3),
-        )
-        self.progress.row_finished(ok=True, characters=len(row.text))
+        except SpeechError as exc:
+            self._row_failed(row, exc, attempts[0], retryable=is_transient(exc, self.policy.statuses))
+            self.progress.advance(len(row.text))
+            return
+        self._row_done(row, outcome.generation_id, outcome.published, outcome.info, outcome.attempts,
+                       outcome.latency_s, chunks=None)
+        self.progress.advance(len(row.text))
 
-    async def _attempt(self, request: SpeechRequest, row: Row) -> tuple[str | None, Published, AudioInfo]:
+    async def _narrate_chunk(self, job: ChunkJob) -> None:
+        assembly, chunk = job.assembly, job.assembly.chunks[job.index]
+        row = assembly.row
+        fingerprint = row.chunk_fingerprint(chunk.text)
+        fmt = wire_format(row.format)
+        request = SpeechRequest(row.model, chunk.text, row.voice, fmt, row.speed, row.provider_options)
+        attempts = [0]
+        try:
+            outcome = await self._request(request, fmt, chunk_path(fingerprint, fmt), {}, row, attempts)
+        except _Stopped:
+            assembly.abandoned = True
+            return
+        except SpeechError as exc:
+            assembly.attempts += attempts[0]
+            if isinstance(exc, ProviderStopError) or (self.stopping and is_transient(exc, self.policy.statuses)):
+                assembly.abandoned = True
+                self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
+                return
+            self.ledger.record_chunk(
+                fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="failed",
+                retryable=int(is_transient(exc, self.policy.statuses)), path=None, bytes=None, sha256=None,
+                characters=len(chunk.text), attempts=attempts[0], http_status=exc.status, error=exc.message,
+            )
+            if assembly.failure is None:
+                assembly.failure = (job.index, exc)
+            self.progress.advance(len(chunk.text))
+        else:
+            assembly.attempts += outcome.attempts
+            self.counters.chunks += 1
+            info, published = outcome.info, outcome.published
+            self.ledger.record_chunk(
+                fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="done", retryable=0,
+                path=chunk_path(fingerprint, fmt), bytes=published.bytes, sha256=published.sha256,
+                sample_rate=info.sample_rate, channels=info.channels, duration_s=info.duration_s,
+                characters=len(chunk.text), attempts=outcome.attempts, http_status=200, error=None,
+                generation_id=outcome.generation_id, latency_s=outcome.latency_s,
+            )
+            assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels)
+            self.progress.advance(len(chunk.text))
+        assembly.remaining -= 1
+        if assembly.remaining == 0:
+            await self._finish(assembly)
+
+    async def _finish(self, assembly: Assembly) -> None:
+        """All chunks have settled: stitch them into the row's file, or record why not."""
+        row = assembly.row
+        if assembly.abandoned or self.stopping:
+            return  # the next run finds the chunks already on disk and asks only for the rest
+        if assembly.failure is not None:
+            index, exc = assembly.failure
+            self._row_failed(row, exc, assembly.attempts, retryable=is_transient(exc, self.policy.statuses),
+                             chunks=len(assembly.chunks), where=f"chunk {index + 1} of {len(assembly.chunks)}: ")
+            return
+        parts = [p for p in assembly.parts if p is not None]
+        partial, f = self.folder.open_partial()
+        try:
+            info, published = await asyncio.to_thread(self._stitch, parts, row, partial, f)
+        except SpeechError as exc:
+            self._row_failed(row, exc, assembly.attempts, retryable=False, chunks=len(assembly.chunks))
+            return
+        self._row_done(row, None, published, info, assembly.attempts,
+                       round(time.monotonic() - assembly.started, 3), chunks=len(assembly.chunks))
+
+    def _stitch(self, parts: list[Part], row: Row, partial: Path, f: BinaryIO) -> tuple[AudioInfo, Published]:
+        try:
+            info = stitch(parts, row.format, f, self.stitching.sentence_gap, self.stitching.paragraph_gap)
+            write_tags(f, row.format, row.tags)
+            return info, self.folder.publish(partial, f, row.relpath)
+        except BaseException:
+            self.folder.discard(partial, f)
+            raise
+
+    async def _request(
+        self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str], row: Row, attempts: list[int]
+    ) -> _Outcome:
+        """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
+        started = time.monotonic()
+        async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row)):
+            with attempt:
+                attempts[0] += 1
+                await self.gate.wait()
+                if self.stopping:
+                    raise _Stopped
+                self.counters.requests += 1
+                generation_id, published, info = await self._attempt(request, fmt, relpath, tags)
+        return _Outcome(generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
+
+    async def _attempt(
+        self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str]
+    ) -> tuple[str | None, Published, AudioInfo]:
         async with self.provider.speak(request) as audio:
             partial, f = self.folder.open_partial()
             writer: AudioWriter | None = None
             try:
-                writer = AudioWriter(f, row.format, audio.content_type)
+                writer = AudioWriter(f, fmt, audio.content_type)
                 async for chunk in audio.chunks():
                     writer.write(chunk)
                 if audio.content_length is not None and writer.received != audio.content_length:
@@ -122,19 +246,22 @@ class Narrator:
                 self.folder.discard(partial, f)
                 raise
         # Not cancelled half-way: once publishing starts the file either lands whole or stays partial.
-        info, published = await asyncio.to_thread(self._publish, writer, partial, f, row.relpath)
+        info, published = await asyncio.to_thread(self._publish, writer, partial, f, relpath, fmt, tags)
         return audio.generation_id, published, info
 
-    def _publish(self, writer: AudioWriter, partial: Path, f: BinaryIO, relpath: str) -> tuple[AudioInfo, Published]:
+    def _publish(
+        self, writer: AudioWriter, partial: Path, f: BinaryIO, relpath: str, fmt: str, tags: dict[str, str]
+    ) -> tuple[AudioInfo, Published]:
         try:
             info = writer.finish()
+            write_tags(f, fmt, tags)
             return info, self.folder.publish(partial, f, relpath)
         except BaseException:
             writer.close()
             self.folder.discard(partial, f)
             raise
 
-    def _before_retry(self, row: Row):  # noqa: ANN202 - tenacity's hook type
+    def _before_retry(self, row: Row) -> Callable[[RetryCallState], None]:
         def hook(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
@@ -148,7 +275,23 @@ class Narrator:
             )
         return hook
 
-    def _failed(self, row: Row, exc: SpeechError, attempts: int) -> None:
+    def _row_done(self, row: Row, generation_id: str | None, published: Published, info: AudioInfo,
+                  attempts: int, latency_s: float, chunks: int | None) -> None:
+        self.counters.done += 1
+        self.counters.bytes += published.bytes
+        self.counters.audio_s += info.duration_s or 0.0
+        self.counters.characters += len(row.text)
+        self.ledger.record(
+            key=row.key, row_number=row.number, fingerprint=row.fingerprint, status="done", retryable=0,
+            path=row.relpath, bytes=published.bytes, sha256=published.sha256, sample_rate=info.sample_rate,
+            channels=info.channels, duration_s=info.duration_s, model=row.model, voice=row.voice,
+            format=row.format, characters=len(row.text), attempts=attempts, http_status=200, error=None,
+            generation_id=generation_id, latency_s=latency_s, chunks=chunks,
+        )
+        self.progress.row_finished(ok=True)
+
+    def _row_failed(self, row: Row, exc: SpeechError, attempts: int, retryable: bool, chunks: int | None = None,
+                    where: str = "") -> None:
         if isinstance(exc, ProviderStopError):
             if self.provider_stop is None:
                 self.provider_stop = exc
@@ -156,16 +299,17 @@ class Narrator:
                 if self.pool is not None:
                     self.pool.stop(f"HTTP {exc.status}: {exc.message}")
             return
-        transient = is_transient(exc, self.policy.statuses)
-        if transient and self.stopping:
+        if retryable and self.stopping:
             return  # interrupted mid-retry: the next run picks the row up as if never tried
         self.counters.failed += 1
         self.ledger.record(
             key=row.key, row_number=row.number, fingerprint=row.fingerprint, status="failed",
-            retryable=int(transient), path=None, bytes=None, sha256=None, sample_rate=None, channels=None,
+            retryable=int(retryable), path=None, bytes=None, sha256=None, sample_rate=None, channels=None,
             duration_s=None, model=row.model, voice=row.voice, format=row.format, characters=len(row.text),
-            attempts=attempts, http_status=exc.status, error=exc.message, generation_id=None, latency_s=None,
+            attempts=attempts, http_status=exc.status, error=where + exc.message, generation_id=None, latency_s=None,
+            chunks=chunks,
         )
-        log.error("row_failed", row=row.number, id=row.id, status=exc.status, error=exc.message,
-                  attempts=attempts, will_retry_on_rerun=transient)
-        self.progress.row_finished(ok=False, characters=len(row.text))
+        log.error("row_failed", row=row.number, id=row.id, status=exc.status, error=where + exc.message,
+                  attempts=attempts, will_retry_on_rerun=retryable)
+        self.progress.row_finished(ok=False)
+

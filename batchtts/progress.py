@@ -22,20 +22,25 @@ class Progress:
         self.bar: tqdm | None = None
         self._ticker: asyncio.Task[None] | None = None
         if interactive:
-            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+            self.bar = tqdm(total=characters, unit="char", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+                            smoothing=0.1)
 
     def start(self) -> None:
         if self.bar is None and self.interval > 0:
             self._ticker = asyncio.create_task(self._tick())
 
-    def row_finished(self, ok: bool, characters: int) -> None:
+    def advance(self, characters: int) -> None:
+        """Characters narrated: the bar and the ETA follow them, so long rows count for their length."""
+        self.characters_done += characters
+        if self.bar is not None:
+            self.bar.update(characters)
+
+    def row_finished(self, ok: bool) -> None:
         if ok:
             self.done += 1
-            self.characters_done += characters
         else:
             self.failed += 1
         if self.bar is not None:
-            self.bar.update(1)
             self._postfix()
 
     def retried(self) -> None:
@@ -45,17 +50,17 @@ class Progress:
 
     def _postfix(self) -> None:
         assert self.bar is not None
-        self.bar.set_postfix(retries=self.retries, failed=self.failed, refresh=False)
+        self.bar.set_postfix_str(f"rows {self.done}/{self.total}, failed {self.failed}, retries {self.retries}",
+                                 refresh=False)
 
     def event(self) -> None:
         elapsed = time.monotonic() - self.started
-        finished = self.done + self.failed
-        rate = finished / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - finished) / rate if rate > 0 else None
+        rate = self.characters_done / elapsed if elapsed > 0 else 0.0
+        eta = (self.characters - self.characters_done) / rate if rate > 0 else None
         log.info(
             "progress", done=self.done, failed=self.failed, total=self.total, retries=self.retries,
-            characters=self.characters_done, rows_per_s=round(rate, 2),
-            eta_s=None if eta is None else round(eta, 1),
+            characters=self.characters_done, total_characters=self.characters, chars_per_s=round(rate, 1),
+            eta_s=None if eta is None else round(max(eta, 0.0), 1),
         )
 
     async def _tick(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 
 from . import manifest
+from .chunking import limit_for, split_text
 from .client import HTTPSpeechClient
 from .config import Job
 from .errors import (
@@ -30,10 +31,11 @@ from .errors import (
 from .ledger import Entry, Ledger
 from .local import LocalSpeechProvider
 from .manifest import Row
-from .narrator import Counters, Narrator
+from .narrator import Assembly, ChunkJob, Counters, Narrator, WorkItem
 from .pool import WorkerPool
 from .progress import Progress
 from .providers import RoutingProvider, SpeechProvider, is_local
+from .stitch import Part
 from .storage import OutputFolder
 
 log = structlog.get_logger("batchtts")
@@ -122,15 +124,16 @@ def _valid_rows(job: Job) -> Iterator[Row]:
             yield row
 
 
-def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder) -> Iterator[list[Row]]:
-    batch: list[Row] = []
+def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder) -> Iterator[list[WorkItem]]:
+    """The work left, in manifest order: whole rows, or the missing chunks of rows over their limit."""
+    batch: list[WorkItem] = []
     sent = 0
     for row in _valid_rows(job):
         if job.limit is not None and sent >= job.limit:
             break
         if needs_work(row, ledger.lookup(row.key), folder, job.retry_failed):
-            batch.append(row)
             sent += 1
+            batch.extend(_work_for(row, job, ledger, folder))
             if len(batch) >= _FEED_BATCH:
                 yield batch
                 batch = []
@@ -138,14 +141,29 @@ def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder) -> Iterator
         yield batch
 
 
-async def _pending_rows(job: Job, folder: OutputFolder) -> AsyncIterator[Row]:
-    """Rows left to do, planned in a thread so the event loop keeps serving responses meanwhile."""
+def _work_for(row: Row, job: Job, ledger: Ledger, folder: OutputFolder) -> list[WorkItem]:
+    chunks = split_text(row.text, limit_for(row.model, job.limits, job.max_chars))
+    if len(chunks) == 1:
+        return [row]
+    parts: list[Part | None] = []
+    for chunk in chunks:
+        done = ledger.chunk(row.chunk_fingerprint(chunk.text))
+        have = done is not None and done["status"] == "done" and folder.has(done["path"], done["bytes"])
+        parts.append(Part(folder.path_of(done["path"]), chunk.paragraph_before, done["sample_rate"], done["channels"])
+                     if have else None)
+    missing = [i for i, part in enumerate(parts) if part is None]
+    assembly = Assembly(row, chunks, parts, remaining=len(missing))
+    return [ChunkJob(assembly, i) for i in missing] if missing else [assembly]
+
+
+async def _pending_work(job: Job, folder: OutputFolder) -> AsyncIterator[WorkItem]:
+    """Work left to do, planned in a thread so the event loop keeps serving responses meanwhile."""
     reader = Ledger(job.ledger_path, readonly=True)
     try:
         batches = _pending_batches(job, reader, folder)
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-            for row in batch:
-                yield row
+            for item in batch:
+                yield item
     finally:
         reader.close()
 
@@ -208,8 +226,8 @@ async def _execute(
         plan.total.pending, plan.total.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
         interval=job.progress_interval,
     )
-    narrator = Narrator(provider, folder, ledger, job.retry, progress)
-    pool: WorkerPool[Row] = WorkerPool(job.concurrency, narrator)
+    narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress)
+    pool: WorkerPool[WorkItem] = WorkerPool(job.concurrency, narrator)
     narrator.pool = pool
     received: list[int] = []
 
@@ -230,7 +248,7 @@ async def _execute(
         loop.add_signal_handler(signum, on_signal, signum)
     progress.start()
     try:
-        await pool.run(_pending_rows(job, folder))
+        await pool.run(_pending_work(job, folder))
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -77,6 +77,7 @@ class ServeConfig:
     stall_seconds: float = 5.0
     credits: int | None = None
     max_input_chars: int = 4096
+    reject_marker: str | None = "[[bad]]"
     seed: int | None = None
     engine: str = "espeak"
 
@@ -240,7 +241,7 @@ class SpeechServer:
                 await self._error(send, entry, 400, f"Invalid request parameters: {exc}")
         if "missing" in body["model"]:
             await self._error(send, entry, 404, f"Model not found: {body['model']}")
-        if "[[bad]]" in body["input"]:
+        if self.config.reject_marker and self.config.reject_marker in body["input"]:
             await self._error(send, entry, 400)
         return request_format, float(speed)
 

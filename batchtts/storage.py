@@ -23,8 +23,11 @@ from typing import BinaryIO
 from .errors import FolderLockedError, UsageError
 
 PARTIAL_DIR = ".batchtts-partial"
+CHUNK_DIR = ".batchtts-chunks"
 LOCK_FILE = ".batchtts.lock"
-RESERVED_NAMES = frozenset({PARTIAL_DIR, LOCK_FILE, "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"})
+RESERVED_NAMES = frozenset({
+    PARTIAL_DIR, CHUNK_DIR, LOCK_FILE, "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm",
+})
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -61,6 +64,12 @@ def safe_name(key: str) -> str:
         return name
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{name.lstrip('.')[:_MAX_NAME]}-{digest}"
+
+
+def chunk_path(fingerprint: str, fmt: str) -> str:
+    """Chunks of long rows are kept by content, so an edited chapter asks again only for the pieces
+    that changed."""
+    return f"{CHUNK_DIR}/{fingerprint[:2]}/{fingerprint}.{fmt}"
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,16 @@ def tone_seconds(text: str, speed: float = 1.0) -> float:
     return max(MIN_SECONDS, len(text) * SECONDS_PER_CHAR / (speed or 1.0))
 
 
-@functools.lru_cache(maxsize=64)
-def _pcm(samples: int, hz: int) -> bytes:
+@functools.lru_cache(maxsize=32)
+def _one_second(hz: int) -> bytes:
+    # A whole number of cycles, so seconds repeat without a click at the joins.
     step = 2 * math.pi * hz / RATE
-    return array("h", (int(6000 * math.sin(i * step)) for i in range(samples))).tobytes()
+    return array("h", (int(6000 * math.sin(i * step)) for i in range(RATE))).tobytes()
+
+
+def _pcm(samples: int, hz: int) -> bytes:
+    second = _one_second(hz)
+    return (second * (samples // RATE + 1))[: samples * 2]
 
 
 @functools.lru_cache(maxsize=64)

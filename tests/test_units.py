@@ -178,7 +178,7 @@ def test_ledger_migrates_and_sums_attempts_per_fingerprint(tmp_path):
     assert ledger.get("a")["attempts"] == 1
     ledger.close()
     again = Ledger(tmp_path / "l.sqlite")
-    assert again.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert again.db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert again.lookup("a").fingerprint == "f2"
     again.close()

@@ -1,0 +1,130 @@
+"""Splitting long texts into requests a speech endpoint accepts, at the most natural breaks.
+
+A row over its model's input limit is cut at paragraph breaks first, then sentence ends (pysbd, which
+knows "Mr.", "U.S." and "3.14" are not sentence ends), then clause punctuation, then whitespace;
+never inside a word. Each level is used only where the one above leaves a piece too long, and
+pieces are packed greedily up to the limit. Every chunk is a slice of the original text, so the
+chunks joined back give the text again, but for whitespace at the seams.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pysbd
+
+DEFAULT_LIMIT = 4096
+# Input limits per model family, by name prefix; the longest matching prefix wins.
+KNOWN_LIMITS = {
+    "openai/": 4096,
+    "elevenlabs/": 5000,
+    "local/": 4096,
+}
+
+_PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
+_CLAUSE = re.compile(r"(?<=[,;:\u2014\u2013)\]])\s+|\s+(?=[(\[\u2014\u2013])")
+_SPACE = re.compile(r"\s+")
+
+
+def limit_for(model: str, overrides: dict[str, int] | None = None, max_chars: int | None = None) -> int:
+    """The input limit for `model`: --max-chars, then the job's [limits], then the built-in table."""
+    if max_chars is not None:
+        return max_chars
+    table = {**KNOWN_LIMITS, **(overrides or {})}
+    matches = [prefix for prefix in table if model.startswith(prefix)]
+    return table[max(matches, key=len)] if matches else DEFAULT_LIMIT
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    start: int
+    paragraph_before: bool  # the seam before this chunk is a paragraph break (a longer pause)
+
+
+@functools.cache
+def _segmenter() -> pysbd.Segmenter:
+    return pysbd.Segmenter(language="en", clean=False, char_span=True)
+
+
+def _spans(text: str, start: int, end: int, pattern: re.Pattern[str]) -> Iterator[tuple[int, int]]:
+    """The pieces of text[start:end] between matches of a separator pattern."""
+    at = start
+    for match in pattern.finditer(text, start, end):
+        if match.start() > at:
+            yield at, match.start()
+        at = match.end()
+    if at < end:
+        yield at, end
+
+
+def _sentences(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for span in _segmenter().segment(text[start:end]):
+        yield start + span.start, start + span.end
+
+
+def _words_and_parts(text: str, start: int, end: int, limit: int) -> Iterator[tuple[int, int]]:
+    for a, b in _spans(text, start, end, _SPACE):
+        while b - a > limit:  # one "word" longer than a request: nothing better than a hard cut
+            yield a, a + limit
+            a += limit
+        yield a, b
+
+
+def split_text(text: str, limit: int) -> list[Chunk]:
+    """Chunks of at most `limit` characters; one chunk when the text fits."""
+    if limit < 1:
+        raise ValueError("limit must be positive")
+    stripped = text.strip()
+    if len(stripped) <= limit:
+        offset = text.index(stripped) if stripped else 0
+        return [Chunk(stripped, offset, False)]
+    levels: list[Callable[[str, int, int], Iterator[tuple[int, int]]]] = [
+        lambda t, a, b: _spans(t, a, b, _PARAGRAPH),
+        _sentences,
+        lambda t, a, b: _spans(t, a, b, _CLAUSE),
+        lambda t, a, b: _words_and_parts(t, a, b, limit),
+    ]
+    pieces: list[tuple[int, int, bool]] = []  # (start, end, starts a paragraph)
+
+    def descend(start: int, end: int, level: int, new_paragraph: bool) -> None:
+        for i, (a, b) in enumerate(levels[level](text, start, end)):
+            a, b = _trim(text, a, b)
+            if a >= b:
+                continue
+            first = new_paragraph if i == 0 else level == 0
+            if b - a <= limit or level == len(levels) - 1:
+                pieces.append((a, b, first))
+            else:
+                descend(a, b, level + 1, first)
+
+    descend(0, len(text), 0, False)
+    return _pack(text, pieces, limit)
+
+
+def _trim(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def _pack(text: str, pieces: list[tuple[int, int, bool]], limit: int) -> list[Chunk]:
+    """Greedy packing; a chunk prefers to end where a paragraph does once it is half full."""
+    chunks: list[Chunk] = []
+    start = end = None
+    paragraph_before = False
+    for a, b, new_paragraph in pieces:
+        if start is not None and (b - start > limit or (new_paragraph and end - start >= limit // 2)):
+            chunks.append(Chunk(text[start:end], start, paragraph_before))
+            start = None
+        if start is None:
+            start, paragraph_before = a, new_paragraph and bool(chunks)
+        end = b
+    if start is not None:
+        chunks.append(Chunk(text[start:end], start, paragraph_before))
+    return chunks
