@@ -38,7 +38,8 @@ def main() -> None:
 @click.option("--voice", help="Default voice for rows without a voice column.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
 @click.option("--speed", type=float, help="Default speed multiplier.")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Requests in flight at once.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Most requests in flight at once (lowered for a while after 429s).")
+@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Cap on requests per minute, for accounts whose limit is known.")
 @click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per row before it is recorded as failed.")
 @click.option("--timeout", type=float, help="Read timeout in seconds (the wait for each chunk of a body).")
 @click.option("--connect-timeout", type=float, help="Connect timeout in seconds.")
@@ -75,6 +76,7 @@ def run(target: Path, **flags: Any) -> None:
         "defaults.format": flags["fmt"],
         "defaults.speed": flags["speed"],
         "concurrency": flags["concurrency"],
+        "requests_per_minute": flags["rpm"],
         "retry.max_attempts": flags["max_attempts"],
         "retry.backoff_initial": flags["backoff_initial"],
         "retry.backoff_max": flags["backoff_max"],

@@ -85,6 +85,7 @@ class Job:
     max_chars: int | None = None
     limits: dict[str, int] = field(default_factory=dict)
     concurrency: int = 16
+    requests_per_minute: float | None = None
     limit: int | None = None
     retry_failed: bool = False
     dry_run: bool = False
@@ -101,6 +102,8 @@ class Job:
             raise UsageError(f"unknown format {self.defaults.format!r}: use one of {', '.join(FORMATS)}")
         if self.concurrency < 1:
             raise UsageError("concurrency must be at least 1")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise UsageError("requests_per_minute must be positive")
         if self.retry.max_attempts < 1:
             raise UsageError("max_attempts must be at least 1")
         if self.limit is not None and self.limit < 0:

@@ -8,6 +8,7 @@ work whose failure was transient is left for the next run instead of being marke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +24,14 @@ from .config import RetryPolicy, Stitching
 from .errors import HTTPStatusError, ProviderStopError, SpeechError, TransportError
 from .ledger import Ledger
 from .manifest import Row
-from .pool import Gate, WorkerPool
+from .pool import WorkerPool
 from .progress import Progress
-from .providers import SpeechProvider, SpeechRequest
+from .providers import SpeechProvider, SpeechRequest, is_local
 from .retry import build_retrying, is_transient
 from .stitch import Part, stitch
 from .storage import OutputFolder, Published, chunk_path
 from .tags import write_tags
+from .throttle import Throttle
 
 log = structlog.get_logger("batchtts")
 
@@ -78,6 +80,14 @@ class _Outcome:
     latency_s: float
 
 
+@dataclass(frozen=True)
+class _Body:
+    generation_id: str | None
+    writer: AudioWriter
+    partial: Path
+    file: BinaryIO
+
+
 class _Stopped(Exception):
     """The run began winding down before this work was sent."""
 
@@ -91,6 +101,7 @@ class Narrator:
         policy: RetryPolicy,
         stitching: Stitching,
         progress: Progress,
+        throttle: Throttle,
     ) -> None:
         self.provider = provider
         self.folder = folder
@@ -98,7 +109,7 @@ class Narrator:
         self.policy = policy
         self.stitching = stitching
         self.progress = progress
-        self.gate = Gate()
+        self.throttle = throttle
         self.counters = Counters()
         self.pool: WorkerPool[WorkItem] | None = None
         self.provider_stop: ProviderStopError | None = None
@@ -218,19 +229,23 @@ class Narrator:
     ) -> _Outcome:
         """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
         started = time.monotonic()
+        remote = not is_local(request.model)
         async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row)):
             with attempt:
                 attempts[0] += 1
-                await self.gate.wait()
-                if self.stopping:
-                    raise _Stopped
-                self.counters.requests += 1
-                generation_id, published, info = await self._attempt(request, fmt, relpath, tags)
-        return _Outcome(generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
+                # The throttle's slot covers the request and its body, not the fsync that follows.
+                async with self.throttle.slot() if remote else contextlib.nullcontext():
+                    if self.stopping:
+                        raise _Stopped
+                    self.counters.requests += 1
+                    body = await self._receive(request, fmt)
+                if remote:
+                    self.throttle.succeeded()
+                info, published = await asyncio.to_thread(self._publish, body, relpath, fmt, tags)
+        return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
 
-    async def _attempt(
-        self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str]
-    ) -> tuple[str | None, Published, AudioInfo]:
+    async def _receive(self, request: SpeechRequest, fmt: str) -> _Body:
+        """Stream one answer into a partial file; a body cut short, empty or not audio is a failure."""
         async with self.provider.speak(request) as audio:
             partial, f = self.folder.open_partial()
             writer: AudioWriter | None = None
@@ -245,20 +260,18 @@ class Narrator:
                     writer.close()
                 self.folder.discard(partial, f)
                 raise
-        # Not cancelled half-way: once publishing starts the file either lands whole or stays partial.
-        info, published = await asyncio.to_thread(self._publish, writer, partial, f, relpath, fmt, tags)
-        return audio.generation_id, published, info
+        return _Body(audio.generation_id, writer, partial, f)
 
-    def _publish(
-        self, writer: AudioWriter, partial: Path, f: BinaryIO, relpath: str, fmt: str, tags: dict[str, str]
-    ) -> tuple[AudioInfo, Published]:
+    def _publish(self, body: _Body, relpath: str, fmt: str, tags: dict[str, str]) -> tuple[AudioInfo, Published]:
+        """Check, tag, fsync and rename: blocking, so it runs in a thread. Once it starts, the file
+        either lands whole or stays partial, whatever happens to the run meanwhile."""
         try:
-            info = writer.finish()
-            write_tags(f, fmt, tags)
-            return info, self.folder.publish(partial, f, relpath)
+            info = body.writer.finish()
+            write_tags(body.file, fmt, tags)
+            return info, self.folder.publish(body.partial, body.file, relpath)
         except BaseException:
-            writer.close()
-            self.folder.discard(partial, f)
+            body.writer.close()
+            self.folder.discard(body.partial, body.file)
             raise
 
     def _before_retry(self, row: Row) -> Callable[[RetryCallState], None]:
@@ -266,7 +279,7 @@ class Narrator:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
             if isinstance(exc, HTTPStatusError) and exc.status == 429:
-                self.gate.hold(wait)
+                self.throttle.rate_limited(wait)
             self.counters.retries += 1
             self.progress.retried()
             log.warning(

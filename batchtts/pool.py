@@ -1,5 +1,4 @@
-"""The worker pool: a fixed number of workers fed from a bounded queue, with a pool-wide pause and a
-graceful stop.
+"""The worker pool: a fixed number of workers fed from a bounded queue, with a graceful stop.
 
 The queue bounds read-ahead, so a manifest of millions of rows holds only a few batches in memory.
 Stopping has two speeds: `stop()` takes no new rows and lets requests in flight finish (within a
@@ -9,30 +8,11 @@ grace period); `cancel()` ends them now.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 _END = object()
-
-
-class Gate:
-    """A pause every worker waits on before each request: a 429 holds the whole pool, not one worker."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-
-    def hold(self, seconds: float) -> None:
-        self._until = max(self._until, time.monotonic() + seconds)
-
-    @property
-    def remaining(self) -> float:
-        return max(0.0, self._until - time.monotonic())
-
-    async def wait(self) -> None:
-        while (left := self._until - time.monotonic()) > 0:
-            await asyncio.sleep(left)
 
 
 class WorkerPool(Generic[T]):

@@ -39,9 +39,10 @@ def retry_if_transient(statuses: tuple[int, ...]) -> retry_if_exception:
 
 
 class wait_provider_hint(wait_base):
-    """Wait what the provider asked for, plus a little jitter; fall back to `fallback` when it did not ask."""
+    """Wait what the provider asked for, plus a little jitter (the throttle paces the restart, so little is
+    needed); fall back to `fallback` when it did not ask."""
 
-    def __init__(self, fallback: wait_base, jitter: float = 0.1) -> None:
+    def __init__(self, fallback: wait_base, jitter: float = 0.02) -> None:
         self.fallback = fallback
         self.jitter = jitter
 

@@ -37,6 +37,7 @@ from .progress import Progress
 from .providers import RoutingProvider, SpeechProvider, is_local
 from .stitch import Part
 from .storage import OutputFolder
+from .throttle import Throttle
 
 log = structlog.get_logger("batchtts")
 _FEED_BATCH = 512
@@ -226,8 +227,11 @@ async def _execute(
         plan.total.pending, plan.total.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
         interval=job.progress_interval,
     )
-    narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress)
-    pool: WorkerPool[WorkItem] = WorkerPool(job.concurrency, narrator)
+    throttle = Throttle(job.concurrency, job.requests_per_minute)
+    narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress, throttle)
+    # Twice as many workers as requests allowed in flight: a worker sleeping out a retry's backoff, or
+    # narrating a local row, then does not hold back the remote requests the throttle would allow.
+    pool: WorkerPool[WorkItem] = WorkerPool(2 * job.concurrency, narrator)
     narrator.pool = pool
     received: list[int] = []
 

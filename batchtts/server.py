@@ -6,7 +6,7 @@ load tests), and injects what production does to a batch job: latency, error sta
 limits with Retry-After / X-RateLimit-* headers, connections cut after the headers or mid-body,
 stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice.
 
-Admin endpoints (not part of the API): `GET /_batchtts/stats`, `POST /_batchtts/faults` (a JSON
+Admin endpoints (not part of the API): `GET /_batchtts/stats` (`?log=0` for the counts alone), `POST /_batchtts/faults` (a JSON
 object of ServeConfig fields to change at runtime), `POST /_batchtts/reset`.
 """
 
@@ -280,7 +280,11 @@ def create_app(config: ServeConfig) -> Starlette:
         ]})
 
     async def stats(request: Request) -> JSONResponse:
-        return JSONResponse(speech.stats.as_json())
+        data = speech.stats.as_json()
+        if request.query_params.get("log") == "0":
+            data.pop("log")
+            data.pop("by_input")
+        return JSONResponse(data)
 
     async def faults(request: Request) -> JSONResponse:
         changes = await request.json()

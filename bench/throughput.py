@@ -1,24 +1,28 @@
-"""Throughput and memory of `batchtts run` against `batchtts serve`, beside references from the same run.
+"""The throughput benchmarks: `batchtts run` against `batchtts serve --engine tone`, each figure beside
+its reference, measured in the same run (these machines are shared and noisy).
 
-    python bench/throughput.py [--rows 2000] [--concurrency 64] [--big-rows 1000000]
+    python bench/throughput.py            # the sizes the targets are set for (about ten minutes)
+    python bench/throughput.py --scale 0.1
 
-Prints one table. Figures are ratios against references measured in the same run, because the
-machines this runs on are shared and noisy:
-
-- rows/s of `batchtts run` (ledger, files, retries and all) against the C/L limit of a server with
-  latency L at concurrency C, and against a bare asyncio script that sends the same requests through
-  the same transport and throws the bodies away;
-- the same bare script on httpx's default transport, to show why we use httpx-aiohttp;
-- peak RSS of `batchtts run --dry-run` on a 1,000,000-row Parquet manifest, and on 100,000 rows.
+Scenarios and references:
+  1. latency 200 ms, concurrency 64: rows/s against the C/L limit of the server;
+  2. latency 0: client CPU per 1,000 rows against bench/bare_client.py (aiohttp, a semaphore, one
+     file per row, no ledger) doing the same rows;
+  3. a server limit of 50 requests/s answered with 429 + Retry-After, concurrency 256: goodput
+     against 50/s, and the share of requests that were 429s;
+  4. the same with X-RateLimit-Reset alone;
+  5. 10% of answers 502/503/524/529 and 2% dropped connections: rows done, and goodput against
+     scenario 1's fault-free goodput;
+  6. a 1,000,000-row Parquet manifest, run for 30 s then SIGINT: peak RSS, beside 100,000 rows;
+  7. the rerun of a completed 200,000-row job: wall time and requests sent.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,131 +32,149 @@ from pathlib import Path
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
-from httpx_aiohttp import AiohttpTransport
 
 MODEL = "openai/gpt-4o-mini-tts"
 
-
-def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchtts", "serve", "--port", "0", "--engine", "tone", *args], stdout=subprocess.PIPE, text=True
-    )
-    line = proc.stdout.readline()
-    return proc, line.rsplit(" ", 1)[1].strip()
-
-
-def texts(n: int, tag: str) -> list[str]:
-    return [f"Benchmark sentence {i} of run {tag}." for i in range(n)]
-
-
-def write_manifest(path: Path, rows: list[str]) -> Path:
-    pq.write_table(pa.table({"id": [f"b{i}" for i in range(len(rows))], "text": rows}), path)
-    return path
-
-
-# A small launcher runs each measured command: on Linux a child's peak RSS counts the pages it
-# inherited at fork, so forking straight from this process (which builds large manifests) would
-# inflate it.
+# Runs each measured command and reports its exit code, CPU seconds and peak RSS. A child's peak
+# RSS on Linux counts pages inherited at fork, so the measured command is started from this small
+# process, not from the benchmark (which builds large manifests).
 _LAUNCHER = """
-import json, resource, subprocess, sys
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+import json, resource, signal, subprocess, sys, time
+interrupt_after, cmd = float(sys.argv[1]), sys.argv[2:]
+proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+try:
+    proc.wait(timeout=interrupt_after if interrupt_after > 0 else None)
+except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps([code, usage.ru_utime + usage.ru_stime, usage.ru_maxrss]))
+print(json.dumps([proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss]))
 """
 
 
-def run_cli(*args: str) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and peak RSS (MB) of one CLI run."""
-    env = {**os.environ, "OPENROUTER_API_KEY": "bench"}
+class Server:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "batchtts", "serve", "--port", "0", "--engine", "tone",
+                                      *args], stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+
+    def stats(self) -> dict:
+        return httpx.get(self.url.replace("/api/v1", "/_batchtts/stats"), params={"log": "0"}, timeout=30).json()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def measure(cmd: list[str], interrupt_after: float = 0) -> tuple[int, float, float, int]:
+    """Exit code, wall seconds, CPU seconds and peak RSS in MB of one command."""
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "batchtts", *args],
-                         env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, str(interrupt_after), *cmd],
+                         env={**os.environ, "OPENROUTER_API_KEY": "bench"}, capture_output=True, text=True,
+                         check=True).stdout
     wall = time.perf_counter() - started
     code, cpu, maxrss_kb = json.loads(out)
-    if code != 0:
-        raise SystemExit(f"batchtts {' '.join(args)} exited {code}")
-    return wall, cpu, maxrss_kb // 1024
+    return code, wall, cpu, maxrss_kb // 1024
 
 
-async def bare(url: str, rows: list[str], concurrency: int, transport: httpx.AsyncBaseTransport | None) -> float:
-    """The least a client can do: same requests, same concurrency, bodies read and dropped."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    semaphore = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, transport=transport, timeout=60,
-                                 headers={"Authorization": "Bearer bench"}) as client:
-        async def one(text: str) -> None:
-            async with semaphore:
-                async with client.stream("POST", "audio/speech", json={
-                    "model": MODEL, "input": text, "voice": "alloy", "response_format": "pcm"}) as response:
-                    async for _ in response.aiter_bytes():
-                        pass
-                    assert response.status_code == 200
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one(t) for t in rows))
-        return time.perf_counter() - started
+def batchtts_run(manifest: Path, out: Path, url: str, *extra: str, interrupt_after: float = 0):
+    return measure([sys.executable, "-m", "batchtts", "run", str(manifest), "--out", str(out), "--model", MODEL,
+                    "--voice", "alloy", "--format", "pcm", "--base-url", url, "--log-format", "json", *extra],
+                   interrupt_after)
 
 
-def measure_bare(url: str, rows: list[str], concurrency: int, transport: httpx.AsyncBaseTransport | None) -> tuple[float, float]:
-    """Wall and CPU seconds of the bare script, run in this process."""
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    wall = asyncio.run(bare(url, rows, concurrency, transport))
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def manifest(path: Path, rows: int, tag: str) -> Path:
+    ids = pa.array([f"{tag}-{i:08d}" for i in range(rows)])
+    texts = pa.array([f"Row {i} of {tag}." for i in range(rows)])
+    pq.write_table(pa.table({"id": ids, "text": texts}), path, row_group_size=65536)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--big-rows", type=int, default=1_000_000)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every row count by this")
     args = parser.parse_args()
-    c, n = args.concurrency, args.rows
-    table: list[tuple[str, str, str, str]] = []
+
+    def n(rows: int) -> int:
+        return max(100, int(rows * args.scale))
+
+    table: list[tuple[str, str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for latency in (0.0, 0.2):
-            server, url = start_server("--latency", str(latency))
-            try:
-                tag = f"L{latency}"
-                aiohttp_transport = AiohttpTransport(limits=httpx.Limits(max_connections=c))
-                wall_ref, cpu_ref = measure_bare(url, texts(n, tag + "ref"), c, aiohttp_transport)
-                wall_httpx, _ = measure_bare(url, texts(n, tag + "httpx"), c, None)
-                manifest = write_manifest(work / f"{tag}.parquet", texts(n, tag))
-                wall, cpu, _ = run_cli("run", str(manifest), "--out", str(work / tag), "--model", MODEL, "--voice",
-                                       "alloy", "--format", "pcm", "--concurrency", str(c), "--base-url", url)
-            finally:
-                server.terminate()
-                server.wait()
-            rate, ref_rate, httpx_rate = n / wall, n / wall_ref, n / wall_httpx
-            if latency:
-                limit = c / latency
-                table.append((f"latency {latency * 1000:.0f} ms, C={c}, {n} rows", "batchtts rows/s ÷ C/L",
-                              f"{rate:.0f} / {limit:.0f}", f"{rate / limit:.2f}"))
-            table.append((f"latency {latency * 1000:.0f} ms, C={c}, {n} rows", "batchtts rows/s ÷ bare aiohttp script",
-                          f"{rate:.0f} / {ref_rate:.0f}", f"{rate / ref_rate:.2f}"))
-            table.append((f"latency {latency * 1000:.0f} ms, C={c}, {n} rows", "bare httpx default transport ÷ bare aiohttp",
-                          f"{httpx_rate:.0f} / {ref_rate:.0f}", f"{httpx_rate / ref_rate:.2f}"))
-            table.append((f"latency {latency * 1000:.0f} ms, C={c}, {n} rows", "client CPU ms/row: batchtts vs bare aiohttp",
-                          f"{cpu / n * 1000:.2f} vs {cpu_ref / n * 1000:.2f}", f"{(cpu / n) / (cpu_ref / n):.2f}"))
+
+        with Server("--latency", "0.2") as server:
+            rows = n(5000)
+            code, wall, _, _ = batchtts_run(manifest(work / "s1.parquet", rows, "s1"), work / "s1", server.url,
+                                            "--concurrency", "64")
+            fault_free = rows / wall
+            table.append((f"latency 200 ms, C=64, {rows:,} rows", "rows/s ÷ (64 / 0.2 s)",
+                          f"{fault_free:.0f} / 320", f"{fault_free / 320:.2f}", "≥ 0.90"))
+
+        with Server() as server:
+            rows = n(20000)
+            m = manifest(work / "s2.parquet", rows, "s2")
+            _, _, cpu, _ = batchtts_run(m, work / "s2", server.url, "--concurrency", "64")
+            _, _, cpu_ref, _ = measure([sys.executable, str(Path(__file__).parent / "bare_client.py"), server.url,
+                                        str(m), str(work / "s2-bare"), "64"])
+            table.append((f"latency 0, C=64, {rows:,} rows", "client CPU s / 1,000 rows ÷ bare script",
+                          f"{cpu / rows * 1000:.2f} / {cpu_ref / rows * 1000:.2f}", f"{cpu / cpu_ref:.2f}", "≤ 2.5"))
+
+        for headers in ("retry-after", "reset"):
+            with Server("--rate-limit", "50", "--rate-limit-headers", headers) as server:
+                rows = n(3000)
+                _, wall, _, _ = batchtts_run(manifest(work / f"s3{headers}.parquet", rows, "s3"), work / f"s3{headers}",
+                                             server.url, "--concurrency", "256")
+                stats = server.stats()
+                goodput = stats["successes"] / wall
+                rejected = stats["by_status"].get("429", 0) / stats["requests"]
+                table.append((f"limit 50/s, 429 + {headers}, C=256, {rows:,} rows", "goodput ÷ 50/s; 429s ÷ all",
+                              f"{goodput:.1f}/s; {rejected:.3f}", f"{goodput / 50:.2f}; {rejected:.3f}",
+                              "≥ 0.90; ≤ 0.10"))
+
+        with Server("--latency", "0.2", "--fail-rate", "0.10", "--drop-rate", "0.02", "--seed", "7") as server:
+            rows = n(5000)
+            out = work / "s5"
+            code, wall, _, _ = batchtts_run(manifest(work / "s5.parquet", rows, "s5"), out, server.url,
+                                            "--concurrency", "64")
+            import sqlite3
+
+            done = sqlite3.connect(out / "ledger.sqlite").execute(
+                "SELECT COUNT(*) FROM rows WHERE status = 'done'").fetchone()[0]
+            goodput = done / wall
+            table.append((f"10% 5xx + 2% drops, latency 200 ms, {rows:,} rows", "rows done; goodput ÷ fault-free",
+                          f"{done:,} of {rows:,}; {goodput:.0f} / {fault_free:.0f}",
+                          f"{done / rows:.2f}; {goodput / fault_free:.2f}", "all; ≥ 0.80"))
 
         rss = {}
-        for rows in (args.big_rows // 10, args.big_rows):
-            manifest = work / f"big{rows}.parquet"
-            ids = pa.array([f"row-{i:08d}" for i in range(rows)])
-            text = pa.array([f"Utterance {i}: a short line of dataset text." for i in range(rows)])
-            pq.write_table(pa.table({"id": ids, "text": text}), manifest, row_group_size=65536)
-            wall, _, rss[rows] = run_cli("run", str(manifest), "--out", str(work / f"big{rows}"), "--model", MODEL,
-                                         "--voice", "alloy", "--dry-run")
-            table.append((f"{rows:,}-row Parquet, --dry-run", "peak RSS MB; wall s", f"{rss[rows]} MB; {wall:.1f} s", ""))
-        small, big = sorted(rss)
-        table.append(("dry-run RSS growth", f"{big:,} rows ÷ {small:,} rows", f"{rss[big]} / {rss[small]}",
-                      f"{rss[big] / rss[small]:.2f}"))
+        with Server() as server:
+            for rows in (n(100_000), n(1_000_000)):
+                m = manifest(work / f"s6-{rows}.parquet", rows, "s6")
+                code, _, _, rss[rows] = batchtts_run(m, work / f"s6-{rows}", server.url, "--concurrency", "64",
+                                                     interrupt_after=30)
+            small, big = sorted(rss)
+            table.append((f"{big:,}-row Parquet, 30 s then SIGINT", f"peak RSS; ÷ {small:,} rows",
+                          f"{rss[big]} MB; {rss[small]} MB", f"{rss[big] / rss[small]:.2f}", "≤ 300 MB; ≤ 1.20"))
 
-    widths = [max(len(r[i]) for r in table + [("scenario", "figure", "measured", "ratio")]) for i in range(4)]
-    for r in [("scenario", "figure", "measured", "ratio"), tuple("-" * w for w in widths), *table]:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+        with Server() as server:
+            rows = n(200_000)
+            m = manifest(work / "s7.parquet", rows, "s7")
+            batchtts_run(m, work / "s7", server.url, "--concurrency", "64", "--format", "mp3")
+            before = server.stats()["requests"]
+            code, wall, _, _ = batchtts_run(m, work / "s7", server.url, "--concurrency", "64", "--format", "mp3")
+            sent = server.stats()["requests"] - before
+            table.append((f"rerun of a completed {rows:,}-row job", "wall s; requests sent", f"{wall:.1f} s; {sent}",
+                          f"{wall:.1f}; {sent}", "≤ 10 s; 0"))
+
+    header = ("scenario", "figure", "measured", "ratio", "target")
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(5)]
+    print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
+    for r in [header, tuple("-" * w for w in widths), *table]:
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) + " |")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()

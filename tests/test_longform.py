@@ -7,9 +7,10 @@ import re
 import sqlite3
 import wave
 
-from batchtts.chunking import limit_for, split_text
 from conftest import batchtts, ledger_rows, write_csv
 from test_engine import mpeg_frames
+
+from batchtts.chunking import limit_for, split_text
 
 MODEL = "openai/gpt-4o-mini-tts"
 TRICKY = ('Mr. Smith met Dr. Jones at 3.14 p.m. in the U.S. capital, e.g. near the Mall... "Is it far?" she asked. '

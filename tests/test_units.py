@@ -13,7 +13,13 @@ import pytest
 
 from batchtts.client import HTTPSpeechClient, error_message, retry_after_seconds
 from batchtts.config import Provider, RetryPolicy, Timeouts, load_job
-from batchtts.errors import FolderLockedError, HTTPStatusError, ProviderStopError, TransportError, UsageError
+from batchtts.errors import (
+    FolderLockedError,
+    HTTPStatusError,
+    ProviderStopError,
+    TransportError,
+    UsageError,
+)
 from batchtts.ledger import Ledger
 from batchtts.providers import SpeechRequest
 from batchtts.retry import build_retrying, is_transient
@@ -67,7 +73,7 @@ def test_retrying_honours_the_providers_wait_and_stops_after_max_attempts():
         return calls
 
     assert asyncio.run(scenario()) == 3
-    assert len(slept) == 2 and all(4.0 <= s <= 4.4 for s in slept)
+    assert len(slept) == 2 and all(4.0 <= s <= 4.1 for s in slept)
 
 
 def test_retrying_backs_off_with_full_jitter_under_the_cap():
@@ -184,21 +190,79 @@ def test_ledger_migrates_and_sums_attempts_per_fingerprint(tmp_path):
     again.close()
 
 
-def test_gate_holds_every_waiter():
-    from batchtts.pool import Gate
+def test_a_429_pause_holds_every_request():
+    from batchtts.throttle import Throttle
 
     async def scenario() -> list[float]:
-        gate = Gate()
-        gate.hold(0.2)
+        throttle = Throttle(8)
+        throttle.rate_limited(0.2)
         start = time.monotonic()
 
-        async def waiter() -> float:
-            await gate.wait()
-            return time.monotonic() - start
+        async def request() -> float:
+            async with throttle.slot():
+                return time.monotonic() - start
 
-        return list(await asyncio.gather(*(waiter() for _ in range(5))))
+        return list(await asyncio.gather(*(request() for _ in range(5))))
 
     assert all(t >= 0.2 for t in asyncio.run(scenario()))
+
+
+def test_concurrency_halves_once_per_429_episode_and_grows_back_when_429s_stop(monkeypatch):
+    from batchtts import throttle as module
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    throttle = module.Throttle(16)
+    for _ in range(40):
+        throttle.succeeded()
+    throttle.rate_limited(1.0)
+    throttle.rate_limited(1.0)  # the same burst of 429s: one cut
+    assert throttle.limit == 8 and throttle.paused_for == 1.0
+    assert throttle.learned == pytest.approx(0.97 * 40 / 1.0)  # 40 successes in a 1-second cycle
+    clock[0] += 0.5
+    for _ in range(100):
+        throttle.succeeded()
+    assert throttle.limit == 8  # still inside the quiet period after the 429
+    clock[0] += 2.0
+    for _ in range(8 + 9 + 10):
+        throttle.succeeded()
+    assert throttle.limit == 11
+    assert throttle.learned == pytest.approx(0.97 * 40)  # held for a while: each probe costs a pause
+    clock[0] += 30.0
+    throttle.succeeded()
+    throttle.rate_limited(1.0)  # a refined estimate, held longer from now on
+    learned_after_probe = throttle.learned
+    clock[0] += 10.0
+    throttle.succeeded()
+    assert throttle.learned == learned_after_probe
+    clock[0] += 30.0
+    for _ in range(1000):
+        throttle.succeeded()
+    assert throttle.limit == 16
+    assert throttle.learned > 0.97 * 40 * 1.1  # and then it grows to find a lifted limit
+    learned = throttle.learned
+    throttle.rate_limited(0.5)
+    assert throttle.learned == pytest.approx(learned * 0.97)  # just under the rate that broke the limit
+    clock[0] += 2.0
+    throttle.rate_limited(0.5)
+    assert throttle.learned == pytest.approx(learned * 0.97 * 0.95)  # broken again while held: back off more
+
+
+def test_the_request_rate_cap_paces_requests():
+    from batchtts.throttle import Throttle
+
+    async def scenario() -> float:
+        throttle = Throttle(64, requests_per_minute=6000)  # 100 a second
+        start = time.monotonic()
+
+        async def request() -> None:
+            async with throttle.slot():
+                pass
+
+        await asyncio.gather(*(request() for _ in range(31)))
+        return time.monotonic() - start
+
+    assert asyncio.run(scenario()) >= 0.29
 
 
 def test_a_refused_connection_is_reported_as_such(tmp_path):
