@@ -28,7 +28,7 @@ from .errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
 )
-from .ledger import Entry, Ledger
+from .ledger import COMMIT_EVERY, Entry, Ledger
 from .local import LocalSpeechProvider
 from .manifest import Row
 from .narrator import Assembly, ChunkJob, Counters, Narrator, WorkItem
@@ -250,10 +250,18 @@ async def _execute(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    async def commit_on_a_beat() -> None:
+        while True:
+            await asyncio.sleep(COMMIT_EVERY)
+            ledger.commit()
+
+    committer = asyncio.create_task(commit_on_a_beat())
     progress.start()
     try:
         await pool.run(_pending_work(job, folder))
     finally:
+        committer.cancel()
+        ledger.commit()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         progress.close()

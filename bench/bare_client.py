@@ -1,5 +1,7 @@
 """The reference client for bench/throughput.py: the least code that does the same job as
-`batchtts run` without a ledger — aiohttp, asyncio, a semaphore, one file written per row.
+`batchtts run` without a ledger — aiohttp, asyncio, a semaphore, and one file per row written the
+way any careful script must so that a crash never leaves a truncated file under a final name
+(temporary file, fsync in a thread, rename).
 
     python bench/bare_client.py URL MANIFEST.parquet OUT_DIR CONCURRENCY
 """
@@ -7,11 +9,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 import aiohttp
 import pyarrow.parquet as pq
+
+
+def write_atomically(path: Path, body: bytes) -> None:
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 async def main(url: str, manifest: str, out: Path, concurrency: int) -> None:
@@ -30,7 +42,7 @@ async def main(url: str, manifest: str, out: Path, concurrency: int) -> None:
                         }) as response:
                             body = await response.read()
                             if response.status == 200:
-                                (out / f"{row_id}.pcm").write_bytes(body)
+                                await asyncio.to_thread(write_atomically, out / f"{row_id}.pcm", body)
                                 return
                     except aiohttp.ClientError:
                         pass

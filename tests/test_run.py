@@ -260,7 +260,9 @@ def test_kill_9_then_rerun_completes_without_requesting_done_rows_again(serve, t
     successes = server.successes_by_input()
     texts = {r["id"]: r["text"] for r in rows(80)}
     assert all(successes[sha(texts[k])] == 1 for k in done_before)
-    assert sum(successes.values()) <= 80 + 4  # at most the rows in flight at the kill were redone
+    # At most the rows in flight at the kill, and those finished in the last ledger commit interval
+    # (0.1 s, a handful at this pace), were redone.
+    assert sum(successes.values()) <= 80 + 4 + 12
     assert not any(p.name.endswith(".wav") and p.parent.name == ".batchtts-partial" for p in out.rglob("*"))
 
 
