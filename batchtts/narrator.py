@@ -212,6 +212,10 @@ class Narrator:
         except SpeechError as exc:
             self._row_failed(row, exc, assembly.attempts, retryable=False, chunks=len(assembly.chunks))
             return
+        except FileNotFoundError as exc:  # a chunk file removed since the run planned: ask for it again
+            self._row_failed(row, TransportError(f"chunk file gone: {exc.filename}"), assembly.attempts,
+                             retryable=True, chunks=len(assembly.chunks))
+            return
         self._row_done(row, None, published, info, assembly.attempts,
                        round(time.monotonic() - assembly.started, 3), chunks=len(assembly.chunks))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -248,6 +249,9 @@ async def _execute(
             pool.cancel()
 
     loop = asyncio.get_running_loop()
+    # Publishing waits on fsync; with the default handful of threads the disk, not the provider,
+    # would set the pace of a fast run.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=min(64, 2 * job.concurrency), thread_name_prefix="publish"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     async def commit_on_a_beat() -> None:
