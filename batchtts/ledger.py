@@ -134,7 +134,7 @@ class Ledger:
     @classmethod
     def open_existing(cls, path: Path) -> Ledger:
         if not path.exists():
-            raise UsageError(f"no ledger at {path}: run the job first, or point --ledger at it")
+            raise UsageError(f"no ledger at {path}: run the job first, or give the path of its ledger file")
         return cls(path, readonly=True)
 
     def _migrate(self) -> None:
