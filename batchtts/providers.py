@@ -11,6 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .errors import TransportError
+
 LOCAL_PREFIX = "local/"
 
 
@@ -70,7 +72,10 @@ class RoutingProvider:
         if is_local(request.model):
             return self.local.speak(request)
         if self.remote is None:
-            raise RuntimeError(f"no remote provider for {request.model!r}")
+            # Only if a remote row's file vanished between planning and narrating: the run began
+            # with nothing remote to do, so without a client (or a key).
+            raise TransportError(f"{request.model!r} needs the remote provider, which this run did not set up: "
+                                "run again")
         return self.remote.speak(request)
 
     async def aclose(self) -> None:
