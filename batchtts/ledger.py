@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -220,11 +219,6 @@ class Ledger:
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur]
-
-    def entries(self) -> Iterator[dict[str, Any]]:
-        cur = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows")
-        for r in cur:
-            yield dict(zip(COLUMNS, r, strict=True))
 
     def get(self, key: str) -> dict[str, Any] | None:
         found = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows WHERE key = ?", (key,)).fetchone()

@@ -211,7 +211,6 @@ def iter_rows(path: Path, defaults: Defaults) -> Iterator[Row | list[ManifestPro
 class ManifestSummary:
     rows: int
     characters: int
-    columns: list[str]
 
 
 def _hash64(value: str) -> int:
@@ -271,7 +270,7 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
     if total_problems:
         problems.sort(key=lambda p: p.row or 0)
         raise ManifestError(str(path), problems, total_problems)
-    return ManifestSummary(rows, characters, columns)
+    return ManifestSummary(rows, characters)
 
 
 def _report_duplicates(path: Path, defaults: Defaults, dup_ids: set[int], dup_paths: set[int]) -> list[ManifestProblem]:
