@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from .config import Defaults, Job, Provider, RetryPolicy, Timeouts, load_job  # noqa: E402
-from .runner import RunResult, run  # noqa: E402
+from .config import Defaults, Job, Provider, RetryPolicy, Timeouts, load_job
+from .runner import RunResult, run
 
 __all__ = ["Defaults", "Job", "Provider", "RetryPolicy", "RunResult", "Timeouts", "load_job", "run"]

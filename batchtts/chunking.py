@@ -29,10 +29,10 @@ _CLAUSE = re.compile(r"(?<=[,;:\u2014\u2013)\]])\s+|\s+(?=[(\[\u2014\u2013])")
 _SPACE = re.compile(r"\s+")
 
 
-def limit_for(model: str, overrides: dict[str, int] | None = None, max_chars: int | None = None) -> int:
-    """The input limit for `model`: --max-chars, then the job's [limits], then the built-in table."""
-    if max_chars is not None:
-        return max_chars
+def limit_for(model: str, overrides: dict[str, int] | None = None, chunk_chars: int | None = None) -> int:
+    """The input limit for `model`: --chunk-chars, then the job's [limits], then the built-in table."""
+    if chunk_chars is not None:
+        return chunk_chars
     table = {**KNOWN_LIMITS, **(overrides or {})}
     matches = [prefix for prefix in table if model.startswith(prefix)]
     return table[max(matches, key=len)] if matches else DEFAULT_LIMIT

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, sharding
 from . import log as logs
-from .config import FORMATS, Job, load_job
+from .config import (
+    FORMATS,
+    Job,
+    Provider,
+    Timeouts,
+    is_uri,
+    load_job,
+    parse_duration,
+    redact_uri,
+)
 from .errors import EXIT_SIGINT, EXIT_USAGE, BatchTTSError
+from .results import default_export, open_context
 from .results import export as export_results
-from .results import open_context
 from .results import status as status_report
-from .runner import Plan, RunResult
+from .runner import RunResult
 from .runner import run as run_job
 
 
@@ -33,7 +44,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder for audio and the ledger.")
+@click.option("--out", help="Output folder for audio and the ledger, or s3://bucket/prefix (also gs://, hdfs://).")
 @click.option("--model", help="Default model for rows without a model column.")
 @click.option("--voice", help="Default voice for rows without a voice column.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
@@ -48,12 +59,20 @@ def main() -> None:
 @click.option("--max-row-seconds", type=float, help="Give up on a row after this many seconds of retrying.")
 @click.option("--base-url", envvar="BATCHTTS_BASE_URL", help="Speech API base URL (default OpenRouter's).")
 @click.option("--api-key-env", help="Environment variable that holds the API key.")
-@click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False), help="Ledger file (default OUT/ledger.sqlite).")
+@click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ledger file (default OUT/ledger.sqlite; needed with object-store output).")
 @click.option("--retry-failed", is_flag=True, default=None, help="Also retry rows that failed permanently before.")
 @click.option("--limit", type=click.IntRange(min=0), help="Narrate at most N of the rows left to do.")
-@click.option("--max-chars", type=click.IntRange(min=1),
+@click.option("--chunk-chars", type=click.IntRange(min=1),
               help="Split rows longer than this into chunks (default: the model's input limit, 4096 if unknown).")
-@click.option("--dry-run", is_flag=True, default=None, help="Check the manifest and count what is left; send nothing.")
+@click.option("--max-cost", type=click.FloatRange(min=0), help="Budget in USD for this run: stop taking rows before passing it.")
+@click.option("--max-chars", type=click.IntRange(min=0), help="Budget in characters sent for this run.")
+@click.option("--max-runtime", help="End cleanly within this time: 3600, 50m, 2h, 1h30m.")
+@click.option("--shard", help="Take only shard I of N: --shard 3/8.")
+@click.option("--shards", type=click.IntRange(min=1),
+              help="Number of shards, the index coming from JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID.")
+@click.option("--dry-run", is_flag=True, default=None,
+              help="Check the manifest, count what is left and estimate its cost; send nothing.")
 @click.option("--grace", "grace_seconds", type=float, help="Seconds in-flight requests get to finish after Ctrl-C.")
 @click.option("--progress-interval", type=float, help="Seconds between progress events when not on a terminal.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), help="Log rendering (default: auto).")
@@ -62,11 +81,17 @@ def run(target: Path, **flags: Any) -> None:
 
     \b
     Exit codes: 0 all done; 1 some rows failed; 2 usage, config or manifest error (nothing sent);
-    3 stopped by the provider (bad key, no credits), progress kept; 75 another run holds the folder;
-    130/143 interrupted, progress kept. Run the same command again to resume.
+    3 stopped by the provider (bad key, no credits), progress kept; 4 budget reached; 5 --max-runtime
+    reached; 75 another run holds the ledger; 130/143 interrupted, progress kept. Run the same
+    command again to resume.
     """
     logs.configure(flags.get("log_format") or "auto")
     is_job = target.suffix.lower() == ".toml"
+    try:
+        shard = sharding.detect(flags["shard"], flags["shards"])
+        max_runtime = parse_duration(flags["max_runtime"]) if flags["max_runtime"] is not None else None
+    except BatchTTSError as exc:
+        _fail(exc)
     overrides = {
         "manifest": None if is_job else target,
         "out": flags["out"],
@@ -87,7 +112,11 @@ def run(target: Path, **flags: Any) -> None:
         "provider.api_key_env": flags["api_key_env"],
         "retry_failed": flags["retry_failed"],
         "limit": flags["limit"],
-        "max_chars": flags["max_chars"],
+        "chunk_chars": flags["chunk_chars"],
+        "budget.max_cost": flags["max_cost"],
+        "budget.max_chars": flags["max_chars"],
+        "max_runtime": max_runtime,
+        "shard": shard,
         "dry_run": flags["dry_run"],
         "grace_seconds": flags["grace_seconds"],
         "progress_interval": flags["progress_interval"],
@@ -104,20 +133,42 @@ def run(target: Path, **flags: Any) -> None:
         click.echo("batchtts: interrupted before any request was sent", err=True)
         sys.exit(EXIT_SIGINT)
     if job.dry_run:
-        _print_plan(result.plan, job)
+        _print_plan(result, job)
     else:
         _print_summary(result, job)
     sys.exit(result.exit_code)
 
 
-def _print_plan(plan: Plan, job: Job) -> None:
-    click.echo(f"{job.manifest}: {plan.total.rows} rows, {plan.total.characters} characters (dry run: nothing sent)")
-    header = f"{'model':<32} {'rows':>9} {'characters':>12} {'done':>9} {'failed':>7} {'to do':>9} {'chars to do':>12}"
-    click.echo(header)
+def _usd(value: float | None) -> str:
+    return "?" if value is None else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def _print_plan(result: RunResult, job: Job) -> None:
+    plan, total = result.plan, result.plan.total
+    shard = f", shard {job.shard}" if job.shard is not None else ""
+    click.echo(f"{job.manifest}{shard}: {total.rows:,} rows, {total.characters:,} characters (dry run: nothing sent)")
+    click.echo(f"{'model':<30} {'rows':>9} {'done':>9} {'failed':>7} {'to do':>9} {'requests':>9} "
+               f"{'chars to send':>14} {'$/1M chars':>10} {'estimate':>10}")
+    costs = []
     for name, m in sorted(plan.models.items()):
-        click.echo(
-            f"{name:<32} {m.rows:>9} {m.characters:>12} {m.done:>9} {m.failed:>7} {m.pending:>9} {m.pending_characters:>12}"
-        )
+        price, cost = result.prices.of(name), result.estimate(name)
+        costs.append(cost)
+        click.echo(f"{name:<30} {m.rows:>9,} {m.done:>9,} {m.failed:>7,} {m.pending:>9,} {m.requests:>9,} "
+                   f"{m.pending_characters:>14,} {_usd(None if price is None else price * 1e6):>10} {_usd(cost):>10}")
+    known = [c for c in costs if c is not None]
+    line = f"{'total':<30} {total.rows:>9,} {total.done:>9,} {total.failed:>7,} {total.pending:>9,} {total.requests:>9,} " \
+           f"{total.pending_characters:>14,} {'':>10} {_usd(sum(known)) if len(known) == len(costs) else '?':>10}"
+    click.echo(line)
+    click.echo(f"prices: {result.prices.source}" + (
+        "; '?' = no known price: add the model under [prices] in the job file" if len(known) < len(costs) else ""))
+    if job.budget.max_cost is not None or job.budget.max_chars is not None:
+        caps = [f"${job.budget.max_cost:g}" if job.budget.max_cost is not None else None,
+                f"{job.budget.max_chars:,} characters" if job.budget.max_chars is not None else None]
+        click.echo(f"budget per run: {' and '.join(c for c in caps if c)}; the run stops taking rows before passing it")
+
+
+def _where(out: Path | str) -> str:
+    return redact_uri(out) if isinstance(out, str) else str(out)
 
 
 def _size(n: float) -> str:
@@ -136,29 +187,31 @@ def _print_summary(result: RunResult, job: Job) -> None:
         + (f", {total.failed} failed earlier (rerun with --retry-failed)" if total.failed else ""),
         f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
         f"{result.wall_s:.1f} s",
-        f"files in {job.out}/, ledger at {job.ledger_path}",
+        f"{c.characters_sent:,} characters sent, estimated cost {_usd(c.cost_usd)} ({result.prices.source})",
+        f"files in {_where(job.out)}/, ledger at {job.ledger_path}",
     ]
     if result.stop_reason:
         lines.insert(0, f"stopped: {result.stop_reason}")
     if result.advice:
         lines.append(result.advice)
     elif result.exit_code == 1:
-        lines.append(f"see the failed rows with: batchtts status {job.out}")
+        lines.append(f"see the failed rows with: batchtts status {job.ledger_path}")
     elif result.stop_reason:
         lines.append("run the same command again to resume")
     click.echo("\n".join(lines))
 
 
 @main.command()
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("targets", nargs=-1, type=click.Path(path_type=Path, exists=True))
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest to count pending rows against.")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(target: Path, manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
-    """Show what an output folder (or ledger file) holds: done, failed, pending."""
+def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
+    """Show what output folders or ledger files hold: done, failed, pending. Several ledgers (the
+    shards of a job, or a folder of them) are merged."""
     try:
         job = load_job(job_file) if job_file else None
-        report = status_report(open_context(target, manifest, job))
+        report = status_report(open_context(list(targets), manifest, job))
     except BatchTTSError as exc:
         _fail(exc)
     if as_json:
@@ -166,8 +219,9 @@ def status(target: Path, manifest: Path | None, job_file: Path | None, as_json: 
         return
     total = "?" if report["total"] is None else report["total"]
     pending = "? (pass --manifest)" if report["pending"] is None else report["pending"]
+    ledgers = report["ledgers"]
     click.echo(
-        f"{report['ledger']}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
+        f"{ledgers[0] if len(ledgers) == 1 else f'{len(ledgers)} ledgers'}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
         f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"
     )
     for f in report["failures"]:
@@ -176,18 +230,21 @@ def status(target: Path, manifest: Path | None, job_file: Path | None, as_json: 
 
 
 @main.command()
-@click.argument("target", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Path(path_type=Path, dir_okay=False), help="results.parquet or results.csv")
+@click.argument("targets", nargs=-1, type=click.Path(path_type=Path, exists=True))
+@click.option("--to", "to", help="results.parquet or results.csv, a path or s3://… (default: next to the audio).")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest (default: the last run's).")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
-def export(target: Path, to: Path, manifest: Path | None, job_file: Path | None) -> None:
-    """Write one row per manifest row with its audio file, status and carried columns."""
+def export(targets: tuple[Path, ...], to: str | None, manifest: Path | None, job_file: Path | None) -> None:
+    """Write one row per manifest row with its audio file, status and carried columns. Several
+    ledgers (the shards of a job, or a folder of them) are merged."""
     try:
         job = load_job(job_file) if job_file else None
-        rows = export_results(open_context(target, manifest, job), to)
+        ctx = open_context(list(targets), manifest, job)
+        destination: Path | str = default_export(ctx.out) if to is None else to if is_uri(to) else Path(to)
+        rows = export_results(ctx, destination)
     except BatchTTSError as exc:
         _fail(exc)
-    click.echo(f"wrote {rows} rows to {to}")
+    click.echo(f"wrote {rows} rows to {_where(destination)}")
 
 
 @main.group()
@@ -211,6 +268,36 @@ def from_text(book: Path, out: Path, chapter_pattern: str | None) -> None:
     click.echo(f"wrote {len(chapters)} chapters ({characters} characters) to {out}")
     for i, c in enumerate(chapters[:50], start=1):
         click.echo(f"  {i:>3}  {len(c.text):>8} chars  {c.title}")
+
+
+@main.command()
+@click.option("--base-url", envvar="BATCHTTS_BASE_URL", help="Speech API base URL (default OpenRouter's).")
+@click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Use the job file's provider.")
+@click.option("--refresh", is_flag=True, help="Ask the provider now instead of using the day-old cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: bool) -> None:
+    """List the provider's speech models with their price and input limit (cached for a day)."""
+    from .models import speech_models
+
+    try:
+        job = load_job(job_file) if job_file else None
+        provider = job.provider if job is not None else Provider()
+        if base_url is not None:
+            provider = Provider(base_url=base_url, api_key_env=provider.api_key_env)
+        listing = speech_models(provider, job.timeouts if job is not None else Timeouts(), refresh=refresh)
+    except BatchTTSError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({"base_url": listing.base_url, "fetched_at": listing.fetched_at,
+                               "models": [{**asdict(m), "usd_per_million_chars": m.usd_per_million}
+                                          for m in listing.models]}))
+        return
+    age = "cached " + time.strftime("%Y-%m-%d %H:%M", time.localtime(listing.fetched_at)) if listing.from_cache else "now"
+    click.echo(f"{listing.base_url} ({len(listing.models)} speech models, fetched {age})")
+    click.echo(f"  {'model':<36} {'$/1M chars':>10} {'input limit':>12}  name")
+    for m in listing.models:
+        limit = f"{m.max_input_chars:,}" if m.max_input_chars else "?"
+        click.echo(f"  {m.id:<36} {_usd(m.usd_per_million):>10} {limit:>12}  {m.name}")
 
 
 @main.command()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import sharding
 from .errors import MissingKeyError, UsageError
+from .sharding import Shard
 
 OutputFormat = Literal["mp3", "pcm", "wav"]
 FORMATS: tuple[str, ...] = ("mp3", "pcm", "wav")
@@ -73,29 +76,50 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Caps on what one run may spend; the run stops taking rows before the estimate would pass one."""
+
+    max_cost: float | None = None
+    max_chars: int | None = None
+
+
+@dataclass(frozen=True)
 class Job:
     manifest: Path
-    out: Path
+    out: Path | str
     ledger: Path | None = None
     defaults: Defaults = field(default_factory=Defaults)
     provider: Provider = field(default_factory=Provider)
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     stitching: Stitching = field(default_factory=Stitching)
-    max_chars: int | None = None
+    budget: Budget = field(default_factory=Budget)
+    chunk_chars: int | None = None
     limits: dict[str, int] = field(default_factory=dict)
+    prices: dict[str, float] = field(default_factory=dict)
     concurrency: int = 16
     requests_per_minute: float | None = None
     limit: int | None = None
     retry_failed: bool = False
     dry_run: bool = False
     grace_seconds: float = 30.0
+    max_runtime: float | None = None
+    shard: Shard | None = None
     progress_interval: float = 10.0
     log_format: Literal["auto", "console", "json"] = "auto"
 
     @property
+    def remote(self) -> bool:
+        """The audio goes to object storage (`s3://`, `gs://`, `hdfs://`); the ledger stays local."""
+        return isinstance(self.out, str)
+
+    @property
     def ledger_path(self) -> Path:
-        return self.ledger if self.ledger is not None else self.out / "ledger.sqlite"
+        if self.ledger is not None:
+            return self.ledger
+        if isinstance(self.out, str):
+            raise UsageError(f"output to {redact_uri(self.out)} needs a local ledger: pass --ledger PATH")
+        return self.out / ledger_name(self.shard)
 
     def validate(self) -> None:
         if self.defaults.format not in FORMATS:
@@ -108,16 +132,25 @@ class Job:
             raise UsageError("max_attempts must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise UsageError("limit must not be negative")
-        if self.max_chars is not None and self.max_chars < 1:
-            raise UsageError("max_chars must be at least 1")
+        if self.chunk_chars is not None and self.chunk_chars < 1:
+            raise UsageError("chunk_chars must be at least 1")
         if not all(isinstance(v, int) and v > 0 for v in self.limits.values()):
             raise UsageError("[limits] maps model names (or prefixes) to positive character counts")
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in self.prices.values()):
+            raise UsageError("[prices] maps model names to USD per million characters (numbers, 0 or more)")
+        if self.budget.max_cost is not None and self.budget.max_cost < 0:
+            raise UsageError("max_cost must not be negative")
+        if self.budget.max_chars is not None and self.budget.max_chars < 0:
+            raise UsageError("max_chars must not be negative")
+        if self.max_runtime is not None and self.max_runtime <= 0:
+            raise UsageError("max_runtime must be positive")
         if self.log_format not in ("auto", "console", "json"):
             raise UsageError("log_format must be auto, console or json")
 
     def redacted(self) -> dict[str, Any]:
         """The resolved configuration for the start event; holds no secret, only the key's variable name."""
         data = dataclasses.asdict(self)
+        data["out"] = redact_uri(self.out) if isinstance(self.out, str) else self.out
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
 
@@ -127,8 +160,42 @@ _SECTIONS: dict[str, type] = {
     "timeouts": Timeouts,
     "retry": RetryPolicy,
     "stitching": Stitching,
+    "budget": Budget,
 }
+_TABLES = ("limits", "prices")
 _PATHS = ("manifest", "out", "ledger")
+_RENAMED = {
+    "max_chars": "max_chars is now chunk_chars (the longest text sent in one request); "
+                 "a cap on characters per run is max_chars under [budget]",
+}
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from `90`, `45s`, `50m`, `2h` or `1h30m`."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(value.strip().lower())
+    if not value.strip() or match is None:
+        raise UsageError(f"not a duration: {value!r} (use seconds, or 45s, 50m, 2h, 1h30m)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def is_uri(value: object) -> bool:
+    return isinstance(value, str) and "://" in value
+
+
+def redact_uri(uri: str) -> str:
+    """An object-store URI fit for logs: query options (where keys and tokens can hide) are dropped."""
+    base, _, query = uri.partition("?")
+    return f"{base}?…" if query else base
+
+
+def ledger_name(shard: Shard | None) -> str:
+    return "ledger.sqlite" if shard is None else f"ledger-shard-{shard.index:04d}-of-{shard.count:04d}.sqlite"
 
 
 def load_job(path: Path | None, **overrides: Any) -> Job:
@@ -156,8 +223,11 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
             sections[key] = dict(value)
         else:
             top[key] = value
+    for old, message in _RENAMED.items():
+        if old in top:
+            raise UsageError(f"{path}: {message}")
     for p in _PATHS:
-        if p in top and top[p] is not None:
+        if p in top and top[p] is not None and not is_uri(top[p]):
             top[p] = Path(os.path.normpath(base / Path(top[p]).expanduser()))
 
     for dotted, value in overrides.items():
@@ -167,7 +237,7 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
             section, name = dotted.split(".", 1)
             sections.setdefault(section, {})[name] = value
         else:
-            top[dotted] = Path(value) if dotted in _PATHS else value
+            top[dotted] = Path(value) if dotted in _PATHS and not is_uri(value) else value
 
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -184,6 +254,13 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     unknown = set(top) - known_top
     if unknown:
         raise UsageError(f"unknown job setting{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}")
+    if top.get("max_runtime") is not None:
+        top["max_runtime"] = parse_duration(top["max_runtime"])
+    if isinstance(top.get("shard"), str):
+        top["shard"] = sharding.parse(top["shard"])
+    for table in _TABLES:
+        if table in top and not isinstance(top[table], dict):
+            raise UsageError(f"{path}: [{table}] must be a table")
     for required in ("manifest", "out"):
         if top.get(required) is None:
             raise UsageError(f"no {required}: give it in the job file or on the command line")

@@ -10,11 +10,15 @@
         │                           a body cut short, a 200 that is not audio
         ├── RejectedError           the row can never succeed as asked, though no HTTP status
         │                           said so: an unknown local voice, audio of the wrong kind
+        ├── StorageError            the audio was made but could not be stored (an object store
+        │                           upload failed): not retried at once, so the audio is not
+        │                           bought twice in a row; the next run tries the row again
         └── HTTPStatusError         the provider answered with an error status (and maybe a wait)
             └── ProviderStopError   401 or 402: no row can succeed until the user acts, exit 3
 
 Whether a SpeechError is worth another attempt is the retry policy's call (`retry.py`), not the
-error's. Row-level errors never escape the runner as tracebacks: they end up in the ledger and the
+error's. Budget caps and `--max-runtime` are not errors: they end a run early with their own exit
+codes (4 and 5), and the next run continues. Row-level errors never escape the runner as tracebacks: they end up in the ledger and the
 summary.
 """
 
@@ -26,6 +30,8 @@ EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_PROVIDER_STOP = 3
+EXIT_BUDGET = 4
+EXIT_MAX_RUNTIME = 5
 EXIT_LOCKED = 75
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -98,6 +104,10 @@ class TransportError(SpeechError):
 
 
 class RejectedError(SpeechError):
+    pass
+
+
+class StorageError(SpeechError):
     pass
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .sharding import shard_of
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a file is.
 MIGRATIONS: tuple[str, ...] = (
@@ -227,3 +228,62 @@ class Ledger:
     def close(self) -> None:
         self.commit()
         self.db.close()
+
+
+class LedgerSet:
+    """Several ledgers read as one: the shards of a job, for `status` and `export`.
+
+    A key is looked up in the ledger of its shard when every ledger recorded one shard of the same
+    count; otherwise in each ledger in turn.
+    """
+
+    def __init__(self, ledgers: list[Ledger]) -> None:
+        self.ledgers = ledgers
+        self.path = ledgers[0].path
+        self._by_shard: dict[int, Ledger] = {}
+        self.count: int | None = None
+        shards = [(ledger, (ledger.last_run() or {}).get("config", {}).get("shard")) for ledger in ledgers]
+        counts = {s["count"] for _, s in shards if s}
+        if len(counts) == 1 and all(shard for _, shard in shards):
+            self.count = counts.pop()
+            self._by_shard = {s["index"]: ledger for ledger, s in shards}
+
+    def owns(self, key: str) -> bool:
+        """Whether the key belongs to a shard these ledgers cover (always, unless they are shards)."""
+        return self.count is None or shard_of(key, self.count) in self._by_shard
+
+    def _for(self, key: str) -> list[Ledger]:
+        if self.count is None:
+            return self.ledgers
+        ledger = self._by_shard.get(shard_of(key, self.count))
+        return [ledger] if ledger is not None else []
+
+    def lookup(self, key: str) -> Entry | None:
+        return next((e for ledger in self._for(key) if (e := ledger.lookup(key)) is not None), None)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return next((e for ledger in self._for(key) if (e := ledger.get(key)) is not None), None)
+
+    def chunk(self, fingerprint: str) -> dict[str, Any] | None:
+        return next((c for ledger in self.ledgers if (c := ledger.chunk(fingerprint)) is not None), None)
+
+    def last_run(self) -> dict[str, Any] | None:
+        return next((r for ledger in self.ledgers if (r := ledger.last_run()) is not None), None)
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        merged: dict[str, dict[str, float]] = {}
+        for ledger in self.ledgers:
+            for status, values in ledger.totals().items():
+                into = merged.setdefault(status, {"rows": 0, "bytes": 0, "duration_s": 0.0})
+                for name, value in values.items():
+                    into[name] += value
+        return merged
+
+    def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
+        found = [f for ledger in self.ledgers for f in ledger.failures(limit)]
+        found.sort(key=lambda f: f["row_number"] or 0)
+        return found[:limit] if limit else found
+
+    def close(self) -> None:
+        for ledger in self.ledgers:
+            ledger.close()

@@ -72,8 +72,7 @@ class Row:
 
 def detect_format(path: Path) -> str:
     name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = name.removesuffix(".gz")
     for ext in ("csv", "tsv", "parquet", "jsonl"):
         if name.endswith("." + ext):
             return ext

@@ -19,6 +19,7 @@ import structlog
 from tenacity import RetryCallState
 
 from .audio import AudioInfo, AudioWriter, wire_format
+from .budget import Prices
 from .chunking import Chunk
 from .config import RetryPolicy, Stitching
 from .errors import HTTPStatusError, ProviderStopError, SpeechError, TransportError
@@ -27,7 +28,7 @@ from .manifest import Row
 from .pool import WorkerPool
 from .progress import Progress
 from .providers import SpeechProvider, SpeechRequest, is_local
-from .retry import build_retrying, is_transient
+from .retry import build_retrying, is_transient, retried_next_run
 from .stitch import Part, stitch
 from .storage import OutputFolder, Published, chunk_path
 from .tags import write_tags
@@ -46,6 +47,8 @@ class Counters:
     bytes: int = 0
     audio_s: float = 0.0
     characters: int = 0
+    characters_sent: int = 0
+    cost_usd: float = 0.0
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Narrator:
         stitching: Stitching,
         progress: Progress,
         throttle: Throttle,
+        prices: Prices,
     ) -> None:
         self.provider = provider
         self.folder = folder
@@ -110,6 +114,7 @@ class Narrator:
         self.stitching = stitching
         self.progress = progress
         self.throttle = throttle
+        self.prices = prices
         self.counters = Counters()
         self.pool: WorkerPool[WorkItem] | None = None
         self.provider_stop: ProviderStopError | None = None
@@ -145,7 +150,7 @@ class Narrator:
         except _Stopped:
             return
         except SpeechError as exc:
-            self._row_failed(row, exc, attempts[0], retryable=is_transient(exc, self.policy.statuses))
+            self._row_failed(row, exc, attempts[0], retryable=retried_next_run(exc, self.policy.statuses))
             self.progress.advance(len(row.text))
             return
         self._row_done(row, outcome.generation_id, outcome.published, outcome.info, outcome.attempts,
@@ -172,7 +177,7 @@ class Narrator:
                 return
             self.ledger.record_chunk(
                 fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="failed",
-                retryable=int(is_transient(exc, self.policy.statuses)), path=None, bytes=None, sha256=None,
+                retryable=int(retried_next_run(exc, self.policy.statuses)), path=None, bytes=None, sha256=None,
                 characters=len(chunk.text), attempts=attempts[0], http_status=exc.status, error=exc.message,
             )
             if assembly.failure is None:
@@ -202,7 +207,7 @@ class Narrator:
             return  # the next run finds the chunks already on disk and asks only for the rest
         if assembly.failure is not None:
             index, exc = assembly.failure
-            self._row_failed(row, exc, assembly.attempts, retryable=is_transient(exc, self.policy.statuses),
+            self._row_failed(row, exc, assembly.attempts, retryable=retried_next_run(exc, self.policy.statuses),
                              chunks=len(assembly.chunks), where=f"chunk {index + 1} of {len(assembly.chunks)}: ")
             return
         parts = [p for p in assembly.parts if p is not None]
@@ -245,8 +250,17 @@ class Narrator:
                     body = await self._receive(request, fmt)
                 if remote:
                     self.throttle.succeeded()
+                self._spent(request)
                 info, published = await asyncio.to_thread(self._publish, body, relpath, fmt, tags)
         return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
+
+    def _spent(self, request: SpeechRequest) -> None:
+        """A request answered with audio: its characters count toward the running estimate."""
+        characters = len(request.input)
+        cost = self.prices.cost(request.model, characters) or 0.0
+        self.counters.characters_sent += characters
+        self.counters.cost_usd += cost
+        self.progress.spent(cost)
 
     async def _receive(self, request: SpeechRequest, fmt: str) -> _Body:
         """Stream one answer into a partial file; a body cut short, empty or not audio is a failure."""

@@ -18,6 +18,7 @@ class Progress:
         self.characters = characters
         self.interval = interval
         self.done = self.failed = self.retries = self.characters_done = 0
+        self.cost_usd = 0.0
         self.started = time.monotonic()
         self.bar: tqdm | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -43,6 +44,10 @@ class Progress:
         if self.bar is not None:
             self._postfix()
 
+    def spent(self, cost: float) -> None:
+        """The running cost estimate; shown beside the rows once there is something to show."""
+        self.cost_usd += cost
+
     def retried(self) -> None:
         self.retries += 1
         if self.bar is not None:
@@ -50,7 +55,8 @@ class Progress:
 
     def _postfix(self) -> None:
         assert self.bar is not None
-        self.bar.set_postfix_str(f"rows {self.done}/{self.total}, failed {self.failed}, retries {self.retries}",
+        cost = f", ~${self.cost_usd:.4f}" if self.cost_usd else ""
+        self.bar.set_postfix_str(f"rows {self.done}/{self.total}, failed {self.failed}, retries {self.retries}{cost}",
                                  refresh=False)
 
     def event(self) -> None:
@@ -60,7 +66,7 @@ class Progress:
         log.info(
             "progress", done=self.done, failed=self.failed, total=self.total, retries=self.retries,
             characters=self.characters_done, total_characters=self.characters, chars_per_s=round(rate, 1),
-            eta_s=None if eta is None else round(max(eta, 0.0), 1),
+            eta_s=None if eta is None else round(max(eta, 0.0), 1), cost_usd=round(self.cost_usd, 6),
         )
 
     async def _tick(self) -> None:

@@ -1,7 +1,12 @@
-"""Reading a job's outcome back: the status of an output folder, and the results table export."""
+"""Reading a job's outcome back: the status of an output folder, and the results table export.
+
+Both take one ledger or many (the shards of a job, or a folder holding them) and merge them.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,15 +14,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import manifest
-from .config import Defaults, Job
+from .config import Defaults, Job, is_uri, redact_uri
 from .errors import UsageError
-from .ledger import Ledger
+from .ledger import Ledger, LedgerSet
 from .manifest import KNOWN_COLUMNS, Row
 from .runner import make_plan
-from .storage import OutputFolder
+from .storage import open_output, upload
 
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
 _TYPES = {
@@ -27,30 +33,48 @@ _TYPES = {
 }
 
 
-def ledger_path_for(target: Path) -> Path:
-    """Accept an output folder or a ledger file."""
-    return target / "ledger.sqlite" if target.is_dir() else target
+def ledger_files(target: Path) -> list[Path]:
+    """A ledger file as given; a folder's ledgers (`ledger.sqlite` and every `ledger-shard-*.sqlite`)."""
+    if not target.is_dir():
+        return [target]
+    found = sorted(target.glob("ledger-shard-*.sqlite"))
+    if (target / "ledger.sqlite").exists():
+        found.insert(0, target / "ledger.sqlite")
+    if not found:
+        raise UsageError(f"no ledger in {target}: run the job first, or give the path of its ledger file")
+    return found
 
 
 @dataclass
 class JobContext:
-    """The manifest and defaults a ledger's rows came from: given, or as the last run recorded them."""
+    """The manifest and defaults the ledgers' rows came from: given, or as the last run recorded them."""
 
-    ledger: Ledger
-    out: Path
+    ledger: LedgerSet
+    out: Path | str
     manifest: Path | None
     defaults: Defaults
 
 
-def open_context(target: Path, manifest_path: Path | None, job: Job | None) -> JobContext:
-    ledger_file = job.ledger if job is not None and job.ledger is not None else ledger_path_for(target)
-    ledger = Ledger.open_existing(ledger_file)
+def open_context(targets: list[Path], manifest_path: Path | None, job: Job | None) -> JobContext:
+    if job is not None and job.ledger is not None and not targets:
+        files = [job.ledger]
+    else:
+        files = [f for target in targets for f in ledger_files(target)]
+    if not files:
+        raise UsageError("name an output folder or ledger files (or a job file that names its ledger)")
+    ledger = LedgerSet([Ledger.open_existing(f) for f in dict.fromkeys(files)])
     last = ledger.last_run() or {}
     config = last.get("config", {})
     defaults = job.defaults if job is not None else Defaults(**config.get("defaults", {}))
     if manifest_path is None:
         manifest_path = job.manifest if job is not None else (Path(last["manifest"]) if last.get("manifest") else None)
-    out = job.out if job is not None else (target if target.is_dir() else Path(config.get("out", target.parent)))
+    if job is not None:
+        out: Path | str = job.out
+    elif targets and targets[0].is_dir():
+        out = targets[0]
+    else:
+        recorded = config.get("out", str(files[0].parent))
+        out = recorded if is_uri(recorded) else Path(recorded)
     return JobContext(ledger, out, manifest_path, defaults)
 
 
@@ -60,6 +84,7 @@ def status(ctx: JobContext) -> dict[str, Any]:
     failed = totals.get("failed", {"rows": 0})
     report: dict[str, Any] = {
         "ledger": str(ctx.ledger.path),
+        "ledgers": [str(ledger.path) for ledger in ctx.ledger.ledgers],
         "total": None,
         "done": int(done["rows"]),
         "failed": int(failed["rows"]),
@@ -70,7 +95,7 @@ def status(ctx: JobContext) -> dict[str, Any]:
     }
     if ctx.manifest is not None and ctx.manifest.exists():
         job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)
-        plan = make_plan(job, ctx.ledger, OutputFolder(ctx.out)).total
+        plan = make_plan(job, ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns).total
         report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed, pending=plan.pending)
     return report
 
@@ -83,6 +108,8 @@ def _export_records(ctx: JobContext) -> Iterator[list[dict[str, Any]]]:
         for record in batch:
             number += 1
             row = manifest.make_row(number, record, ctx.defaults)
+            if isinstance(row, Row) and not ctx.ledger.owns(row.key):
+                continue
             entry = ctx.ledger.get(row.key) if isinstance(row, Row) else None
             if isinstance(row, Row) and entry is not None and entry["fingerprint"] != row.fingerprint:
                 entry = None
@@ -104,14 +131,46 @@ def _export_records(ctx: JobContext) -> Iterator[list[dict[str, Any]]]:
         yield out
 
 
-def export(ctx: JobContext, to: Path) -> int:
-    """Write one row per manifest row, joined with the ledger; returns the number of rows."""
+def default_export(out: Path | str) -> Path | str:
+    """Next to the audio: `OUT/results.parquet`, in the bucket too when the audio is there."""
+    if isinstance(out, str):
+        base, _, query = out.partition("?")
+        return f"{base.rstrip('/')}/results.parquet" + (f"?{query}" if query else "")
+    return out / "results.parquet"
+
+
+def export(ctx: JobContext, to: Path | str) -> int:
+    """Write one row per manifest row, joined with the ledgers; returns the number of rows. The file
+    appears whole or not at all: it is written aside, then renamed (or uploaded, then moved)."""
     if ctx.manifest is None or not ctx.manifest.exists():
         raise UsageError("export needs the manifest: pass --manifest (the last run's manifest is not there)")
-    suffix = to.suffix.lower()
+    name = to.partition("?")[0] if isinstance(to, str) else to.name
+    suffix = os.path.splitext(name)[1].lower()
     if suffix not in (".parquet", ".csv"):
         raise UsageError("export writes .parquet or .csv: name the file accordingly")
-    to.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(to, Path):
+        to.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=to.parent, prefix=".export-", suffix=suffix, delete=False) as f:
+            aside = Path(f.name)
+    else:
+        aside = Path(tempfile.mkstemp(prefix="batchtts-export-", suffix=suffix)[1])
+    try:
+        rows = _write_export(ctx, aside, suffix)
+        if isinstance(to, Path):
+            os.replace(aside, to)
+        else:
+            try:
+                fs, path = pafs.FileSystem.from_uri(to)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"cannot use {redact_uri(to)}: {exc}") from exc
+            with open(aside, "rb") as f:
+                upload(f, fs, path, f"{path}.partial-{os.getpid()}")
+    finally:
+        aside.unlink(missing_ok=True)
+    return rows
+
+
+def _write_export(ctx: JobContext, to: Path, suffix: str) -> int:
     schema: pa.Schema | None = None
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     rows = 0

@@ -21,7 +21,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .config import RetryPolicy
-from .errors import HTTPStatusError, ProviderStopError, TransportError
+from .errors import HTTPStatusError, ProviderStopError, StorageError, TransportError
 
 
 def is_transient(exc: BaseException, statuses: tuple[int, ...]) -> bool:
@@ -32,6 +32,11 @@ def is_transient(exc: BaseException, statuses: tuple[int, ...]) -> bool:
     return isinstance(exc, TransportError) or (
         isinstance(exc, HTTPStatusError) and not isinstance(exc, ProviderStopError) and exc.status in statuses
     )
+
+
+def retried_next_run(exc: BaseException, statuses: tuple[int, ...]) -> bool:
+    """A failed row the next run tries again without --retry-failed: transient, or its upload failed."""
+    return is_transient(exc, statuses) or isinstance(exc, StorageError)
 
 
 def retry_if_transient(statuses: tuple[int, ...]) -> retry_if_exception:

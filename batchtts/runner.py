@@ -1,8 +1,9 @@
-"""A whole run: lock the folder, check and plan the manifest, narrate what is left, report.
+"""A whole run: lock the ledger, check and plan the manifest, narrate what is left, report.
 
 `run(job)` is the library entry point the CLI calls. The manifest is read twice, both times as a
-stream: once to refuse a bad manifest and count what is left before anything is sent, once to feed
-the pool.
+stream: once to refuse a bad manifest and count what is left (and what it will cost) before
+anything is sent, once to feed the pool. A sharded run sees only its shard's rows; a budget or
+`max_runtime` ends the feed early, and what was taken on is finished and recorded.
 """
 
 from __future__ import annotations
@@ -11,25 +12,27 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import structlog
 
 from . import manifest
+from .budget import Prices, Spending, prices_for
 from .chunking import limit_for, split_text
 from .client import HTTPSpeechClient
 from .config import Job
 from .errors import (
+    EXIT_BUDGET,
     EXIT_FAILED_ROWS,
+    EXIT_MAX_RUNTIME,
     EXIT_OK,
     EXIT_PROVIDER_STOP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
 )
-from .ledger import COMMIT_EVERY, Entry, Ledger
+from .ledger import COMMIT_EVERY, Entry, Ledger, LedgerSet
 from .local import LocalSpeechProvider
 from .manifest import Row
 from .narrator import Assembly, ChunkJob, Counters, Narrator, WorkItem
@@ -37,7 +40,7 @@ from .pool import WorkerPool
 from .progress import Progress
 from .providers import RoutingProvider, SpeechProvider, is_local
 from .stitch import Part
-from .storage import OutputFolder
+from .storage import OutputFolder, open_output
 from .throttle import Throttle
 
 log = structlog.get_logger("batchtts")
@@ -51,7 +54,8 @@ class ModelPlan:
     done: int = 0
     failed: int = 0
     pending: int = 0
-    pending_characters: int = 0
+    requests: int = 0  # requests the pending rows need: one per row, or per missing chunk of a long row
+    pending_characters: int = 0  # characters those requests send
 
 
 @dataclass
@@ -69,20 +73,23 @@ class Plan:
 class RunResult:
     exit_code: int
     plan: Plan
+    prices: Prices = field(default_factory=Prices)
     counters: Counters = field(default_factory=Counters)
     stop_reason: str | None = None
     advice: str | None = None
     wall_s: float = 0.0
-    out: Path | None = None
-    ledger: Path | None = None
+
+    def estimate(self, model: str) -> float | None:
+        """Estimated cost of what is left for `model`, or None when its price is unknown."""
+        return self.prices.cost(model, self.plan.models[model].pending_characters)
 
     def summary(self) -> dict[str, object]:
         total = self.plan.total
         return {
             "exit_code": self.exit_code, "rows": total.rows, "already_done": total.done,
             "skipped_failed": total.failed, **asdict(self.counters),
-            "audio_s": round(self.counters.audio_s, 3), "wall_s": round(self.wall_s, 3),
-            "stop_reason": self.stop_reason,
+            "audio_s": round(self.counters.audio_s, 3), "cost_usd": round(self.counters.cost_usd, 6),
+            "wall_s": round(self.wall_s, 3), "stop_reason": self.stop_reason,
         }
 
 
@@ -95,13 +102,19 @@ def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed
     return entry.retryable or retry_failed
 
 
-def make_plan(job: Job, ledger: Ledger | None, folder: OutputFolder) -> Plan:
-    """Validate the manifest (raises ManifestError) and count what is done and what is left."""
+def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
+              owns: Callable[[str], bool] | None = None) -> Plan:
+    """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
+    rows `owns` accepts (default: the job's shard, or every row)."""
     plan = Plan()
     pending = 0
+    if owns is None and job.shard is not None:
+        owns = job.shard.owns
 
     def count(row: Row) -> None:
         nonlocal pending
+        if owns is not None and not owns(row.key):
+            return
         model = plan.models.setdefault(row.model, ModelPlan())
         model.rows += 1
         model.characters += len(row.text)
@@ -110,7 +123,9 @@ def make_plan(job: Job, ledger: Ledger | None, folder: OutputFolder) -> Plan:
             if job.limit is None or pending < job.limit:
                 pending += 1
                 model.pending += 1
-                model.pending_characters += len(row.text)
+                items = _work_for(row, job, ledger, folder)
+                model.requests += sum(1 for item in items if not isinstance(item, Assembly))
+                model.pending_characters += sum(map(_characters, items))
         elif entry is not None and entry.status == "failed":
             model.failed += 1
         else:
@@ -122,20 +137,33 @@ def make_plan(job: Job, ledger: Ledger | None, folder: OutputFolder) -> Plan:
 
 def _valid_rows(job: Job) -> Iterator[Row]:
     for row in manifest.iter_rows(job.manifest, job.defaults):
-        if isinstance(row, Row):
+        if isinstance(row, Row) and (job.shard is None or job.shard.owns(row.key)):
             yield row
 
 
-def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder) -> Iterator[list[WorkItem]]:
-    """The work left, in manifest order: whole rows, or the missing chunks of rows over their limit."""
+def _characters(item: WorkItem) -> int:
+    """Characters one work item sends: a whole row, one chunk, or none for stitching alone."""
+    if isinstance(item, Row):
+        return len(item.text)
+    if isinstance(item, ChunkJob):
+        return len(item.assembly.chunks[item.index].text)
+    return 0
+
+
+def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder, spending: Spending) -> Iterator[list[WorkItem]]:
+    """The work left, in manifest order: whole rows, or the missing chunks of rows over their limit.
+    Ends early at the first row the budget cannot take on."""
     batch: list[WorkItem] = []
     sent = 0
     for row in _valid_rows(job):
         if job.limit is not None and sent >= job.limit:
             break
         if needs_work(row, ledger.lookup(row.key), folder, job.retry_failed):
+            items = _work_for(row, job, ledger, folder)
+            if not spending.admit(row.model, sum(map(_characters, items))):
+                break
             sent += 1
-            batch.extend(_work_for(row, job, ledger, folder))
+            batch.extend(items)
             if len(batch) >= _FEED_BATCH:
                 yield batch
                 batch = []
@@ -143,13 +171,13 @@ def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder) -> Iterator
         yield batch
 
 
-def _work_for(row: Row, job: Job, ledger: Ledger, folder: OutputFolder) -> list[WorkItem]:
-    chunks = split_text(row.text, limit_for(row.model, job.limits, job.max_chars))
+def _work_for(row: Row, job: Job, ledger: Ledger | None, folder: OutputFolder) -> list[WorkItem]:
+    chunks = split_text(row.text, limit_for(row.model, job.limits, job.chunk_chars))
     if len(chunks) == 1:
         return [row]
     parts: list[Part | None] = []
     for chunk in chunks:
-        done = ledger.chunk(row.chunk_fingerprint(chunk.text))
+        done = ledger.chunk(row.chunk_fingerprint(chunk.text)) if ledger is not None else None
         have = done is not None and done["status"] == "done" and folder.has(done["path"], done["bytes"])
         parts.append(Part(folder.path_of(done["path"]), chunk.paragraph_before, done["sample_rate"], done["channels"])
                      if have else None)
@@ -158,11 +186,11 @@ def _work_for(row: Row, job: Job, ledger: Ledger, folder: OutputFolder) -> list[
     return [ChunkJob(assembly, i) for i in missing] if missing else [assembly]
 
 
-async def _pending_work(job: Job, folder: OutputFolder) -> AsyncIterator[WorkItem]:
+async def _pending_work(job: Job, folder: OutputFolder, spending: Spending) -> AsyncIterator[WorkItem]:
     """Work left to do, planned in a thread so the event loop keeps serving responses meanwhile."""
     reader = Ledger(job.ledger_path, readonly=True)
     try:
-        batches = _pending_batches(job, reader, folder)
+        batches = _pending_batches(job, reader, folder, spending)
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
             for item in batch:
                 yield item
@@ -174,7 +202,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
     """Narrate every row of the job's manifest that the ledger does not already hold."""
     job.validate()
     started = time.monotonic()
-    folder = OutputFolder(job.out)
+    folder = open_output(job.out, job.ledger_path)
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
@@ -182,26 +210,32 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
         finally:
             if ledger is not None:
                 ledger.close()
-        return RunResult(EXIT_OK, plan, wall_s=time.monotonic() - started, out=job.out, ledger=job.ledger_path)
+        prices = prices_for(job, plan.models)
+        return RunResult(EXIT_OK, plan, prices, wall_s=time.monotonic() - started)
 
     with folder.lock():
         ledger = Ledger(job.ledger_path)
         try:
             plan = make_plan(job, ledger, folder)
             total = plan.total
+            pending_models = [name for name, m in plan.models.items() if m.pending]
+            prices = prices_for(job, pending_models)
+            spending = Spending(job.budget, prices)
+            spending.check_prices(pending_models)
             if provider is None and total.pending:
                 provider = _providers(job, plan)
             cleaned = folder.clean_partials()
             run_id = ledger.start_run(job.manifest.resolve(), job.redacted())
             log.info(
-                "start", manifest=str(job.manifest), out=str(job.out), ledger=str(job.ledger_path),
-                rows=total.rows, already_done=total.done, pending=total.pending, skipped_failed=total.failed,
-                partial_files_removed=cleaned, config=job.redacted(),
+                "start", manifest=str(job.manifest), out=str(folder), ledger=str(job.ledger_path),
+                shard=None if job.shard is None else str(job.shard), rows=total.rows, already_done=total.done,
+                pending=total.pending, skipped_failed=total.failed, partial_files_removed=cleaned,
+                estimated_cost_usd=_estimate(plan, prices), config=job.redacted(),
             )
-            result = RunResult(EXIT_OK, plan, out=job.out, ledger=job.ledger_path)
+            result = RunResult(EXIT_OK, plan, prices)
             if total.pending:
                 assert provider is not None
-                asyncio.run(_execute(job, plan, ledger, folder, provider, result))
+                asyncio.run(_execute(job, plan, ledger, folder, provider, result, spending, started))
             folder.tidy()
             result.wall_s = time.monotonic() - started
             if result.exit_code == EXIT_OK and result.counters.failed + total.failed:
@@ -213,6 +247,12 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
             ledger.close()
 
 
+def _estimate(plan: Plan, prices: Prices) -> float | None:
+    """Estimated cost of everything left, or None if a pending model has no known price."""
+    costs = [prices.cost(name, m.pending_characters) for name, m in plan.models.items() if m.pending]
+    return None if None in costs else round(sum(c for c in costs if c is not None), 6)
+
+
 def _providers(job: Job, plan: Plan) -> SpeechProvider:
     """The embedded engine for `local/*` rows; the HTTP client, and so the key, only if other rows are left."""
     remote = None
@@ -222,14 +262,15 @@ def _providers(job: Job, plan: Plan) -> SpeechProvider:
 
 
 async def _execute(
-    job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, provider: SpeechProvider, result: RunResult
+    job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, provider: SpeechProvider, result: RunResult,
+    spending: Spending, started: float,
 ) -> None:
     progress = Progress(
         plan.total.pending, plan.total.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
         interval=job.progress_interval,
     )
     throttle = Throttle(job.concurrency, job.requests_per_minute)
-    narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress, throttle)
+    narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress, throttle, result.prices)
     # Twice as many workers as requests allowed in flight: a worker sleeping out a retry's backoff, or
     # narrating a local row, then does not hold back the remote requests the throttle would allow.
     pool: WorkerPool[WorkItem] = WorkerPool(2 * job.concurrency, narrator)
@@ -254,6 +295,8 @@ async def _execute(
     loop.set_default_executor(ThreadPoolExecutor(max_workers=min(64, 2 * job.concurrency), thread_name_prefix="publish"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    timer = _stop_at_max_runtime(job, pool, started)
+
     async def commit_on_a_beat() -> None:
         while True:
             await asyncio.sleep(COMMIT_EVERY)
@@ -262,8 +305,10 @@ async def _execute(
     committer = asyncio.create_task(commit_on_a_beat())
     progress.start()
     try:
-        await pool.run(_pending_work(job, folder))
+        await pool.run(_pending_work(job, folder, spending))
     finally:
+        if timer is not None:
+            timer.cancel()
         committer.cancel()
         ledger.commit()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -278,3 +323,27 @@ async def _execute(
     elif received:
         result.exit_code = EXIT_SIGTERM if received[0] == signal.SIGTERM else EXIT_SIGINT
         result.stop_reason = pool.stop_reason
+    elif pool.stopping:
+        result.exit_code = EXIT_MAX_RUNTIME
+        result.stop_reason = pool.stop_reason
+    elif spending.refused is not None:
+        result.exit_code = EXIT_BUDGET
+        result.stop_reason = spending.refused
+        log.warning("budget_reached", reason=spending.refused, characters=spending.characters,
+                    estimated_cost_usd=round(spending.cost, 6))
+
+
+def _stop_at_max_runtime(job: Job, pool: WorkerPool[WorkItem], started: float) -> asyncio.TimerHandle | None:
+    """End inside the window: take no new rows `grace` seconds before the end, cancel what is still in
+    flight at the end (it is redone next run)."""
+    if job.max_runtime is None:
+        return None
+    grace = min(job.grace_seconds, job.max_runtime / 2)
+
+    def stop() -> None:
+        log.warning("max_runtime", max_runtime_s=job.max_runtime, grace_s=round(grace, 3),
+                    message="taking no new rows; requests in flight get the rest of the window")
+        pool.stop(f"the maximum run time ({job.max_runtime:g} s) is reached", grace=grace)
+
+    delay = max(0.0, started + job.max_runtime - grace - time.monotonic())
+    return asyncio.get_running_loop().call_later(delay, stop)

@@ -142,6 +142,8 @@ class SpeechServer:
         text = body.get("input") if isinstance(body, dict) else None
         if isinstance(text, str):
             entry["input_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            entry["characters"] = len(text)
+            entry["model"] = body.get("model")
             self.stats.by_input[entry["input_sha256"]] += 1
 
         if config.api_key is not None:

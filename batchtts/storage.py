@@ -1,9 +1,16 @@
-"""The output folder: safe names, atomic publication of audio files, and the lock that keeps runs apart.
+"""Where audio lands: safe names, atomic publication, and the lock that keeps runs apart.
 
-Audio is written under `.batchtts-partial/` inside the output folder (the same filesystem, so the
-final rename is atomic), fsynced, then renamed to its final name. A final name therefore only ever
-holds a complete file; what a crash leaves behind is in the partial folder and is removed by the
-next run, in time proportional to what was in flight rather than to the size of the folder.
+Local output: audio is written under `.batchtts-partial/<ledger>/` inside the output folder (the same
+filesystem, so the final rename is atomic), fsynced, then renamed to its final name. A final name
+therefore only ever holds a complete file; what a crash leaves behind is in the partial folder and
+is removed by the next run with the same ledger, in time proportional to what was in flight rather
+than to the size of the folder. Each ledger (each shard) has its own partial folder and lock, so
+shards can share one output folder.
+
+Object storage (`s3://`, `gs://`, `hdfs://`, through `pyarrow.fs`): the audio is made in a local
+scratch folder next to the ledger, uploaded under `PREFIX/.batchtts-partial/`, then moved to its
+final key, which therefore never holds a partial object. The ledger is trusted for what is there:
+listing millions of keys to check them on every rerun would cost more than the narration.
 """
 
 from __future__ import annotations
@@ -20,14 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .errors import FolderLockedError, UsageError
+import pyarrow.fs as pafs
+
+from .config import redact_uri
+from .errors import FolderLockedError, StorageError, UsageError
 
 PARTIAL_DIR = ".batchtts-partial"
 CHUNK_DIR = ".batchtts-chunks"
-LOCK_FILE = ".batchtts.lock"
-RESERVED_NAMES = frozenset({
-    PARTIAL_DIR, CHUNK_DIR, LOCK_FILE, "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm",
-})
+_RESERVED = re.compile(r"^(\.batchtts|ledger(-shard-\d+-of-\d+)?\.sqlite)", re.IGNORECASE)
+_COPY_BUFFER = 1024 * 1024
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -48,7 +56,7 @@ def unsafe_reason(value: str, allow_folders: bool = False) -> str | None:
     if allow_folders:
         if "\\" in value:
             return f"{value!r} contains a backslash: separate folders with '/'"
-        if PurePosixPath(value).parts[:1] and PurePosixPath(value).parts[0].casefold() in RESERVED_NAMES:
+        if PurePosixPath(value).parts[:1] and _RESERVED.match(PurePosixPath(value).parts[0]):
             return f"{value!r} is a name batchtts uses itself"
     return None
 
@@ -80,11 +88,17 @@ class Published:
 
 
 class OutputFolder:
-    def __init__(self, root: Path) -> None:
+    """A local output folder. `ledger` names the run's ledger: its lock and partial folder are per ledger."""
+
+    def __init__(self, root: Path, ledger: Path) -> None:
         self.root = root
-        self.partial_dir = root / PARTIAL_DIR
+        self.partial_dir = root / PARTIAL_DIR / ledger.stem
+        self.lock_path = ledger.parent / f".batchtts-{ledger.name}.lock"
         self._made: set[Path] = set()
         self._partials = itertools.count()
+
+    def __str__(self) -> str:
+        return str(self.root)
 
     def path_of(self, relpath: str) -> Path:
         return self.root / relpath
@@ -98,10 +112,11 @@ class OutputFolder:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the folder so an overlapping run (cron) leaves at once."""
+        """Hold an exclusive lock on the ledger so an overlapping run (cron) leaves at once."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UsageError(f"cannot use output folder {self.root}: {exc.strerror}") from exc
         try:
@@ -110,7 +125,8 @@ class OutputFolder:
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 raise FolderLockedError(
-                    f"another batchtts run (pid {holder}) is using {self.root}; this run exits without doing anything"
+                    f"another batchtts run (pid {holder}) is using {self.lock_path.parent} with the same ledger; "
+                    "this run exits without doing anything"
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -128,12 +144,13 @@ class OutputFolder:
         return count
 
     def tidy(self) -> None:
-        """Remove the partial folder once a run leaves it empty."""
-        try:
-            self.partial_dir.rmdir()
-            self._made.discard(self.partial_dir)
-        except OSError:
-            pass  # absent, or still holding files a cancelled run left: the next run removes them
+        """Remove the partial folder (and its parent, when no other shard uses it) once a run leaves it empty."""
+        for folder in (self.partial_dir, self.partial_dir.parent):
+            try:
+                folder.rmdir()
+                self._made.discard(folder)
+            except OSError:
+                return  # absent, or still holding files a cancelled run (or another shard) left
 
     def open_partial(self) -> tuple[Path, BinaryIO]:
         self._makedirs(self.partial_dir)
@@ -163,3 +180,81 @@ class OutputFolder:
     def discard(partial: Path, f: BinaryIO) -> None:
         f.close()
         partial.unlink(missing_ok=True)
+
+
+class ObjectStoreOutput(OutputFolder):
+    """Audio under a prefix of an object store; partials, chunks and the lock stay in a local folder."""
+
+    def __init__(self, uri: str, ledger: Path) -> None:
+        super().__init__(ledger.parent, ledger)
+        self.uri = uri
+        try:
+            self.fs, self.prefix = pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot use {redact_uri(uri)}: {exc}") from exc
+        self.prefix = self.prefix.rstrip("/")
+        self.staging = f"{self.prefix}/{PARTIAL_DIR}/{ledger.stem}"
+
+    def __str__(self) -> str:
+        return redact_uri(self.uri)
+
+    def has(self, relpath: str, size: int | None) -> bool:
+        if relpath.startswith(CHUNK_DIR + "/"):
+            return super().has(relpath, size)
+        return size is not None
+
+    def clean_partials(self) -> int:
+        count = super().clean_partials()
+        try:
+            leftovers = self.fs.get_file_info(pafs.FileSelector(self.staging, allow_not_found=True, recursive=True))
+            files = [info.path for info in leftovers if info.type == pafs.FileType.File]
+            for path in files:
+                self.fs.delete_file(path)
+        except OSError as exc:
+            raise UsageError(f"cannot use {self}: {exc}") from exc
+        return count + len(files)
+
+    def tidy(self) -> None:
+        super().tidy()
+        try:
+            self.fs.delete_dir(self.staging)
+        except OSError:
+            pass  # never created, or the store is unreachable: the next run's clean_partials empties it
+
+    def publish(self, partial: Path, f: BinaryIO, relpath: str) -> Published:
+        """Upload to a staging key, then move to the final key: a reader sees the whole object or none."""
+        if relpath.startswith(CHUNK_DIR + "/"):
+            return super().publish(partial, f, relpath)
+        f.flush()
+        f.seek(0)
+        final = f"{self.prefix}/{relpath}"
+        try:
+            digest, size = upload(f, self.fs, final, f"{self.staging}/{partial.name}")
+        finally:
+            f.close()
+            partial.unlink(missing_ok=True)
+        return Published(Path(relpath), size, digest)
+
+
+def upload(f: BinaryIO, fs: pafs.FileSystem, final: str, staging: str) -> tuple[str, int]:
+    """Copy `f` to `staging`, then move it to `final`; returns sha256 and size. Raises StorageError."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with fs.open_output_stream(staging) as out:
+            while block := f.read(_COPY_BUFFER):
+                digest.update(block)
+                out.write(block)
+                size += len(block)
+        fs.move(staging, final)
+    except OSError as exc:
+        try:
+            fs.delete_file(staging)
+        except OSError:
+            pass  # not there, or the store is unreachable: the next run's clean_partials removes it
+        raise StorageError(f"upload to {final} failed: {exc}") from exc
+    return digest.hexdigest(), size
+
+
+def open_output(out: Path | str, ledger: Path) -> OutputFolder:
+    return ObjectStoreOutput(out, ledger) if isinstance(out, str) else OutputFolder(out, ledger)

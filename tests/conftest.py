@@ -81,8 +81,20 @@ def serve():
             proc.wait()
 
 
+SCHEDULER_VARS = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """The model-list cache of every CLI the tests start lives in a folder of the session's own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENROUTER_API_KEY", "BATCHTTS_BASE_URL")}
+    """The test process's environment without what would change a run: a key, a base URL, a
+    scheduler's array index (when the tests themselves run as a Slurm or Kubernetes job)."""
+    dropped = ("OPENROUTER_API_KEY", "BATCHTTS_BASE_URL", *SCHEDULER_VARS)
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     if key is not None:
         env["OPENROUTER_API_KEY"] = key
     env.update(extra)

@@ -51,7 +51,7 @@ def test_limits_come_from_flags_the_job_and_the_model_family():
     assert limit_for("elevenlabs/eleven-turbo-v2") == 5000
     assert limit_for("someone/new-model") == 4096
     assert limit_for("openai/gpt-4o-mini-tts", {"openai/gpt-4o-mini-tts": 2000}) == 2000
-    assert limit_for("openai/gpt-4o-mini-tts", {"openai/": 3000}, max_chars=1000) == 1000
+    assert limit_for("openai/gpt-4o-mini-tts", {"openai/": 3000}, chunk_chars=1000) == 1000
 
 
 def test_chunks_are_requested_concurrently_and_stitched_into_one_clean_mp3(serve, tmp_path):
@@ -116,12 +116,12 @@ def test_a_failing_chunk_fails_the_row_and_a_rerun_asks_only_for_it(serve, tmp_p
         5 * int(0.8 * 24000) * 2
 
 
-def test_max_chars_splits_short_rows_too_and_an_edit_reasks_only_changed_chunks(serve, tmp_path):
+def test_chunk_chars_splits_short_rows_too_and_an_edit_reasks_only_changed_chunks(serve, tmp_path):
     server = serve()
     paragraphs = [f"Paragraph {i} has a few words in it." for i in range(6)]
     manifest = write_csv(tmp_path / "m.csv", [{"id": "r", "text": "\n\n".join(paragraphs), "voice": "alloy"}])
     out = tmp_path / "out"
-    args = ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--max-chars", "40"]
+    args = ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--chunk-chars", "40"]
     assert batchtts(*args).returncode == 0
     assert server.stats()["requests"] == 6
     paragraphs[2] = "Paragraph two was rewritten."

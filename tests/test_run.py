@@ -367,19 +367,6 @@ def test_limit_takes_the_first_rows_left(serve, tmp_path):
     assert set(ledger_rows(out / "ledger.sqlite")) == {"r000", "r001", "r002", "r003"}
 
 
-def test_dry_run_counts_and_sends_nothing(serve, tmp_path):
-    server = serve()
-    out = tmp_path / "out"
-    manifest = write_csv(tmp_path / "m.csv", rows(4))
-    assert batchtts(*run_args(manifest, out, server, "--limit", "1")).returncode == 0
-    dry = batchtts(*run_args(manifest, out, server, "--dry-run"), key=None)
-    assert dry.returncode == 0, dry.stderr
-    line = next(text for text in dry.stdout.splitlines() if text.startswith(MODEL))
-    assert line.split()[1:] == ["4", str(sum(len(r["text"]) for r in rows(4))), "1", "0", "3",
-                                str(sum(len(r["text"]) for r in rows(4)[1:]))]
-    assert server.stats()["requests"] == 1
-
-
 def test_export_joins_manifest_and_ledger_with_carried_columns(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"

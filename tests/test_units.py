@@ -147,32 +147,40 @@ def test_shipped_job_files_load():
 def test_names_are_refused_or_made_safe():
     assert unsafe_reason("a/../../b") and unsafe_reason("/abs") and unsafe_reason("C:x") and unsafe_reason("a\x00")
     assert unsafe_reason("..\\x") and unsafe_reason("ledger.sqlite", allow_folders=True)
+    assert unsafe_reason("ledger-shard-0001-of-0004.sqlite-wal", allow_folders=True)
+    assert unsafe_reason(".batchtts-partial/x", allow_folders=True)
     assert unsafe_reason("chapters/01", allow_folders=True) is None
     assert safe_name("plain-id_1.2") == "plain-id_1.2"
     assert safe_name("a b") != safe_name("a_b") and safe_name(".hidden").startswith("hidden-")
     assert len(safe_name("x" * 1000)) < 140
 
 
-def test_the_lock_refuses_a_second_holder(tmp_path):
-    folder = OutputFolder(tmp_path)
+def test_the_lock_refuses_a_second_holder_of_the_same_ledger(tmp_path):
+    folder = OutputFolder(tmp_path, tmp_path / "ledger.sqlite")
     with folder.lock():
         with pytest.raises(FolderLockedError, match=f"pid {os.getpid()}"):
-            with OutputFolder(tmp_path).lock():
+            with OutputFolder(tmp_path, tmp_path / "ledger.sqlite").lock():
                 pass
+        with OutputFolder(tmp_path, tmp_path / "ledger-shard-0001-of-0002.sqlite").lock():
+            pass  # another shard's ledger: shards share the folder
     with folder.lock():
         pass
 
 
 def test_partial_files_never_appear_under_final_names(tmp_path):
-    folder = OutputFolder(tmp_path)
+    folder = OutputFolder(tmp_path, tmp_path / "ledger.sqlite")
+    other_shard = OutputFolder(tmp_path, tmp_path / "ledger-shard-0001-of-0002.sqlite")
+    theirs, g = other_shard.open_partial()
     partial, f = folder.open_partial()
     f.write(b"half a file")
     assert not list(tmp_path.glob("*.mp3"))
     assert folder.clean_partials() == 1 and not partial.exists()
+    assert theirs.exists()  # a shard cleans up its own leftovers, never another's in-flight files
     partial, f = folder.open_partial()
     f.write(b"whole")
     published = folder.publish(partial, f, "sub/x.mp3")
     assert (tmp_path / "sub" / "x.mp3").read_bytes() == b"whole" and published.bytes == 5
+    g.close()
 
 
 def test_ledger_migrates_and_sums_attempts_per_fingerprint(tmp_path):

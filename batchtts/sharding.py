@@ -1,0 +1,76 @@
+"""Splitting one manifest over many machines, with the schedulers people already run.
+
+A row belongs to shard `hash(key) mod N`: it depends on the row's own key only, so a row stays in
+its shard when the manifest grows, shrinks or is reordered, and a rerun of shard I finds its rows in
+shard I's ledger. The index comes from `--shard I/N`, or from the scheduler: Kubernetes Indexed Jobs
+set `JOB_COMPLETION_INDEX` (the count is the Job's `completions`, given as `--shards N`); Slurm job
+arrays set `SLURM_ARRAY_TASK_ID` and `SLURM_ARRAY_TASK_COUNT`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise UsageError(f"shard {self.index}/{self.count}: the index must be 0 to {self.count - 1}")
+
+    def owns(self, key: str) -> bool:
+        return shard_of(key, self.count) == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_of(key: str, count: int) -> int:
+    """Stable across processes, machines and Python versions (unlike `hash()`)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def parse(spec: str) -> Shard:
+    match = _SPEC.match(spec)
+    if match is None:
+        raise UsageError(f"--shard takes I/N, for example 0/8, not {spec!r}")
+    return Shard(int(match[1]), int(match[2]))
+
+
+def detect(shard: str | None, shards: int | None, environ: Mapping[str, str] = os.environ) -> Shard | None:
+    """`--shard I/N` if given; else the scheduler's array index; else no sharding."""
+    if shard is not None:
+        return parse(shard)
+    if "JOB_COMPLETION_INDEX" in environ:
+        if shards is None:
+            raise UsageError("running as a Kubernetes Indexed Job: pass --shards N with N the Job's completions")
+        return Shard(_int(environ, "JOB_COMPLETION_INDEX"), shards)
+    if "SLURM_ARRAY_TASK_ID" in environ:
+        task = _int(environ, "SLURM_ARRAY_TASK_ID") - _int(environ, "SLURM_ARRAY_TASK_MIN", 0)
+        count = shards if shards is not None else _int(environ, "SLURM_ARRAY_TASK_COUNT")
+        return Shard(task, count)
+    if shards is not None:
+        raise UsageError("--shards N needs an index: --shard I/N, JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID")
+    return None
+
+
+def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value or "")
+    except ValueError:
+        raise UsageError(f"{name}={value!r} is not a whole number") from None

@@ -1,0 +1,473 @@
+"""Unattended and at scale: model list, cost preview, budgets, max runtime, shards, object storage.
+
+Every run is the real CLI against a real `batchtts serve` on loopback; object storage is moto's S3
+server on loopback, reached through pyarrow's S3 filesystem exactly as a bucket would be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import FAST_RETRY, ROOT, batchtts, cli_env, ledger_rows, wait_for, write_csv
+
+from batchtts.errors import EXIT_BUDGET, EXIT_MAX_RUNTIME, EXIT_PROVIDER_STOP, EXIT_USAGE
+from batchtts.models import parse
+from batchtts.sharding import Shard, detect, shard_of
+
+MODEL = "openai/gpt-4o-mini-tts"
+PRICE = 0.6 / 1_000_000  # what `batchtts serve` lists for MODEL, USD per character
+
+
+def rows(n: int, prefix: str = "r") -> list[dict[str, str]]:
+    return [{"id": f"{prefix}{i:04d}", "text": f"Line {i} of the {prefix} batch, said once.", "voice": "alloy"}
+            for i in range(n)]
+
+
+def run_args(manifest: Path, out: Path | str, server, *extra: str) -> list[str | Path]:
+    return ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, *FAST_RETRY, *extra]
+
+
+def received(server) -> list[dict]:
+    """What the server answered with audio: one entry per request that succeeded."""
+    return [e for e in server.stats()["log"] if e["outcome"] == "ok"]
+
+
+def plan_lines(stdout: str) -> dict[str, list[str]]:
+    """The dry run's table, by model (and 'total'): rows, done, failed, to do, requests, chars, price, estimate."""
+    table = {}
+    for line in stdout.splitlines():
+        name, *cells = line.split()
+        if name == "total" or "/" in name:
+            table[name] = [c.replace(",", "") for c in cells]
+    return table
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def test_models_lists_prices_and_limits_and_is_cached_for_a_day(serve):
+    server = serve()
+    listed = batchtts("models", "--base-url", server.url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    models = {m["id"]: m for m in json.loads(listed.stdout)["models"]}
+    assert set(models) == {MODEL, "elevenlabs/eleven-turbo-v2", "local/espeak-ng"}
+    assert models[MODEL]["usd_per_million_chars"] == pytest.approx(0.60)
+    assert models[MODEL]["max_input_chars"] == 4096
+    assert models["local/espeak-ng"]["usd_per_char"] == 0
+
+    server.process.terminate()
+    server.process.wait(5)
+    cached = batchtts("models", "--base-url", server.url)
+    assert cached.returncode == 0, cached.stderr
+    assert "fetched cached" in cached.stdout and "$0.6000" in cached.stdout and "4,096" in cached.stdout
+    refreshed = batchtts("models", "--base-url", server.url, "--refresh")
+    assert refreshed.returncode == EXIT_USAGE
+    assert "cannot reach" in refreshed.stderr and "Traceback" not in refreshed.stderr
+
+
+def test_model_list_parsing_keeps_what_it_understands():
+    models = parse({"data": [
+        {"id": "a/tts", "name": "A", "pricing": {"prompt": "0.000015"}, "context_length": 2000},
+        {"id": "b/tts", "pricing": {"prompt": "free"}},
+        {"name": "no id"},
+        "not an object",
+        {"id": "c/tts", "pricing": {"prompt": "-1"}, "context_length": "big"},
+    ]})
+    assert [(m.id, m.name, m.usd_per_million, m.max_input_chars) for m in models] == [
+        ("a/tts", "A", pytest.approx(15.0), 2000), ("b/tts", "b/tts", None, None), ("c/tts", "c/tts", None, None),
+    ]
+    with pytest.raises(ValueError):
+        parse({"models": []})
+
+
+# --- cost preview and budgets ---------------------------------------------------------------------
+
+
+def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    long_text = " ".join(f"Sentence {i} of a chapter long enough to be cut into several requests." for i in range(30))
+    manifest = write_csv(tmp_path / "m.csv", [
+        *rows(6),
+        {"id": "chapter", "text": long_text, "voice": "nova"},
+        {"id": "eleven", "text": "A row for another model.", "voice": "rachel", "model": "elevenlabs/eleven-turbo-v2"},
+        {"id": "offline", "text": "A row the embedded engine narrates.", "voice": "en", "model": "local/espeak-ng"},
+    ])
+    chunking = ("--chunk-chars", "500")
+    assert batchtts(*run_args(manifest, out, server, *chunking, "--limit", "2")).returncode == 0
+    before = len(received(server))
+
+    dry = batchtts(*run_args(manifest, out, server, *chunking, "--dry-run"), key=None)
+    assert dry.returncode == 0, dry.stderr
+    assert len(server.stats()["log"]) == before  # the dry run sent no speech request
+    table = plan_lines(dry.stdout)
+    rows_, done, failed, todo, requests, chars, price, estimate = table[MODEL]
+    assert (rows_, done, failed, todo) == ("7", "2", "0", "5")
+    assert int(requests) > 5  # the chapter is several requests
+    assert price == "$0.6000"
+    assert table["local/espeak-ng"][-1] == "$0.0000"
+    assert "model list" in dry.stdout  # fetched by the first run, cached since
+
+    real = batchtts(*run_args(manifest, out, server, *chunking))
+    assert real.returncode == 0, real.stderr
+    sent = Counter()
+    sent_requests = Counter()
+    for entry in received(server)[before:]:
+        sent[entry["model"]] += entry["characters"]
+        sent_requests[entry["model"]] += 1
+    assert int(chars) == sent[MODEL] and int(requests) == sent_requests[MODEL]
+    assert int(table["elevenlabs/eleven-turbo-v2"][5]) == sent["elevenlabs/eleven-turbo-v2"]
+    expected = sent[MODEL] * PRICE + sent["elevenlabs/eleven-turbo-v2"] * 0.00003
+    assert float(table["total"][-1].lstrip("$")) == pytest.approx(expected, abs=0.00005)
+    spent = re.search(r"estimated cost \$([\d.]+)", real.stdout)
+    assert spent and float(spent[1]) == pytest.approx(expected, abs=0.00005)
+    summary = next(json.loads(line) for line in real.stderr.splitlines() if '"summary"' in line)
+    assert summary["cost_usd"] == pytest.approx(expected, abs=1e-6) and summary["characters_sent"] == sum(sent.values()) + len(
+        "A row the embedded engine narrates.")
+
+
+def test_max_chars_stops_at_the_cap_and_reruns_complete_the_job(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", rows(10))
+    length = len(rows(10)[0]["text"])
+    cap = 3 * length + length // 2  # three rows fit, the fourth would pass the cap
+
+    first = batchtts(*run_args(manifest, out, server, "--max-chars", str(cap), "--concurrency", "2"))
+    assert first.returncode == EXIT_BUDGET, first.stderr
+    assert "character budget" in first.stdout and "run the same command again" in first.stdout
+    assert sum(e["characters"] for e in received(server)) == 3 * length <= cap
+    assert len(ledger_rows(out / "ledger.sqlite")) == 3
+
+    codes = []
+    for _ in range(3):
+        codes.append(batchtts(*run_args(manifest, out, server, "--max-chars", str(cap))).returncode)
+    assert codes == [EXIT_BUDGET, EXIT_BUDGET, 0]  # 6, 9, then the last row: each night takes its share
+    done = ledger_rows(out / "ledger.sqlite")
+    assert len(done) == 10 and all(e["status"] == "done" for e in done.values())
+    assert set(Counter(e["input_sha256"] for e in received(server)).values()) == {1}  # nothing bought twice
+
+
+def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", rows(8))
+    length = len(rows(8)[0]["text"])
+    job = tmp_path / "job.toml"
+    # $100 per million characters here: a row costs length * 0.0001.
+    job.write_text(f'manifest = "m.csv"\nout = "out"\n[defaults]\nmodel = "{MODEL}"\n'
+                   f'[provider]\nbase_url = "{server.url}"\n[prices]\n"{MODEL}" = 100\n')
+    capped = batchtts("run", job, "--max-cost", str(round(5.5 * length * 0.0001, 6)), *FAST_RETRY)
+    assert capped.returncode == EXIT_BUDGET, capped.stderr
+    assert "cost budget" in capped.stdout
+    assert len(ledger_rows(out / "ledger.sqlite")) == 5
+    assert re.search(r"estimated cost \$([\d.]+)", capped.stdout)[1] == f"{5 * length * 0.0001:.4f}"
+    assert "prices: job file" in batchtts("run", job, "--dry-run").stdout
+
+    unpriced = batchtts(*run_args(manifest, tmp_path / "other", server, "--model", "acme/new-tts", "--max-cost", "1"))
+    assert unpriced.returncode == EXIT_USAGE
+    assert "--max-cost needs a price for acme/new-tts" in unpriced.stderr
+    assert len(server.stats()["log"]) == 5
+
+
+# --- unattended runs ------------------------------------------------------------------------------
+
+
+def test_max_runtime_ends_inside_the_window_and_the_next_run_goes_on(serve, tmp_path):
+    server = serve("--latency", "0.3")
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", rows(60))
+    started = time.monotonic()
+    first = batchtts(*run_args(manifest, out, server, "--concurrency", "2", "--max-runtime", "2", "--grace", "0.5"))
+    assert first.returncode == EXIT_MAX_RUNTIME, first.stderr
+    assert time.monotonic() - started < 10  # a process start, then a run that gave up on its own
+    events = [json.loads(line) for line in first.stderr.splitlines()]  # not a terminal: JSON lines
+    summary = next(e for e in events if e["event"] == "summary")
+    assert summary["wall_s"] <= 2.3 and summary["stop_reason"].startswith("the maximum run time")
+    assert any(e["event"] == "max_runtime" for e in events)
+    kept = len(ledger_rows(out / "ledger.sqlite"))
+    assert 0 < kept < 60
+
+    second = batchtts(*run_args(manifest, out, server, "--concurrency", "16"))
+    assert second.returncode == 0, second.stderr
+    assert len(ledger_rows(out / "ledger.sqlite")) == 60
+
+
+def test_the_cron_and_systemd_recipes_run_the_nightly_job(serve):
+    server = serve()
+    crontab = (ROOT / "jobs" / "crontab").read_text()
+    service = (ROOT / "jobs" / "batchtts-nightly.service").read_text()
+    command = re.search(r"batchtts (run jobs/nightly\.toml[^>]*?)\s*>>", crontab)[1]
+    exec_start = re.search(r"^ExecStart=\S+/batchtts (.*)$", service, re.M)[1]
+    assert "OnCalendar=" in (ROOT / "jobs" / "batchtts-nightly.timer").read_text()
+    assert re.search(r"^SuccessExitStatus=4 5$", service, re.M)
+    for line in (command, exec_start):
+        preview = subprocess.run(
+            [sys.executable, "-m", "batchtts", *shlex.split(line), "--dry-run", "--base-url", server.url],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env(None),
+        )
+        assert preview.returncode == 0, preview.stderr
+        assert "budget per run: $5" in preview.stdout and "prices: job file" in preview.stdout
+
+
+# --- sharding -------------------------------------------------------------------------------------
+
+
+def test_shard_detection_from_flags_and_schedulers():
+    assert detect("3/8", None, {}) == Shard(3, 8)
+    assert detect(None, 4, {"JOB_COMPLETION_INDEX": "2"}) == Shard(2, 4)
+    assert detect(None, None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}) == Shard(5, 8)
+    assert detect(None, None, {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10",
+                               "SLURM_ARRAY_TASK_COUNT": "4"}) == Shard(1, 4)
+    assert detect(None, None, {}) is None
+    for bad in (("8/8", None, {}), ("x", None, {}), (None, None, {"JOB_COMPLETION_INDEX": "0"}),
+                (None, 4, {}), (None, None, {"SLURM_ARRAY_TASK_ID": "two", "SLURM_ARRAY_TASK_COUNT": "4"})):
+        with pytest.raises(Exception, match=r"shard|--shards|index|whole number"):
+            detect(*bad)
+
+
+def test_a_rows_shard_depends_on_its_key_alone():
+    keys = [f"utt-{i}" for i in range(20_000)]
+    before = {k: shard_of(k, 16) for k in keys}
+    grown = [f"new-{i}" for i in range(5_000)] + keys[::-1]  # more rows, another order
+    assert all(shard_of(k, 16) == before[k] for k in grown if k in before)
+    counts = Counter(before.values())
+    assert len(counts) == 16 and all(abs(c - 20_000 / 16) < 150 for c in counts.values())  # even, within noise
+    # Fixed across processes, machines and versions (unlike hash()): a change here would move rows
+    # of running sharded jobs to other ledgers.
+    assert [shard_of(k, 8) for k in ("r0000", "r0001", "chapter-12", "utt-999999")] == [6, 1, 5, 0]
+
+
+def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path):
+    server = serve()
+    manifest = write_csv(tmp_path / "m.csv", rows(240))
+    sharded = tmp_path / "sharded"
+    job = tmp_path / "job.toml"
+    job.write_text(f'manifest = "m.csv"\nout = "sharded"\nconcurrency = 8\n[defaults]\nmodel = "{MODEL}"\n'
+                   f'voice = "alloy"\nformat = "wav"\n[provider]\nbase_url = "{server.url}"\n')
+    base = [sys.executable, "-m", "batchtts", "run", str(job), *FAST_RETRY]
+    # The same four shards as a flag, a Kubernetes Indexed Job, and two tasks of the project's Slurm script.
+    launches = [
+        (base + ["--shard", "0/4"], {}),
+        (base + ["--shards", "4"], {"JOB_COMPLETION_INDEX": "1"}),
+        (["bash", str(ROOT / "jobs" / "slurm-array.sh"), *FAST_RETRY],
+         {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "BATCHTTS_JOB": str(job)}),
+        (["bash", str(ROOT / "jobs" / "slurm-array.sh"), *FAST_RETRY],
+         {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "BATCHTTS_JOB": str(job)}),
+    ]
+    bindir = str(Path(sys.executable).parent)
+    procs = [subprocess.Popen(argv, env={**cli_env(), **extra, "PATH": bindir + os.pathsep + os.environ["PATH"]},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv, extra in launches]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    ledgers = sorted(sharded.glob("ledger-shard-*.sqlite"))
+    assert [p.name for p in ledgers] == [f"ledger-shard-{i:04d}-of-0004.sqlite" for i in range(4)]
+    keys = [set(ledger_rows(p)) for p in ledgers]
+    assert sum(map(len, keys)) == 240 and set().union(*keys) == {r["id"] for r in rows(240)}
+    assert min(map(len, keys)) > 30
+    assert Counter(e["input_sha256"] for e in received(server)).most_common(1)[0][1] == 1
+    assert len(received(server)) == 240
+
+    single = tmp_path / "single"
+    assert batchtts(*run_args(manifest, single, server, "--voice", "alloy", "--format", "wav")).returncode == 0
+    merged = json.loads(batchtts("status", sharded, "--json").stdout)
+    one = json.loads(batchtts("status", single, "--json").stdout)
+    for field in ("total", "done", "failed", "pending", "bytes", "audio_s"):
+        assert merged[field] == one[field], field
+    assert merged["total"] == 240 and merged["pending"] == 0 and len(merged["ledgers"]) == 4
+    listed = json.loads(batchtts("status", *ledgers, "--json").stdout)
+    assert listed["done"] == 240
+    half = json.loads(batchtts("status", *ledgers[:2], "--json").stdout)
+    assert half["total"] == len(keys[0]) + len(keys[1]) == half["done"]
+
+    assert batchtts("export", sharded).returncode == 0
+    assert batchtts("export", single).returncode == 0
+    a = pq.read_table(sharded / "results.parquet").to_pylist()
+    b = pq.read_table(single / "results.parquet").to_pylist()
+    assert len(a) == 240 and a == b
+
+
+def test_the_kubernetes_indexed_job_runs_its_command_as_shard_of_its_completions(serve):
+    server = serve()
+    manifest = yaml.safe_load((ROOT / "jobs" / "k8s-indexed-job.yaml").read_text())
+    spec = manifest["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    script = container["args"][0]
+    command = script.split("exec ", 1)[1]
+    assert spec["completionMode"] == "Indexed" and spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert f"--shards {spec['completions']}" in command
+    rule = spec["podFailurePolicy"]["rules"][0]["onExitCodes"]
+    assert rule["containerName"] == container["name"]
+    assert rule["values"] == [EXIT_USAGE, EXIT_PROVIDER_STOP, EXIT_BUDGET, EXIT_MAX_RUNTIME]
+    assert container["workingDir"] == "/work/batchtts"
+    # The pod's command, in the project folder as the pod sees it, for pod 5 of 8: a dry run.
+    preview = subprocess.run(
+        [sys.executable, "-m", *shlex.split(command), "--dry-run", "--base-url", server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**cli_env(None), "JOB_COMPLETION_INDEX": "5"},
+    )
+    assert preview.returncode == 0, preview.stderr
+    assert "dataset.parquet, shard 5/8:" in preview.stdout
+
+
+# --- object storage -------------------------------------------------------------------------------
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "s3-SECRET-never-logged",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3():
+    """moto's S3 server on loopback with an empty bucket; stopped when the test ends."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout=30)
+        fs = pafs.S3FileSystem(access_key=S3_ENV["AWS_ACCESS_KEY_ID"], secret_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                               region="us-east-1", endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               allow_bucket_creation=True)
+        fs.create_dir("audio-bucket")
+        yield fs, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return {i.path.removeprefix(prefix + "/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3, tmp_path):
+    fs, endpoint = s3
+    server = serve()
+    manifest = write_csv(tmp_path / "m.csv", rows(12))
+    ledger = tmp_path / "state" / "ledger.sqlite"
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    uri = "s3://audio-bucket/narration/v1"
+
+    missing = batchtts(*run_args(manifest, uri, server), **env)
+    assert missing.returncode == EXIT_USAGE and "needs a local ledger: pass --ledger" in missing.stderr
+
+    run = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **env)
+    assert run.returncode == 0, run.stderr
+    stored = objects(fs, "audio-bucket/narration/v1")
+    entries = ledger_rows(ledger)
+    assert stored == {e["path"]: e["bytes"] for e in entries.values()}
+    for e in list(entries.values())[:3]:
+        with fs.open_input_stream(f"audio-bucket/narration/v1/{e['path']}") as f:
+            body = f.read()
+        assert hashlib.sha256(body).hexdigest() == e["sha256"] and body[:4] == b"RIFF"
+    assert not (tmp_path / "state" / ".batchtts-partial").exists()
+    assert "s3-SECRET" not in run.stdout + run.stderr
+
+    again = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **env)
+    assert again.returncode == 0 and len(received(server)) == 12  # the rerun trusts the ledger: nothing sent
+
+    exported = batchtts("export", ledger, **env)
+    assert exported.returncode == 0, exported.stderr
+    assert "s3://audio-bucket/narration/v1/results.parquet" in exported.stdout
+    with fs.open_input_file("audio-bucket/narration/v1/results.parquet") as f:
+        table = pq.read_table(f).to_pylist()
+    assert len(table) == 12 and {r["status"] for r in table} == {"done"}
+
+
+class CuttingProxy:
+    """A TCP proxy to the S3 server that cuts any connection once it has carried `limit` bytes
+    upstream: small requests pass, an upload of an audio file is cut off in the middle."""
+
+    def __init__(self, upstream: tuple[str, int], limit: int) -> None:
+        self.upstream, self.limit, self.cuts = upstream, limit, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+        carried = 0
+        try:
+            while data := source.recv(65536):
+                carried += len(data)
+                if counted and carried > self.limit:
+                    self.cuts += 1
+                    sink.sendall(data[: len(data) // 2])
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_an_interrupted_upload_leaves_no_object_under_the_final_key(serve, s3, tmp_path):
+    fs, endpoint = s3
+    server = serve()
+    long_rows = [{"id": f"long{i}", "text": f"Row {i}. " + "A long passage of narration. " * 60, "voice": "alloy"}
+                 for i in range(4)]
+    manifest = write_csv(tmp_path / "m.csv", long_rows)
+    ledger = tmp_path / "ledger.sqlite"
+    uri = "s3://audio-bucket/cut"
+    args = run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav")
+    proxy = CuttingProxy(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])), limit=64 * 1024)
+    try:
+        cut = batchtts(*args, timeout=120, **S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+    finally:
+        proxy.close()
+    assert cut.returncode == 1, cut.stderr
+    assert proxy.cuts > 0
+    assert objects(fs, "audio-bucket/cut") == {}  # neither a final object nor a staging leftover
+    failed = ledger_rows(ledger)
+    assert len(failed) == 4 and all(e["status"] == "failed" and e["retryable"] for e in failed.values())
+    assert "upload to audio-bucket/cut/long0.wav failed" in failed["long0"]["error"]
+
+    healed = batchtts(*args, timeout=120, **S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    assert healed.returncode == 0, healed.stderr
+    entries = ledger_rows(ledger)
+    assert objects(fs, "audio-bucket/cut") == {e["path"]: e["bytes"] for e in entries.values()}
+    assert all(e["bytes"] > 64 * 1024 for e in entries.values())
