@@ -139,14 +139,18 @@ def run(target: Path, **flags: Any) -> None:
     sys.exit(result.exit_code)
 
 
-def _usd(value: float | None) -> str:
-    return "?" if value is None else f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+def _usd(value: float | None, cents: bool = False) -> str:
+    """Dollars: to the cent for prices, to a hundredth of a cent for the small estimates of short runs."""
+    if value is None:
+        return "?"
+    return f"${value:,.2f}" if cents or value >= 1 else f"${value:,.4f}"
 
 
 def _print_plan(result: RunResult, job: Job) -> None:
     plan, total = result.plan, result.plan.total
     shard = f", shard {job.shard}" if job.shard is not None else ""
-    click.echo(f"{job.manifest}{shard}: {total.rows:,} rows, {total.characters:,} characters (dry run: nothing sent)")
+    click.echo(f"{job.manifest}{shard}: {total.rows:,} row{'s' if total.rows != 1 else ''}, "
+               f"{total.characters:,} characters (dry run: nothing sent)")
     click.echo(f"{'model':<30} {'rows':>9} {'done':>9} {'failed':>7} {'to do':>9} {'requests':>9} "
                f"{'chars to send':>14} {'$/1M chars':>10} {'estimate':>10}")
     costs = []
@@ -154,7 +158,7 @@ def _print_plan(result: RunResult, job: Job) -> None:
         price, cost = result.prices.of(name), result.estimate(name)
         costs.append(cost)
         click.echo(f"{name:<30} {m.rows:>9,} {m.done:>9,} {m.failed:>7,} {m.pending:>9,} {m.requests:>9,} "
-                   f"{m.pending_characters:>14,} {_usd(None if price is None else price * 1e6):>10} {_usd(cost):>10}")
+                   f"{m.pending_characters:>14,} {_usd(None if price is None else price * 1e6, cents=True):>10} {_usd(cost):>10}")
     known = [c for c in costs if c is not None]
     line = f"{'total':<30} {total.rows:>9,} {total.done:>9,} {total.failed:>7,} {total.pending:>9,} {total.requests:>9,} " \
            f"{total.pending_characters:>14,} {'':>10} {_usd(sum(known)) if len(known) == len(costs) else '?':>10}"
@@ -162,7 +166,7 @@ def _print_plan(result: RunResult, job: Job) -> None:
     click.echo(f"prices: {result.prices.source}" + (
         "; '?' = no known price: add the model under [prices] in the job file" if len(known) < len(costs) else ""))
     if job.budget.max_cost is not None or job.budget.max_chars is not None:
-        caps = [f"${job.budget.max_cost:g}" if job.budget.max_cost is not None else None,
+        caps = [_usd(job.budget.max_cost, cents=True) if job.budget.max_cost is not None else None,
                 f"{job.budget.max_chars:,} characters" if job.budget.max_chars is not None else None]
         click.echo(f"budget per run: {' and '.join(c for c in caps if c)}; the run stops taking rows before passing it")
 
@@ -292,12 +296,13 @@ def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: 
                                "models": [{**asdict(m), "usd_per_million_chars": m.usd_per_million}
                                           for m in listing.models]}))
         return
-    age = "cached " + time.strftime("%Y-%m-%d %H:%M", time.localtime(listing.fetched_at)) if listing.from_cache else "now"
-    click.echo(f"{listing.base_url} ({len(listing.models)} speech models, fetched {age})")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(listing.fetched_at))
+    click.echo(f"{listing.base_url}: {len(listing.models)} speech models "
+               f"({f'cached at {when}; --refresh asks again' if listing.from_cache else 'fetched now'})")
     click.echo(f"  {'model':<36} {'$/1M chars':>10} {'input limit':>12}  name")
     for m in listing.models:
         limit = f"{m.max_input_chars:,}" if m.max_input_chars else "?"
-        click.echo(f"  {m.id:<36} {_usd(m.usd_per_million):>10} {limit:>12}  {m.name}")
+        click.echo(f"  {m.id:<36} {_usd(m.usd_per_million, cents=True):>10} {limit:>12}  {m.name}")
 
 
 @main.command()

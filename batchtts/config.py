@@ -108,10 +108,10 @@ class Job:
     progress_interval: float = 10.0
     log_format: Literal["auto", "console", "json"] = "auto"
 
-    @property
-    def remote(self) -> bool:
-        """The audio goes to object storage (`s3://`, `gs://`, `hdfs://`); the ledger stays local."""
-        return isinstance(self.out, str)
+    def __post_init__(self) -> None:
+        # `out` stays a string only for object-store URIs (s3://, gs://, hdfs://); a local folder is a Path.
+        if isinstance(self.out, str) and not is_uri(self.out):
+            object.__setattr__(self, "out", Path(self.out))
 
     @property
     def ledger_path(self) -> Path:

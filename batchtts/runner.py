@@ -228,7 +228,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
             run_id = ledger.start_run(job.manifest.resolve(), job.redacted())
             log.info(
                 "start", manifest=str(job.manifest), out=str(folder), ledger=str(job.ledger_path),
-                shard=None if job.shard is None else str(job.shard), rows=total.rows, already_done=total.done,
+                **({"shard": str(job.shard)} if job.shard is not None else {}), rows=total.rows, already_done=total.done,
                 pending=total.pending, skipped_failed=total.failed, partial_files_removed=cleaned,
                 estimated_cost_usd=_estimate(plan, prices), config=job.redacted(),
             )

@@ -74,7 +74,7 @@ def test_models_lists_prices_and_limits_and_is_cached_for_a_day(serve):
     server.process.wait(5)
     cached = batchtts("models", "--base-url", server.url)
     assert cached.returncode == 0, cached.stderr
-    assert "fetched cached" in cached.stdout and "$0.6000" in cached.stdout and "4,096" in cached.stdout
+    assert "cached at" in cached.stdout and "$0.60" in cached.stdout and "4,096" in cached.stdout
     refreshed = batchtts("models", "--base-url", server.url, "--refresh")
     assert refreshed.returncode == EXIT_USAGE
     assert "cannot reach" in refreshed.stderr and "Traceback" not in refreshed.stderr
@@ -119,8 +119,8 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
     rows_, done, failed, todo, requests, chars, price, estimate = table[MODEL]
     assert (rows_, done, failed, todo) == ("7", "2", "0", "5")
     assert int(requests) > 5  # the chapter is several requests
-    assert price == "$0.6000"
-    assert table["local/espeak-ng"][-1] == "$0.0000"
+    assert price == "$0.60"
+    assert table["local/espeak-ng"][-2:] == ["$0.00", "$0.0000"]
     assert "model list" in dry.stdout  # fetched by the first run, cached since
 
     real = batchtts(*run_args(manifest, out, server, *chunking))
@@ -185,6 +185,14 @@ def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, t
     assert len(server.stats()["log"]) == 5
 
 
+def test_a_job_file_with_the_old_chunk_limit_key_is_refused_with_the_new_names(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('manifest = "m.csv"\nout = "out"\nmax_chars = 3000\n')
+    result = batchtts("run", job)
+    assert result.returncode == EXIT_USAGE
+    assert "max_chars is now chunk_chars" in result.stderr and "[budget]" in result.stderr
+
+
 # --- unattended runs ------------------------------------------------------------------------------
 
 
@@ -222,7 +230,7 @@ def test_the_cron_and_systemd_recipes_run_the_nightly_job(serve):
             cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env(None),
         )
         assert preview.returncode == 0, preview.stderr
-        assert "budget per run: $5" in preview.stdout and "prices: job file" in preview.stdout
+        assert "budget per run: $5.00" in preview.stdout and "prices: job file" in preview.stdout
 
 
 # --- sharding -------------------------------------------------------------------------------------
