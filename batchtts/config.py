@@ -115,11 +115,13 @@ class Job:
 
     @property
     def ledger_path(self) -> Path:
-        if self.ledger is not None:
-            return self.ledger
-        if isinstance(self.out, str):
+        """The ledger file; each shard has its own, named after the shard, next to the one named."""
+        if isinstance(self.out, str) and self.ledger is None:
             raise UsageError(f"output to {redact_uri(self.out)} needs a local ledger: pass --ledger PATH")
-        return self.out / ledger_name(self.shard)
+        named = self.ledger if self.ledger is not None else self.out / "ledger.sqlite"
+        if self.shard is None:
+            return named
+        return named.with_name(f"{named.stem}-shard-{self.shard.index:04d}-of-{self.shard.count:04d}{named.suffix}")
 
     def validate(self) -> None:
         if self.defaults.format not in FORMATS:
@@ -193,9 +195,6 @@ def redact_uri(uri: str) -> str:
     base, _, query = uri.partition("?")
     return f"{base}?…" if query else base
 
-
-def ledger_name(shard: Shard | None) -> str:
-    return "ledger.sqlite" if shard is None else f"ledger-shard-{shard.index:04d}-of-{shard.count:04d}.sqlite"
 
 
 def load_job(path: Path | None, **overrides: Any) -> Job:

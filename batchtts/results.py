@@ -6,6 +6,7 @@ Both take one ledger or many (the shards of a job, or a folder holding them) and
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .manifest import KNOWN_COLUMNS, Row
 from .runner import make_plan
 from .storage import open_output, upload
 
+_SHARD_LEDGER = re.compile(r"-shard-\d+-of-\d+\.sqlite$")
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
 _TYPES = {
     "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "model": pa.string(),
@@ -34,12 +36,10 @@ _TYPES = {
 
 
 def ledger_files(target: Path) -> list[Path]:
-    """A ledger file as given; a folder's ledgers (`ledger.sqlite` and every `ledger-shard-*.sqlite`)."""
+    """A ledger file as given; a folder's ledgers (`*.sqlite` and the shards' `*-shard-I-of-N.sqlite`)."""
     if not target.is_dir():
         return [target]
-    found = sorted(target.glob("ledger-shard-*.sqlite"))
-    if (target / "ledger.sqlite").exists():
-        found.insert(0, target / "ledger.sqlite")
+    found = sorted(p for p in target.glob("*.sqlite") if p.name == "ledger.sqlite" or _SHARD_LEDGER.search(p.name))
     if not found:
         raise UsageError(f"no ledger in {target}: run the job first, or give the path of its ledger file")
     return found
@@ -56,12 +56,15 @@ class JobContext:
 
 
 def open_context(targets: list[Path], manifest_path: Path | None, job: Job | None) -> JobContext:
-    if job is not None and job.ledger is not None and not targets:
-        files = [job.ledger]
-    else:
-        files = [f for target in targets for f in ledger_files(target)]
-    if not files:
+    """Targets are output folders or ledger files; without any, the job's ledger (or its shards')."""
+    if not targets and job is not None:
+        if job.ledger is not None:
+            targets = [job.ledger] if job.ledger.exists() else [job.ledger.parent]
+        elif isinstance(job.out, Path):
+            targets = [job.out]
+    if not targets:
         raise UsageError("name an output folder or ledger files (or a job file that names its ledger)")
+    files = [f for target in targets for f in ledger_files(target)]
     ledger = LedgerSet([Ledger.open_existing(f) for f in dict.fromkeys(files)])
     last = ledger.last_run() or {}
     config = last.get("config", {})

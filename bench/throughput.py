@@ -80,7 +80,7 @@ def measure(cmd: list[str], interrupt_after: float = 0) -> tuple[int, float, flo
     return code, wall, cpu, maxrss_kb // 1024
 
 
-def batchtts_run(manifest: Path, out: Path, url: str, *extra: str, interrupt_after: float = 0):
+def batchtts_run(manifest: Path, out: Path | str, url: str, *extra: str, interrupt_after: float = 0):
     return measure([sys.executable, "-m", "batchtts", "run", str(manifest), "--out", str(out), "--model", MODEL,
                     "--voice", "alloy", "--format", "pcm", "--base-url", url, "--log-format", "json", *extra],
                    interrupt_after)

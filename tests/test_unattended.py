@@ -25,7 +25,8 @@ import pytest
 import yaml
 from conftest import FAST_RETRY, ROOT, batchtts, cli_env, ledger_rows, wait_for, write_csv
 
-from batchtts.errors import EXIT_BUDGET, EXIT_MAX_RUNTIME, EXIT_PROVIDER_STOP, EXIT_USAGE
+from batchtts.config import Job
+from batchtts.errors import EXIT_BUDGET, EXIT_MAX_RUNTIME, EXIT_PROVIDER_STOP, EXIT_USAGE, UsageError
 from batchtts.models import parse
 from batchtts.sharding import Shard, detect, shard_of
 
@@ -247,6 +248,18 @@ def test_shard_detection_from_flags_and_schedulers():
                 (None, 4, {}), (None, None, {"SLURM_ARRAY_TASK_ID": "two", "SLURM_ARRAY_TASK_COUNT": "4"})):
         with pytest.raises(Exception, match=r"shard|--shards|index|whole number"):
             detect(*bad)
+
+
+def test_each_shard_has_a_ledger_of_its_own_next_to_the_one_named():
+    def ledger(**job: object) -> Path:
+        return Job(manifest=Path("m.csv"), **job).ledger_path
+
+    assert ledger(out=Path("out")) == Path("out/ledger.sqlite")
+    assert ledger(out=Path("out"), shard=Shard(2, 8)) == Path("out/ledger-shard-0002-of-0008.sqlite")
+    assert ledger(out="s3://b/p", ledger=Path("state/run.db"), shard=Shard(2, 8)) == Path("state/run-shard-0002-of-0008.db")
+    assert ledger(out="out", ledger=Path("state/run.db")) == Path("state/run.db")
+    with pytest.raises(UsageError, match="needs a local ledger"):
+        ledger(out="gs://bucket/audio")
 
 
 def test_a_rows_shard_depends_on_its_key_alone():
