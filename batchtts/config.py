@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode
 
 from . import sharding
 from .errors import MissingKeyError, UsageError
@@ -190,10 +191,15 @@ def is_uri(value: object) -> bool:
     return isinstance(value, str) and "://" in value
 
 
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
 def redact_uri(uri: str) -> str:
-    """An object-store URI fit for logs: query options (where keys and tokens can hide) are dropped."""
+    """An object-store URI fit for logs and the ledger: options that can hold credentials
+    (`access_key`, `secret_key`, `session_token`, ...) are dropped, the others (region, endpoint) kept."""
     base, _, query = uri.partition("?")
-    return f"{base}?…" if query else base
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
+    return f"{base}?{urlencode(kept)}" if kept else base
 
 
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import FAST_RETRY, ROOT, batchtts, cli_env, ledger_rows, wait_for, write_csv
 
-from batchtts.config import Job
+from batchtts.config import Job, redact_uri
 from batchtts.errors import EXIT_BUDGET, EXIT_MAX_RUNTIME, EXIT_PROVIDER_STOP, EXIT_USAGE, UsageError
 from batchtts.models import parse
 from batchtts.sharding import Shard, detect, shard_of
@@ -421,6 +421,12 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     with fs.open_input_file("audio-bucket/narration/v1/results.parquet") as f:
         table = pq.read_table(f).to_pylist()
     assert len(table) == 12 and {r["status"] for r in table} == {"done"}
+
+
+def test_uris_lose_their_credentials_in_logs_but_keep_their_other_options():
+    uri = "s3://bucket/audio?access_key=AKIA123&secret_key=s3cr3t&session_token=tok&region=eu-west-1&scheme=http"
+    assert redact_uri(uri) == "s3://bucket/audio?region=eu-west-1&scheme=http"
+    assert redact_uri("gs://bucket/audio") == "gs://bucket/audio"
 
 
 class CuttingProxy:
