@@ -108,6 +108,7 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     rows `owns` accepts (default: the job's shard, or every row)."""
     plan = Plan()
     pending = 0
+    limits: dict[str, int] = {}
     if owns is None and job.shard is not None:
         owns = job.shard.owns
 
@@ -123,9 +124,15 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
             if job.limit is None or pending < job.limit:
                 pending += 1
                 model.pending += 1
-                items = _work_for(row, job, ledger, folder)
-                model.requests += sum(1 for item in items if not isinstance(item, Assembly))
-                model.pending_characters += sum(map(_characters, items))
+                if row.model not in limits:
+                    limits[row.model] = limit_for(row.model, job.limits, job.chunk_chars)
+                if len(row.text) <= limits[row.model]:
+                    model.requests += 1  # the common case, without building its work items
+                    model.pending_characters += len(row.text)
+                else:
+                    items = _work_for(row, job, ledger, folder)
+                    model.requests += sum(1 for item in items if not isinstance(item, Assembly))
+                    model.pending_characters += sum(map(_characters, items))
         elif entry is not None and entry.status == "failed":
             model.failed += 1
         else:
