@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -224,8 +225,9 @@ def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | No
     total = "?" if report["total"] is None else report["total"]
     pending = "? (pass --manifest)" if report["pending"] is None else report["pending"]
     ledgers = report["ledgers"]
+    title = ledgers[0] if len(ledgers) == 1 else f"{os.path.commonpath(ledgers)}/: {len(ledgers)} ledgers, merged"
     click.echo(
-        f"{ledgers[0] if len(ledgers) == 1 else f'{len(ledgers)} ledgers'}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
+        f"{title}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
         f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"
     )
     for f in report["failures"]:

@@ -359,6 +359,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def s3():
     """moto's S3 server on loopback with an empty bucket; stopped when the test ends."""
@@ -366,14 +374,7 @@ def s3():
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        wait_for(up, timeout=30)
+        wait_for(lambda: port_open(port), timeout=30)
         fs = pafs.S3FileSystem(access_key=S3_ENV["AWS_ACCESS_KEY_ID"], secret_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
                                region="us-east-1", endpoint_override=f"127.0.0.1:{port}", scheme="http",
                                allow_bucket_creation=True)
@@ -421,6 +422,38 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     with fs.open_input_file("audio-bucket/narration/v1/results.parquet") as f:
         table = pq.read_table(f).to_pylist()
     assert len(table) == 12 and {r["status"] for r in table} == {"done"}
+
+
+@pytest.fixture
+def gcs():
+    """A Google Cloud Storage emulator on loopback with an empty bucket; stopped when the test ends."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port), timeout=30)
+        fs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}", project_id="test")
+        fs.create_dir("audio-bucket")
+        yield fs, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_output_to_gcs_takes_the_same_path(serve, gcs, tmp_path):
+    fs, port = gcs
+    server = serve()
+    manifest = write_csv(tmp_path / "m.csv", rows(8))
+    ledger = tmp_path / "ledger.sqlite"
+    uri = f"gs://anonymous@audio-bucket/narration?scheme=http&endpoint_override=127.0.0.1:{port}"
+    run = batchtts(*run_args(manifest, uri, server, "--ledger", ledger))
+    assert run.returncode == 0, run.stderr
+    entries = ledger_rows(ledger)
+    assert objects(fs, "audio-bucket/narration") == {e["path"]: e["bytes"] for e in entries.values()}
+    exported = batchtts("export", ledger)
+    assert exported.returncode == 0, exported.stderr
+    with fs.open_input_file("audio-bucket/narration/results.parquet") as f:
+        assert pq.read_table(f).num_rows == 8
 
 
 def test_uris_lose_their_credentials_in_logs_but_keep_their_other_options():
