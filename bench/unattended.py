@@ -86,7 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every row count by this")
     args = parser.parse_args()
-    n = lambda rows: max(100, int(rows * args.scale))  # noqa: E731
+
+    def n(rows: int) -> int:
+        return max(100, int(rows * args.scale))
+
     table: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -120,7 +123,7 @@ def main() -> None:
                    "--base-url", server.url, "--concurrency", "32"]
             dry = subprocess.run([sys.executable, "-m", "batchtts", *cmd, "--dry-run"], capture_output=True,
                                  text=True, check=True).stdout
-            estimate = int(re.search(r"^total(?:\s+[\d,]+){5}\s+([\d,]+)", dry, re.M)[1].replace(",", ""))
+            estimate = int(re.search(r"^total(?:\s+[\d,]+){5}\s+([\d,]+)", dry, re.MULTILINE)[1].replace(",", ""))
             subprocess.run([sys.executable, "-m", "batchtts", *cmd, "--log-format", "json"], check=True,
                            capture_output=True, env={**os.environ, "OPENROUTER_API_KEY": "bench"})
             log = httpx.get(server.url.replace("/api/v1", "/_batchtts/stats"), timeout=30).json()["log"]
