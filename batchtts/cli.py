@@ -192,7 +192,9 @@ def _print_summary(result: RunResult, job: Job) -> None:
         + (f", {total.failed} failed earlier (rerun with --retry-failed)" if total.failed else ""),
         f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
         f"{result.wall_s:.1f} s",
-        f"{c.characters_sent:,} characters sent, estimated cost {_usd(c.cost_usd)} ({result.prices.source})",
+        f"{c.characters_sent:,} characters sent, estimated cost {_usd(c.cost_usd)} ({result.prices.source})"
+        + (f", plus {c.unpriced_characters:,} characters to models without a known price"
+           if c.unpriced_characters else ""),
         f"files in {_where(job.out)}/, ledger at {job.ledger_path}",
     ]
     if result.stop_reason:
@@ -216,7 +218,11 @@ def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | No
     shards of a job, or a folder of them) are merged."""
     try:
         job = load_job(job_file) if job_file else None
-        report = status_report(open_context(list(targets), manifest, job))
+        ctx = open_context(list(targets), manifest, job)
+        try:
+            report = status_report(ctx)
+        finally:
+            ctx.ledger.close()
     except BatchTTSError as exc:
         _fail(exc)
     if as_json:
@@ -247,7 +253,10 @@ def export(targets: tuple[Path, ...], to: str | None, manifest: Path | None, job
         job = load_job(job_file) if job_file else None
         ctx = open_context(list(targets), manifest, job)
         destination: Path | str = default_export(ctx.out) if to is None else to if is_uri(to) else Path(to)
-        rows = export_results(ctx, destination)
+        try:
+            rows = export_results(ctx, destination)
+        finally:
+            ctx.ledger.close()
     except BatchTTSError as exc:
         _fail(exc)
     click.echo(f"wrote {rows} rows to {_where(destination)}")

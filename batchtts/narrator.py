@@ -49,6 +49,7 @@ class Counters:
     characters: int = 0
     characters_sent: int = 0
     cost_usd: float = 0.0
+    unpriced_characters: int = 0  # sent to models whose price is unknown: not in cost_usd
 
 
 @dataclass
@@ -257,8 +258,11 @@ class Narrator:
     def _spent(self, request: SpeechRequest) -> None:
         """A request answered with audio: its characters count toward the running estimate."""
         characters = len(request.input)
-        cost = self.prices.cost(request.model, characters) or 0.0
+        cost = self.prices.cost(request.model, characters)
         self.counters.characters_sent += characters
+        if cost is None:
+            self.counters.unpriced_characters += characters
+            return
         self.counters.cost_usd += cost
         self.progress.spent(cost)
 

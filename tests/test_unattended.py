@@ -199,6 +199,11 @@ def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, t
     assert "--max-cost needs a price for acme/new-tts" in unpriced.stderr
     assert len(server.stats()["log"]) == 5
 
+    uncapped = batchtts(*run_args(manifest, tmp_path / "other", server, "--model", "acme/new-tts", "--limit", "2"))
+    assert uncapped.returncode == 0, uncapped.stderr
+    assert re.search(rf"estimated cost \$0\.0000 \((cached )?model list\), plus {2 * length} characters to models "
+                     r"without a known price", uncapped.stdout)
+
 
 def test_a_job_file_with_the_old_chunk_limit_key_is_refused_with_the_new_names(tmp_path):
     job = tmp_path / "job.toml"
