@@ -238,7 +238,8 @@ def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | No
     )
     for f in report["failures"]:
         again = "retried on next run" if f["retryable"] else "rerun with --retry-failed"
-        click.echo(f"  row {f['row_number']} ({f['key']}): HTTP {f['http_status']}: {f['error']} [{again}]")
+        status = f"HTTP {f['http_status']}: " if f["http_status"] is not None else ""
+        click.echo(f"  row {f['row_number']} ({f['key']}): {status}{f['error']} [{again}]")
 
 
 @main.command()

@@ -204,15 +204,20 @@ class ObjectStoreOutput(OutputFolder):
         return size is not None
 
     def clean_partials(self) -> int:
+        """Also remove staging objects a crash left, and check the store takes writes, before any
+        audio is bought that could not be stored."""
         count = super().clean_partials()
+        check = f"{self.staging}/.write-check-{os.getpid()}"
         try:
+            with self.fs.open_output_stream(check) as probe:
+                probe.write(b"batchtts")
             leftovers = self.fs.get_file_info(pafs.FileSelector(self.staging, allow_not_found=True, recursive=True))
             files = [info.path for info in leftovers if info.type == pafs.FileType.File]
             for path in files:
                 self.fs.delete_file(path)
         except OSError as exc:
-            raise UsageError(f"cannot use {self}: {exc}") from exc
-        return count + len(files)
+            raise UsageError(f"cannot write to {self}: {exc}") from exc
+        return count + sum(1 for path in files if path != check)
 
     def tidy(self) -> None:
         super().tidy()

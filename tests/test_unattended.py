@@ -420,6 +420,9 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
 
     missing = batchtts(*run_args(manifest, uri, server), **env)
     assert missing.returncode == EXIT_USAGE and "needs a local ledger: pass --ledger" in missing.stderr
+    no_bucket = batchtts(*run_args(manifest, "s3://no-such-bucket/audio", server, "--ledger", ledger), **env)
+    assert no_bucket.returncode == EXIT_USAGE and "cannot write to s3://no-such-bucket/audio" in no_bucket.stderr
+    assert server.stats()["requests"] == 0  # refused before any audio was bought
 
     run = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **env)
     assert run.returncode == 0, run.stderr
