@@ -4,7 +4,8 @@ A row belongs to shard `hash(key) mod N`: it depends on the row's own key only, 
 its shard when the manifest grows, shrinks or is reordered, and a rerun of shard I finds its rows in
 shard I's ledger. The index comes from `--shard I/N`, or from the scheduler: Kubernetes Indexed Jobs
 set `JOB_COMPLETION_INDEX` (the count is the Job's `completions`, given as `--shards N`); Slurm job
-arrays set `SLURM_ARRAY_TASK_ID` and `SLURM_ARRAY_TASK_COUNT`.
+arrays set `SLURM_ARRAY_TASK_ID` and `SLURM_ARRAY_TASK_COUNT` (an array given as a range, `--array=0-7` or
+`--array=1-16:2`, counts from its first task in steps of its step).
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ def detect(shard: str | None, shards: int | None, environ: Mapping[str, str] = o
             raise UsageError("running as a Kubernetes Indexed Job: pass --shards N with N the Job's completions")
         return Shard(_int(environ, "JOB_COMPLETION_INDEX"), shards)
     if "SLURM_ARRAY_TASK_ID" in environ:
-        task = _int(environ, "SLURM_ARRAY_TASK_ID") - _int(environ, "SLURM_ARRAY_TASK_MIN", 0)
+        offset = _int(environ, "SLURM_ARRAY_TASK_ID") - _int(environ, "SLURM_ARRAY_TASK_MIN", 0)
+        task, off_step = divmod(offset, max(1, _int(environ, "SLURM_ARRAY_TASK_STEP", 1)))
+        if off_step:
+            raise UsageError("SLURM_ARRAY_TASK_ID is not on the array's step: give the array as a range, "
+                             "for example --array=0-7, or pass --shard I/N")
         count = shards if shards is not None else _int(environ, "SLURM_ARRAY_TASK_COUNT")
         return Shard(task, count)
     if shards is not None:

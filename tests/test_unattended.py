@@ -262,9 +262,12 @@ def test_shard_detection_from_flags_and_schedulers():
     assert detect(None, None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}) == Shard(5, 8)
     assert detect(None, None, {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10",
                                "SLURM_ARRAY_TASK_COUNT": "4"}) == Shard(1, 4)
+    assert detect(None, None, {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2",
+                               "SLURM_ARRAY_TASK_COUNT": "8"}) == Shard(3, 8)
     assert detect(None, None, {}) is None
     for bad in (("8/8", None, {}), ("x", None, {}), (None, None, {"JOB_COMPLETION_INDEX": "0"}),
-                (None, 4, {}), (None, None, {"SLURM_ARRAY_TASK_ID": "two", "SLURM_ARRAY_TASK_COUNT": "4"})):
+                (None, 4, {}), (None, None, {"SLURM_ARRAY_TASK_ID": "two", "SLURM_ARRAY_TASK_COUNT": "4"}),
+                (None, None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_STEP": "3", "SLURM_ARRAY_TASK_COUNT": "4"})):
         with pytest.raises(Exception, match=r"shard|--shards|index|whole number"):
             detect(*bad)
 
