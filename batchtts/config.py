@@ -195,12 +195,17 @@ _SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECA
 
 
 def redact_uri(uri: str) -> str:
-    """An object-store URI fit for logs and the ledger: options that can hold credentials
-    (`access_key`, `secret_key`, `session_token`, ...) are dropped, the others (region, endpoint) kept."""
+    """An object-store URI fit for logs and the ledger: credentials in it (`s3://KEY:SECRET@bucket`,
+    `access_key`, `secret_key`, `session_token`, ... options) are dropped; a user name alone
+    (`gs://anonymous@bucket`) and the other options (region, endpoint) are kept."""
     base, _, query = uri.partition("?")
+    scheme, sep, rest = base.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        base = f"{scheme}{sep}{host}{slash}{path}"
     kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
     return f"{base}?{urlencode(kept)}" if kept else base
-
 
 
 def load_job(path: Path | None, **overrides: Any) -> Job:
