@@ -3,68 +3,100 @@
 The estimate counts the characters each request sends (a long row's chunks, not its raw length),
 times the model's price: the job file's `[prices]` table (USD per million characters) first, then
 the provider's model list, and nothing for the embedded `local/*` engine. Caps are per run: a
-capped nightly run spends at most its cap, and the next run carries on from the ledger.
+capped nightly run spends at most its cap, and the next run carries on from the ledger. A row that
+alone needs more than a cap is passed over (and named), so it cannot stall every later run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from enum import Enum
 
 import structlog
 
 from .config import Budget, Job
 from .errors import UsageError
-from .models import ModelList, speech_models
+from .manifest import Row
+from .models import ModelInfo, ModelList, speech_models
 from .providers import is_local
 
 log = structlog.get_logger("batchtts")
 
 
-@dataclass(frozen=True)
 class Prices:
-    """USD per character by model; a model missing from the table has no known price."""
+    """USD per character by model: the job file's table first, then the provider's model list, asked
+    at most once and only for a model the table does not price; a model in neither has no known price."""
 
-    per_char: dict[str, float] = field(default_factory=dict)
-    source: str = "none"
+    def __init__(self, table: dict[str, float] | None = None,
+                 listing: Callable[[], ModelList] | None = None) -> None:
+        self.table = dict(table or {})
+        self._listing = listing
+        self._list: ModelList | None = None
+        self.list_error: str | None = None
+        self._sources: set[str] = set()
 
     def of(self, model: str) -> float | None:
-        return 0.0 if is_local(model) else self.per_char.get(model)
+        if is_local(model):
+            self._sources.add("local engine (free)")
+            return 0.0
+        if model in self.table:
+            self._sources.add("job file")
+            return self.table[model]
+        info = self._listed(model)
+        if info is None or info.usd_per_char is None:
+            return None
+        assert self._list is not None
+        self._sources.add("cached model list" if self._list.from_cache else "model list")
+        return info.usd_per_char
+
+    def _listed(self, model: str) -> ModelInfo | None:
+        if self._listing is not None:
+            listing, self._listing = self._listing, None
+            try:
+                self._list = listing()
+            except UsageError as exc:
+                self.list_error = str(exc)
+                log.warning("prices_unknown", error=self.list_error,
+                            message="no provider prices: add the models under [prices] in the job file")
+        return self._list.get(model) if self._list is not None else None
 
     def cost(self, model: str, characters: int) -> float | None:
+        if characters == 0:
+            return 0.0
         price = self.of(model)
         return None if price is None else price * characters
 
+    @property
+    def source(self) -> str:
+        """Where the prices used so far came from, for the preview and the summary."""
+        return " and ".join(sorted(self._sources)) or "no prices used"
 
-def prices_for(job: Job, models: Iterable[str]) -> Prices:
-    """Prices for the models a run uses; asks the provider (or its cached list) only for models the
-    job file does not price and that are not local."""
-    table = {name: usd / 1_000_000 for name, usd in job.prices.items()}
-    missing = {m for m in models if not is_local(m) and m not in table}
-    if not missing:
-        return Prices(table, "job file" if table else "none")
-    try:
-        listing: ModelList = speech_models(job.provider, job.timeouts)
-    except UsageError as exc:
-        log.warning("prices_unknown", models=sorted(missing), error=str(exc),
-                    message="no estimate for these models: add them under [prices] in the job file")
-        return Prices(table, "job file" if table else "none")
-    for name in missing:
-        info = listing.get(name)
-        if info is not None and info.usd_per_char is not None:
-            table[name] = info.usd_per_char
-    return Prices(table, "cached model list" if listing.from_cache else "model list")
+
+def prices_for(job: Job) -> Prices:
+    """The job's prices; the provider's list (or its day-old cache) is asked only if a model needs it."""
+    return Prices({name: usd / 1_000_000 for name, usd in job.prices.items()},
+                  lambda: speech_models(job.provider, job.timeouts))
+
+
+class Verdict(Enum):
+    TAKE = "take"
+    OVER = "over"  # the row alone needs more than a cap allows: no run under this cap can take it
+    STOP = "stop"  # the row would pass a cap: this run takes no more rows
 
 
 class Spending:
-    """Characters and cost the run has taken on, checked against the caps before each row."""
+    """Characters and cost the run has taken on, checked against the caps before each row. Rows for
+    the embedded `local/*` engine are free and send nothing: no cap counts them."""
 
     def __init__(self, budget: Budget, prices: Prices) -> None:
         self.budget = budget
         self.prices = prices
         self.characters = 0
         self.cost = 0.0
+        self.rows = 0
         self.refused: str | None = None
+        self.over = 0  # rows passed over: each alone needs more than a cap
+        self.over_rows: list[str] = []  # the first few of them, named
 
     def check_prices(self, models: Iterable[str]) -> None:
         """--max-cost cannot guard a model whose price is unknown: refuse before anything is sent."""
@@ -72,21 +104,58 @@ class Spending:
             return
         unknown = sorted(m for m in models if self.prices.of(m) is None)
         if unknown:
+            why = (f"the provider's model list could not be had ({self.prices.list_error})"
+                   if self.prices.list_error else "the provider's model list has none")
             raise UsageError(
-                f"--max-cost needs a price for {', '.join(unknown)}: none came from the provider's model "
-                "list; add it under [prices] in the job file (USD per million characters)"
+                f"--max-cost needs a price for {', '.join(unknown)}: {why}; add it under [prices] in a "
+                "job file (USD per million characters)"
             )
 
-    def admit(self, model: str, characters: int) -> bool:
-        """Take on a row of `characters` to send, unless that would pass a cap."""
-        cost = self.prices.cost(model, characters) or 0.0
+    def admit(self, row: Row, characters: int) -> Verdict:
+        """Take on a row that sends `characters`, unless that would pass a cap. Once a row was
+        refused, every later one is too: rows are taken in manifest order."""
+        if self.refused is not None:
+            return Verdict.STOP
+        cost = 0.0 if is_local(row.model) else self.prices.cost(row.model, characters) or 0.0
+        sent = 0 if is_local(row.model) else characters
         max_chars, max_cost = self.budget.max_chars, self.budget.max_cost
-        if max_chars is not None and self.characters + characters > max_chars:
-            self.refused = f"the character budget ({max_chars:,}) is reached: {self.characters:,} characters taken on"
-            return False
-        if max_cost is not None and self.cost + cost > max_cost + 1e-12:
-            self.refused = f"the cost budget (${max_cost:.4f}) is reached: ${self.cost:.4f} taken on"
-            return False
-        self.characters += characters
+        if (max_chars is not None and sent > max_chars) or (max_cost is not None and cost > max_cost + _EPSILON):
+            self.over += 1
+            if len(self.over_rows) < 3:
+                self.over_rows.append(f"row {row.number} ({row.id or row.key[:12]}): {sent:,} characters, {_usd(cost)}")
+            return Verdict.OVER
+        if max_chars is not None and self.characters + sent > max_chars:
+            self.refused = (f"the character budget ({max_chars:,}) is reached: {self.characters:,} characters "
+                            f"taken on, the next row needs {sent:,}")
+            return Verdict.STOP
+        if max_cost is not None and self.cost + cost > max_cost + _EPSILON:
+            self.refused = (f"the cost budget ({_usd(max_cost)}) is reached: {_usd(self.cost)} taken on, "
+                            f"the next row needs {_usd(cost)}")
+            return Verdict.STOP
+        self.rows += 1
+        self.characters += sent
         self.cost += cost
-        return True
+        return Verdict.TAKE
+
+    @property
+    def passed_over(self) -> str | None:
+        """The rows no run under these caps can take, named, or None."""
+        if not self.over:
+            return None
+        n, named = self.over, self.over_rows
+        return (f"{n:,} row{'s' if n != 1 else ''} alone need{'s' if n == 1 else ''} more than the budget per run "
+                f"allows, passed over until --max-chars / --max-cost is raised: {'; '.join(named)}"
+                + (f" and {n - len(named):,} more" if n > len(named) else ""))
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the budget ended or thinned this run, or None when it did not."""
+        return "; ".join(r for r in (self.refused, self.passed_over) if r) or None
+
+
+_EPSILON = 1e-12
+
+
+def _usd(value: float) -> str:
+    """Dollars to a hundredth of a cent: budgets of short runs are small."""
+    return f"${value:,.4f}"

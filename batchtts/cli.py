@@ -148,28 +148,40 @@ def _usd(value: float | None, cents: bool = False) -> str:
 
 
 def _print_plan(result: RunResult, job: Job) -> None:
-    plan, total = result.plan, result.plan.total
+    plan, total, prices = result.plan, result.plan.total, result.prices
     shard = f", shard {job.shard}" if job.shard is not None else ""
-    click.echo(f"{job.manifest}{shard}: {total.rows:,} row{'s' if total.rows != 1 else ''}, "
-               f"{total.characters:,} characters (dry run: nothing sent)")
-    click.echo(f"{'model':<30} {'rows':>9} {'done':>9} {'failed':>7} {'to do':>9} {'requests':>9} "
-               f"{'chars to send':>14} {'$/1M chars':>10} {'estimate':>10}")
-    costs = []
+    click.echo(f"{job.manifest}{shard}: {_count(total.rows, 'row')}, {total.characters:,} characters "
+               "(dry run: nothing sent)")
+    click.echo(f"{'model':<30} {'rows':>8} {'done':>8} {'failed':>6} {'to do':>8} {'requests':>8} "
+               f"{'chars to send':>13} {'$/1M chars':>10} {'estimate':>9}")
+    estimates = plan.estimates(prices)
     for name, m in sorted(plan.models.items()):
-        price, cost = result.prices.of(name), result.estimate(name)
-        costs.append(cost)
-        click.echo(f"{name:<30} {m.rows:>9,} {m.done:>9,} {m.failed:>7,} {m.pending:>9,} {m.requests:>9,} "
-                   f"{m.pending_characters:>14,} {_usd(None if price is None else price * 1e6, cents=True):>10} {_usd(cost):>10}")
-    known = [c for c in costs if c is not None]
-    line = f"{'total':<30} {total.rows:>9,} {total.done:>9,} {total.failed:>7,} {total.pending:>9,} {total.requests:>9,} " \
-           f"{total.pending_characters:>14,} {'':>10} {_usd(sum(known)) if len(known) == len(costs) else '?':>10}"
-    click.echo(line)
-    click.echo(f"prices: {result.prices.source}" + (
-        "; '?' = no known price: add the model under [prices] in the job file" if len(known) < len(costs) else ""))
-    if job.budget.max_cost is not None or job.budget.max_chars is not None:
-        caps = [_usd(job.budget.max_cost, cents=True) if job.budget.max_cost is not None else None,
-                f"{job.budget.max_chars:,} characters" if job.budget.max_chars is not None else None]
-        click.echo(f"budget per run: {' and '.join(c for c in caps if c)}; the run stops taking rows before passing it")
+        price = prices.of(name)
+        click.echo(f"{name:<30} {m.rows:>8,} {m.done:>8,} {m.failed:>6,} {m.pending:>8,} {m.requests:>8,} "
+                   f"{m.pending_characters:>13,} {_usd(None if price is None else price * 1e6, cents=True):>10} "
+                   f"{_usd(estimates[name]):>9}")
+    click.echo(f"{'total':<30} {total.rows:>8,} {total.done:>8,} {total.failed:>6,} {total.pending:>8,} "
+               f"{total.requests:>8,} {total.pending_characters:>13,} {'':>10} {_usd(plan.estimate(prices)):>9}")
+    unknown = None in estimates.values()
+    click.echo(f"prices: {prices.source}" + (
+        f"; '?' = no known price{f' ({prices.list_error})' if prices.list_error else ''}: "
+        "add the model under [prices] in the job file" if unknown else ""))
+    budget, spending = job.budget, plan.budget
+    if result.stop_reason:
+        click.echo(f"batchtts: {result.stop_reason}", err=True)
+    elif spending is not None:
+        caps = [_usd(budget.max_cost) if budget.max_cost is not None else None,
+                f"{budget.max_chars:,} characters" if budget.max_chars is not None else None]
+        click.echo(f"budget per run: {' and '.join(c for c in caps if c)}\n"
+                   f"  this run takes {spending.rows:,} of the {_count(total.pending, 'row')} to do: "
+                   f"{spending.characters:,} characters sent, {_usd(spending.cost)}")
+        for reason in (f"then {spending.refused}" if spending.refused else None, spending.passed_over):
+            if reason:
+                click.echo(f"  {reason}")
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _where(out: Path | str) -> str:
@@ -185,16 +197,22 @@ def _size(n: float) -> str:
     return f"{n:.0f} bytes" if step == 0 else f"{n:.1f} {units[step]}"
 
 
+def _spent(result: RunResult) -> str:
+    c, unpriced = result.counters, result.counters.unpriced_characters
+    if unpriced and not c.cost_usd:
+        return f"estimated cost unknown ({unpriced:,} characters to models without a known price)"
+    return f"estimated cost {_usd(c.cost_usd)} ({result.prices.source})" + (
+        f", plus {unpriced:,} characters to models without a known price" if unpriced else "")
+
+
 def _print_summary(result: RunResult, job: Job) -> None:
     c, total = result.counters, result.plan.total
     lines = [
-        f"narrated {c.done} rows, {c.failed} failed, {total.done} already done"
+        f"narrated {_count(c.done, 'row')}, {c.failed} failed, {total.done} already done"
         + (f", {total.failed} failed earlier (rerun with --retry-failed)" if total.failed else ""),
-        f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {c.requests} requests, {c.retries} retries, "
+        f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {_count(c.requests, 'request')}, {_count(c.retries, 'retry', 'retries')}, "
         f"{result.wall_s:.1f} s",
-        f"{c.characters_sent:,} characters sent, estimated cost {_usd(c.cost_usd)} ({result.prices.source})"
-        + (f", plus {c.unpriced_characters:,} characters to models without a known price"
-           if c.unpriced_characters else ""),
+        f"{c.characters_sent:,} characters sent, " + _spent(result),
         f"files in {_where(job.out)}/, ledger at {job.ledger_path}",
     ]
     if result.stop_reason:

@@ -216,7 +216,8 @@ class Narrator:
         try:
             info, published = await asyncio.to_thread(self._stitch, parts, row, partial, f)
         except SpeechError as exc:
-            self._row_failed(row, exc, assembly.attempts, retryable=False, chunks=len(assembly.chunks))
+            self._row_failed(row, exc, assembly.attempts, retryable=retried_next_run(exc, self.policy.statuses),
+                             chunks=len(assembly.chunks))
             return
         except FileNotFoundError as exc:  # a chunk file removed since the run planned: ask for it again
             self._row_failed(row, TransportError(f"chunk file gone: {exc.filename}"), assembly.attempts,

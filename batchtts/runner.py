@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import structlog
 
 from . import manifest
-from .budget import Prices, Spending, prices_for
+from .budget import Prices, Spending, Verdict, prices_for
 from .chunking import limit_for, split_text
 from .client import HTTPSpeechClient
 from .config import Job
@@ -31,6 +31,7 @@ from .errors import (
     EXIT_PROVIDER_STOP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    UsageError,
 )
 from .ledger import COMMIT_EVERY, Entry, Ledger, LedgerSet
 from .local import LocalSpeechProvider
@@ -60,13 +61,24 @@ class ModelPlan:
 
 @dataclass
 class Plan:
-    """What the manifest asks for against what the ledger already has, per model."""
+    """What the manifest asks for against what the ledger already has, per model; with a budget, also
+    what one run under it would take on."""
 
     models: dict[str, ModelPlan] = field(default_factory=dict)
+    budget: Spending | None = None
 
     @property
     def total(self) -> ModelPlan:
         return ModelPlan(*(sum(getattr(m, f.name) for m in self.models.values()) for f in fields(ModelPlan)))
+
+    def estimates(self, prices: Prices) -> dict[str, float | None]:
+        """Estimated cost of what is left, per model; None where the price is unknown."""
+        return {name: prices.cost(name, m.pending_characters) for name, m in sorted(self.models.items())}
+
+    def estimate(self, prices: Prices) -> float | None:
+        """Estimated cost of everything left, or None if a model with work left has no known price."""
+        costs = self.estimates(prices).values()
+        return None if None in costs else round(sum(c for c in costs if c is not None), 6)
 
 
 @dataclass
@@ -78,10 +90,6 @@ class RunResult:
     stop_reason: str | None = None
     advice: str | None = None
     wall_s: float = 0.0
-
-    def estimate(self, model: str) -> float | None:
-        """Estimated cost of what is left for `model`, or None when its price is unknown."""
-        return self.prices.cost(model, self.plan.models[model].pending_characters)
 
     def summary(self) -> dict[str, object]:
         total = self.plan.total
@@ -103,10 +111,10 @@ def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed
 
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
-              owns: Callable[[str], bool] | None = None) -> Plan:
+              owns: Callable[[str], bool] | None = None, budget: Spending | None = None) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
-    rows `owns` accepts (default: the job's shard, or every row)."""
-    plan = Plan()
+    rows `owns` accepts (default: the job's shard, or every row); `budget` is run as the feed runs it."""
+    plan = Plan(budget=budget)
     pending = 0
     limits: dict[str, int] = {}
     if owns is None and job.shard is not None:
@@ -127,12 +135,15 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
                 if row.model not in limits:
                     limits[row.model] = limit_for(row.model, job.limits, job.chunk_chars)
                 if len(row.text) <= limits[row.model]:
-                    model.requests += 1  # the common case, without building its work items
-                    model.pending_characters += len(row.text)
+                    requests, characters = 1, len(row.text)  # the common case, without building its work items
                 else:
                     items = _work_for(row, job, ledger, folder)
-                    model.requests += sum(1 for item in items if not isinstance(item, Assembly))
-                    model.pending_characters += sum(map(_characters, items))
+                    requests = sum(1 for item in items if not isinstance(item, Assembly))
+                    characters = sum(map(_characters, items))
+                model.requests += requests
+                model.pending_characters += characters
+                if budget is not None:
+                    budget.admit(row, characters)
         elif entry is not None and entry.status == "failed":
             model.failed += 1
         else:
@@ -159,7 +170,7 @@ def _characters(item: WorkItem) -> int:
 
 def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder, spending: Spending) -> Iterator[list[WorkItem]]:
     """The work left, in manifest order: whole rows, or the missing chunks of rows over their limit.
-    Ends early at the first row the budget cannot take on."""
+    Ends early at the first row the budget cannot take on; passes over a row no run under it can."""
     batch: list[WorkItem] = []
     sent = 0
     for row in _valid_rows(job):
@@ -167,9 +178,15 @@ def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder, spending: S
             break
         if needs_work(row, ledger.lookup(row.key), folder, job.retry_failed):
             items = _work_for(row, job, ledger, folder)
-            if not spending.admit(row.model, sum(map(_characters, items))):
+            characters = sum(map(_characters, items))
+            verdict = spending.admit(row, characters)
+            if verdict is Verdict.STOP:
                 break
             sent += 1
+            if verdict is Verdict.OVER:
+                log.warning("row_over_budget", row=row.number, id=row.id, characters=characters,
+                            message="needs more than the budget per run allows; passed over")
+                continue
             batch.extend(items)
             if len(batch) >= _FEED_BATCH:
                 yield batch
@@ -210,25 +227,30 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
     job.validate()
     started = time.monotonic()
     folder = open_output(job.out, job.ledger_path)
+    prices = prices_for(job)
+    capped = job.budget.max_cost is not None or job.budget.max_chars is not None
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
-            plan = make_plan(job, ledger, folder)
+            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if capped else None)
         finally:
             if ledger is not None:
                 ledger.close()
-        prices = prices_for(job, plan.models)
-        return RunResult(EXIT_OK, plan, prices, wall_s=time.monotonic() - started)
+        result = RunResult(EXIT_OK, plan, prices)
+        try:
+            Spending(job.budget, prices).check_prices(name for name, m in plan.models.items() if m.pending)
+        except UsageError as exc:
+            result.exit_code, result.stop_reason = exc.exit_code, str(exc)
+        result.wall_s = time.monotonic() - started
+        return result
 
     with folder.lock():
         ledger = Ledger(job.ledger_path)
         try:
             plan = make_plan(job, ledger, folder)
             total = plan.total
-            pending_models = [name for name, m in plan.models.items() if m.pending]
-            prices = prices_for(job, pending_models)
             spending = Spending(job.budget, prices)
-            spending.check_prices(pending_models)
+            spending.check_prices(name for name, m in plan.models.items() if m.pending)
             if provider is None and total.pending:
                 provider = _providers(job, plan)
             cleaned = folder.clean_partials()
@@ -237,7 +259,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
                 "start", manifest=str(job.manifest), out=str(folder), ledger=str(job.ledger_path),
                 **({"shard": str(job.shard)} if job.shard is not None else {}), rows=total.rows, already_done=total.done,
                 pending=total.pending, skipped_failed=total.failed, partial_files_removed=cleaned,
-                estimated_cost_usd=_estimate(plan, prices), config=job.redacted(),
+                estimated_cost_usd=plan.estimate(prices), config=job.redacted(),
             )
             result = RunResult(EXIT_OK, plan, prices)
             if total.pending:
@@ -252,12 +274,6 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
             return result
         finally:
             ledger.close()
-
-
-def _estimate(plan: Plan, prices: Prices) -> float | None:
-    """Estimated cost of everything left, or None if a pending model has no known price."""
-    costs = [prices.cost(name, m.pending_characters) for name, m in plan.models.items() if m.pending]
-    return None if None in costs else round(sum(c for c in costs if c is not None), 6)
 
 
 def _providers(job: Job, plan: Plan) -> SpeechProvider:
@@ -333,10 +349,10 @@ async def _execute(
     elif pool.stopping:
         result.exit_code = EXIT_MAX_RUNTIME
         result.stop_reason = pool.stop_reason
-    elif spending.refused is not None:
+    elif spending.stop_reason is not None:
         result.exit_code = EXIT_BUDGET
-        result.stop_reason = spending.refused
-        log.warning("budget_reached", reason=spending.refused, characters=spending.characters,
+        result.stop_reason = spending.stop_reason
+        log.warning("budget_reached", reason=spending.stop_reason, characters=spending.characters,
                     estimated_cost_usd=round(spending.cost, 6))
 
 
