@@ -227,11 +227,11 @@ def _print_summary(result: RunResult, job: Job) -> None:
 
 
 @main.command()
-@click.argument("targets", nargs=-1, type=click.Path(path_type=Path, exists=True))
+@click.argument("targets", nargs=-1)
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest to count pending rows against.")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
+def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
     """Show what output folders or ledger files hold: done, failed, pending. Several ledgers (the
     shards of a job, or a folder of them) are merged."""
     try:
@@ -250,6 +250,9 @@ def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | No
     pending = "? (pass --manifest)" if report["pending"] is None else report["pending"]
     ledgers = report["ledgers"]
     title = ledgers[0] if len(ledgers) == 1 else f"{os.path.commonpath(ledgers)}/: {len(ledgers)} ledgers, merged"
+    if report["missing_shards"]:
+        title += (f"\n  no ledger yet for shard{'s' if len(report['missing_shards']) > 1 else ''} "
+                  f"{', '.join(map(str, report['missing_shards']))}: their rows count as pending")
     click.echo(
         f"{title}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
         f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"
@@ -261,11 +264,11 @@ def status(targets: tuple[Path, ...], manifest: Path | None, job_file: Path | No
 
 
 @main.command()
-@click.argument("targets", nargs=-1, type=click.Path(path_type=Path, exists=True))
+@click.argument("targets", nargs=-1)
 @click.option("--to", "to", help="results.parquet or results.csv, a path or s3://… (default: next to the audio).")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest (default: the last run's).")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
-def export(targets: tuple[Path, ...], to: str | None, manifest: Path | None, job_file: Path | None) -> None:
+def export(targets: tuple[str, ...], to: str | None, manifest: Path | None, job_file: Path | None) -> None:
     """Write one row per manifest row with its audio file, status and carried columns. Several
     ledgers (the shards of a job, or a folder of them) are merged."""
     try:

@@ -115,14 +115,16 @@ class Job:
             object.__setattr__(self, "out", Path(self.out))
 
     @property
-    def ledger_path(self) -> Path:
-        """The ledger file; each shard has its own, named after the shard, next to the one named."""
+    def named_ledger(self) -> Path:
+        """The ledger the job names (default OUT/ledger.sqlite); shards keep theirs beside it."""
         if isinstance(self.out, str) and self.ledger is None:
             raise UsageError(f"output to {redact_uri(self.out)} needs a local ledger: pass --ledger PATH")
-        named = self.ledger if self.ledger is not None else self.out / "ledger.sqlite"
-        if self.shard is None:
-            return named
-        return named.with_name(f"{named.stem}-shard-{self.shard.index:04d}-of-{self.shard.count:04d}{named.suffix}")
+        return self.ledger if self.ledger is not None else self.out / "ledger.sqlite"
+
+    @property
+    def ledger_path(self) -> Path:
+        """This run's ledger file: the one named, or its shard's."""
+        return sharding.ledger_for(self.named_ledger, self.shard)
 
     def validate(self) -> None:
         if self.defaults.format not in FORMATS:
@@ -268,6 +270,8 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
         top["max_runtime"] = parse_duration(top["max_runtime"])
     if isinstance(top.get("shard"), str):
         top["shard"] = sharding.parse(top["shard"])
+    elif top.get("shard") is not None and not isinstance(top["shard"], Shard):
+        raise UsageError(f'{path}: shard takes "I/N", for example shard = "0/8"')
     for table in _TABLES:
         if table in top and not isinstance(top[table], dict):
             raise UsageError(f"{path}: [{table}] must be a table")

@@ -10,6 +10,7 @@ has been renamed into place, so "done" in the ledger always names a complete fil
 
 from __future__ import annotations
 
+import glob
 import json
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .sharding import shard_of
+from .sharding import Shard, ledger_for, named_ledger, shard_of
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a file is.
 MIGRATIONS: tuple[str, ...] = (
@@ -202,8 +203,11 @@ class Ledger:
         )
 
     def last_run(self) -> dict[str, Any] | None:
-        found = self.db.execute("SELECT manifest, config FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        return {"manifest": found[0], "config": json.loads(found[1] or "{}")} if found else None
+        found = self.db.execute("SELECT manifest, config, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return {"manifest": found[0], "config": json.loads(found[1] or "{}"), "started_at": found[2]} if found else None
+
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT NOT EXISTS (SELECT 1 FROM rows)").fetchone()[0] == 1
 
     def totals(self) -> dict[str, dict[str, float]]:
         return {
@@ -230,27 +234,75 @@ class Ledger:
         self.db.close()
 
 
+def ledger_family(named: Path) -> dict[Path, Shard | None]:
+    """The ledgers of one job that exist: the one named, and its shards' beside it."""
+    found: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
+    pattern = f"{glob.escape(named.stem)}-shard-*-of-*{glob.escape(named.suffix)}"
+    for path in sorted(named.parent.glob(pattern)):
+        parent, shard = named_ledger(path)
+        if shard is not None and parent == named and ledger_for(named, shard) == path:
+            found[path] = shard
+    return found
+
+
+def check_layout(named: Path, shard: Shard | None) -> None:
+    """Refuse a run whose shard layout differs from the ledgers its job already has: the rows they
+    hold would be looked up in another ledger, not found, and narrated (and paid for) again."""
+    clash = []
+    for path, theirs in ledger_family(named).items():
+        if theirs == shard or (theirs is not None and shard is not None and theirs.count == shard.count):
+            continue
+        ledger = Ledger.open_existing(path)
+        try:
+            if not ledger.is_empty():
+                clash.append(f"{theirs.count} shards" if theirs is not None else "no shards")
+        finally:
+            ledger.close()
+    if clash:
+        mine = f"shard {shard}" if shard is not None else "not sharded"
+        raise UsageError(
+            f"{named.parent} holds ledgers of this job run with {' and '.join(sorted(set(clash)))}; this run is "
+            f"{mine}, so the rows they hold would be narrated again. Keep the layout the job started with "
+            "(the same N in --shard I/N or --shards N), or move those ledgers away"
+        )
+
+
 class LedgerSet:
     """Several ledgers read as one: the shards of a job, for `status` and `export`.
 
-    A key is looked up in the ledger of its shard when every ledger recorded one shard of the same
-    count; otherwise in each ledger in turn.
+    When the ledgers are shards of one count, a key is looked up in its shard's ledger only. As a
+    whole job (a folder, or a job file, was named), the rows of shards that have no ledger yet count
+    as pending; as named files, the view is those shards' rows.
     """
 
-    def __init__(self, ledgers: list[Ledger]) -> None:
+    def __init__(self, ledgers: list[Ledger], whole_job: bool = False) -> None:
         self.ledgers = ledgers
         self.path = ledgers[0].path
-        self._by_shard: dict[int, Ledger] = {}
+        self.whole_job = whole_job
         self.count: int | None = None
-        shards = [(ledger, (ledger.last_run() or {}).get("config", {}).get("shard")) for ledger in ledgers]
-        counts = {s["count"] for _, s in shards if s}
-        if len(counts) == 1 and all(shard for _, shard in shards):
-            self.count = counts.pop()
-            self._by_shard = {s["index"]: ledger for ledger, s in shards}
+        self._by_shard: dict[int, Ledger] = {}
+        shards = {ledger: named_ledger(ledger.path)[1] for ledger in ledgers}
+        counts = {s.count for s in shards.values() if s is not None}
+        if len(counts) > 1 or (counts and None in shards.values()):
+            names = ", ".join(ledger.path.name for ledger in ledgers)
+            raise UsageError(f"these ledgers are of different shard layouts ({names}): name the ledgers of one")
+        for ledger, shard in shards.items():
+            if shard is not None:
+                if shard.index in self._by_shard:
+                    raise UsageError(f"two ledgers hold shard {shard}: {self._by_shard[shard.index].path} and {ledger.path}")
+                self._by_shard[shard.index] = ledger
+                self.count = shard.count
+
+    @property
+    def missing_shards(self) -> list[int]:
+        """Shards of the job with no ledger yet (none started, or not on this disk)."""
+        if self.count is None or not self.whole_job:
+            return []
+        return [i for i in range(self.count) if i not in self._by_shard]
 
     def owns(self, key: str) -> bool:
-        """Whether the key belongs to a shard these ledgers cover (always, unless they are shards)."""
-        return self.count is None or shard_of(key, self.count) in self._by_shard
+        """Whether the key's row is in view: every row of a whole job, else those of the shards named."""
+        return self.count is None or self.whole_job or shard_of(key, self.count) in self._by_shard
 
     def _for(self, key: str) -> list[Ledger]:
         if self.count is None:
@@ -268,7 +320,9 @@ class LedgerSet:
         return next((c for ledger in self.ledgers if (c := ledger.chunk(fingerprint)) is not None), None)
 
     def last_run(self) -> dict[str, Any] | None:
-        return next((r for ledger in self.ledgers if (r := ledger.last_run()) is not None), None)
+        """The newest run any of the ledgers recorded: it names the manifest and defaults."""
+        runs = [r for ledger in self.ledgers if (r := ledger.last_run()) is not None]
+        return max(runs, key=lambda r: r["started_at"] or "", default=None)
 
     def totals(self) -> dict[str, dict[str, float]]:
         merged: dict[str, dict[str, float]] = {}

@@ -6,7 +6,6 @@ Both take one ledger or many (the shards of a job, or a folder holding them) and
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,18 +14,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import manifest
 from .config import Defaults, Job, is_uri, redact_uri
 from .errors import UsageError
-from .ledger import Ledger, LedgerSet
+from .ledger import Ledger, LedgerSet, ledger_family
 from .manifest import KNOWN_COLUMNS, Row
 from .runner import make_plan
-from .storage import open_output, upload
+from .sharding import named_ledger
+from .storage import open_output, publish_file
 
-_SHARD_LEDGER = re.compile(r"-shard-\d+-of-\d+\.sqlite$")
+_LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
 _TYPES = {
     "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "model": pa.string(),
@@ -35,14 +34,18 @@ _TYPES = {
 }
 
 
-def ledger_files(target: Path) -> list[Path]:
-    """A ledger file as given; a folder's ledgers (`*.sqlite` and the shards' `*-shard-I-of-N.sqlite`)."""
-    if not target.is_dir():
-        return [target]
-    found = sorted(p for p in target.glob("*.sqlite") if p.name == "ledger.sqlite" or _SHARD_LEDGER.search(p.name))
-    if not found:
-        raise UsageError(f"no ledger in {target}: run the job first, or give the path of its ledger file")
-    return found
+def ledger_files(folder: Path) -> list[Path]:
+    """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
+    jobs: dict[Path, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in _LEDGER_SUFFIXES and path.is_file():
+            jobs.setdefault(named_ledger(path)[0], []).append(path)
+    if not jobs:
+        raise UsageError(f"no ledger in {folder}: run the job first, or give the path of its ledger file")
+    if len(jobs) > 1:
+        names = ", ".join(p.name for p in jobs)
+        raise UsageError(f"{folder} holds the ledgers of several jobs ({names}): name the files, or pass --job")
+    return next(iter(jobs.values()))
 
 
 @dataclass
@@ -55,29 +58,50 @@ class JobContext:
     defaults: Defaults
 
 
-def open_context(targets: list[Path], manifest_path: Path | None, job: Job | None) -> JobContext:
-    """Targets are output folders or ledger files; without any, the job's ledger (or its shards')."""
-    if not targets and job is not None:
-        if job.ledger is not None:
-            targets = [job.ledger] if job.ledger.exists() else [job.ledger.parent]
-        elif isinstance(job.out, Path):
-            targets = [job.out]
+def open_context(targets: list[str], manifest_path: Path | None, job: Job | None) -> JobContext:
+    """Targets are output folders or ledger files; without any, the job's ledger and its shards'. A
+    folder or a job stands for the whole job: rows of shards without a ledger yet count as pending."""
+    files: list[Path] = []
+    for target in targets:
+        if is_uri(target):
+            raise UsageError(f"{redact_uri(target)}: the ledger is on local disk: name the --ledger file of the run "
+                             "(or its folder)")
+        path = Path(target)
+        if not path.exists():
+            raise UsageError(f"{target}: no such ledger file or folder")
+        files += ledger_files(path) if path.is_dir() else [path]
+    whole_job = not targets or any(Path(t).is_dir() for t in targets)
     if not targets:
-        raise UsageError("name an output folder or ledger files (or a job file that names its ledger)")
-    files = [f for target in targets for f in ledger_files(target)]
-    ledger = LedgerSet([Ledger.open_existing(f) for f in dict.fromkeys(files)])
+        if job is None:
+            raise UsageError("name an output folder or ledger files (or a job file that names its ledger)")
+        files = list(ledger_family(job.named_ledger))
+        if not files:
+            raise UsageError(f"no ledger at {job.named_ledger} (nor its shards'): run the job first")
+    unique = list(dict.fromkeys(f.resolve() for f in files))
+    opened: list[Ledger] = []
+    try:
+        for f in unique:
+            opened.append(Ledger.open_existing(f))
+        ledger = LedgerSet(opened, whole_job)
+    except BaseException:
+        for each in opened:
+            each.close()
+        raise
     last = ledger.last_run() or {}
     config = last.get("config", {})
     defaults = job.defaults if job is not None else Defaults(**config.get("defaults", {}))
     if manifest_path is None:
         manifest_path = job.manifest if job is not None else (Path(last["manifest"]) if last.get("manifest") else None)
+    recorded = config.get("out")
+    out: Path | str
     if job is not None:
-        out: Path | str = job.out
-    elif targets and targets[0].is_dir():
-        out = targets[0]
+        out = job.out
+    elif is_uri(recorded):
+        out = recorded
+    elif targets and Path(targets[0]).is_dir():
+        out = Path(targets[0])
     else:
-        recorded = config.get("out", str(files[0].parent))
-        out = recorded if is_uri(recorded) else Path(recorded)
+        out = Path(recorded) if recorded else unique[0].parent
     return JobContext(ledger, out, manifest_path, defaults)
 
 
@@ -88,6 +112,7 @@ def status(ctx: JobContext) -> dict[str, Any]:
     report: dict[str, Any] = {
         "ledger": str(ctx.ledger.path),
         "ledgers": [str(ledger.path) for ledger in ctx.ledger.ledgers],
+        "missing_shards": ctx.ledger.missing_shards,
         "total": None,
         "done": int(done["rows"]),
         "failed": int(failed["rows"]),
@@ -160,17 +185,19 @@ def export(ctx: JobContext, to: Path | str) -> int:
     try:
         rows = _write_export(ctx, aside, suffix)
         if isinstance(to, Path):
+            os.chmod(aside, 0o666 & ~_umask())  # as a file written in place would be, not the temporary's 0600
             os.replace(aside, to)
         else:
-            try:
-                fs, path = pafs.FileSystem.from_uri(to)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"cannot use {redact_uri(to)}: {exc}") from exc
-            with open(aside, "rb") as f:
-                upload(f, fs, path, f"{path}.partial-{os.getpid()}")
+            publish_file(aside, to)
     finally:
         aside.unlink(missing_ok=True)
     return rows
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_export(ctx: JobContext, to: Path, suffix: str) -> int:

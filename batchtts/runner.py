@@ -33,7 +33,7 @@ from .errors import (
     EXIT_SIGTERM,
     UsageError,
 )
-from .ledger import COMMIT_EVERY, Entry, Ledger, LedgerSet
+from .ledger import COMMIT_EVERY, Entry, Ledger, LedgerSet, check_layout
 from .local import LocalSpeechProvider
 from .manifest import Row
 from .narrator import Assembly, ChunkJob, Counters, Narrator, WorkItem
@@ -226,6 +226,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
     """Narrate every row of the job's manifest that the ledger does not already hold."""
     job.validate()
     started = time.monotonic()
+    check_layout(job.named_ledger, job.shard)
     folder = open_output(job.out, job.ledger_path)
     prices = prices_for(job)
     capped = job.budget.max_cost is not None or job.budget.max_chars is not None

@@ -15,10 +15,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UsageError
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_LEDGER_NAME = re.compile(r"^(?P<stem>.+)-shard-(?P<index>\d{4,})-of-(?P<count>\d{4,})$")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,25 @@ def shard_of(key: str, count: int) -> int:
     """Stable across processes, machines and Python versions (unlike `hash()`)."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count
+
+
+def ledger_for(named: Path, shard: Shard | None) -> Path:
+    """Each shard's ledger sits next to the one named, named after the shard: `ledger-shard-0002-of-0008.sqlite`."""
+    if shard is None:
+        return named
+    return named.with_name(f"{named.stem}-shard-{shard.index:04d}-of-{shard.count:04d}{named.suffix}")
+
+
+def named_ledger(path: Path) -> tuple[Path, Shard | None]:
+    """The ledger a shard's ledger file belongs to, and its shard; a plain ledger is its own."""
+    match = _LEDGER_NAME.match(path.stem)
+    if match is None:
+        return path, None
+    try:
+        shard = Shard(int(match["index"]), int(match["count"]))
+    except UsageError:
+        return path, None
+    return path.with_name(match["stem"] + path.suffix), shard
 
 
 def parse(spec: str) -> Shard:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import functools
 import itertools
 import os
 import re
@@ -92,7 +93,7 @@ class OutputFolder:
 
     def __init__(self, root: Path, ledger: Path) -> None:
         self.root = root
-        self.partial_dir = root / PARTIAL_DIR / ledger.stem
+        self.partial_dir = root / PARTIAL_DIR / _ledger_tag(ledger)
         self.lock_path = ledger.parent / f".batchtts-{ledger.name}.lock"
         self._made: set[Path] = set()
         self._partials = itertools.count()
@@ -182,18 +183,47 @@ class OutputFolder:
         partial.unlink(missing_ok=True)
 
 
+def _ledger_tag(ledger: Path) -> str:
+    """Names a ledger's partial folder: its name, and a hash of its full path so that two jobs with
+    ledgers of the same name elsewhere never share (and clean out) one partial folder."""
+    return f"{ledger.stem}-{hashlib.sha256(str(ledger.resolve()).encode()).hexdigest()[:8]}"
+
+
+def _store(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path a URI names; its credentials stay out of the error."""
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot use {redact_uri(uri)}: {str(exc).replace(uri, redact_uri(uri))}") from exc
+    return fs, path
+
+
 class ObjectStoreOutput(OutputFolder):
-    """Audio under a prefix of an object store; partials, chunks and the lock stay in a local folder."""
+    """Audio under a prefix of an object store; partials, chunks and the lock stay in a local folder.
+    The store is reached only when audio is written: a dry run, `status` and the resume check use
+    the ledger alone."""
 
     def __init__(self, uri: str, ledger: Path) -> None:
         super().__init__(ledger.parent, ledger)
         self.uri = uri
-        try:
-            self.fs, self.prefix = pafs.FileSystem.from_uri(uri)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot use {redact_uri(uri)}: {exc}") from exc
-        self.prefix = self.prefix.rstrip("/")
-        self.staging = f"{self.prefix}/{PARTIAL_DIR}/{ledger.stem}"
+        self._tag = _ledger_tag(ledger)
+
+    @functools.cached_property
+    def _resolved(self) -> tuple[pafs.FileSystem, str]:
+        fs, path = _store(self.uri)
+        return fs, path.rstrip("/")
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._resolved[0]
+
+    @property
+    def prefix(self) -> str:
+        return self._resolved[1]
+
+    @property
+    def staging(self) -> str:
+        return f"{self.prefix}/{PARTIAL_DIR}/{self._tag}"
 
     def __str__(self) -> str:
         return redact_uri(self.uri)
@@ -239,6 +269,13 @@ class ObjectStoreOutput(OutputFolder):
             f.close()
             partial.unlink(missing_ok=True)
         return Published(Path(relpath), size, digest)
+
+
+def publish_file(local: Path, uri: str) -> None:
+    """Put a finished local file at an object-store URI, whole or not at all."""
+    fs, path = _store(uri)
+    with open(local, "rb") as f:
+        upload(f, fs, path, f"{path}.partial-{os.getpid()}")
 
 
 def upload(f: BinaryIO, fs: pafs.FileSystem, final: str, staging: str) -> tuple[str, int]:

@@ -117,9 +117,12 @@ def start_batchtts(*args: str | Path, key: str | None = KEY) -> subprocess.Popen
 
 
 def ledger_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The ledger's rows by key; none while a starting run has created the file but not its tables."""
     db = sqlite3.connect(path)
     db.row_factory = sqlite3.Row
     try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rows'").fetchone() is None:
+            return {}
         return {r["key"]: dict(r) for r in db.execute("SELECT * FROM rows")}
     finally:
         db.close()

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +44,7 @@ from batchtts.errors import (
 )
 from batchtts.models import parse
 from batchtts.sharding import Shard, detect, shard_of
+from batchtts.storage import OutputFolder
 
 MODEL = "openai/gpt-4o-mini-tts"
 PRICE = 0.6 / 1_000_000  # what `batchtts serve` lists for MODEL, USD per character
@@ -314,6 +316,13 @@ def test_each_shard_has_a_ledger_of_its_own_next_to_the_one_named():
         ledger(out="gs://bucket/audio")
 
 
+def test_ledgers_of_the_same_name_in_other_folders_have_partial_folders_of_their_own(tmp_path):
+    a = OutputFolder(tmp_path / "out", tmp_path / "a" / "ledger.sqlite")
+    b = OutputFolder(tmp_path / "out", tmp_path / "b" / "ledger.sqlite")
+    assert a.partial_dir != b.partial_dir and a.lock_path != b.lock_path
+    assert a.partial_dir == OutputFolder(tmp_path / "out", tmp_path / "a" / "ledger.sqlite").partial_dir
+
+
 def test_a_rows_shard_depends_on_its_key_alone():
     keys = [f"utt-{i}" for i in range(20_000)]
     before = {k: shard_of(k, 16) for k in keys}
@@ -375,6 +384,57 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     a = pq.read_table(sharded / "results.parquet").to_pylist()
     b = pq.read_table(single / "results.parquet").to_pylist()
     assert len(a) == 240 and a == b
+    assert (sharded / "results.parquet").stat().st_mode & 0o777 == (single / "ledger.sqlite").stat().st_mode & 0o777
+
+    # The same ledger named twice is read once.
+    twice = json.loads(batchtts("status", ledgers[0], sharded / ".." / sharded.name / ledgers[0].name, "--json").stdout)
+    assert twice["done"] == len(keys[0]) and twice["bytes"] == json.loads(batchtts("status", ledgers[0], "--json").stdout)["bytes"]
+
+    # Another shard layout on the same ledgers would buy their rows again: refused before any request.
+    requests = server.stats()["requests"]
+    for other in (["--shard", "0/2"], []):
+        refused = batchtts("run", job, *other)
+        assert refused.returncode == EXIT_USAGE and "would be narrated again" in refused.stderr, refused.stderr
+    assert server.stats()["requests"] == requests
+
+    # A shard that has not run yet (a pod still pending): the folder's status is not complete.
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    ledgers[3].rename(aside / ledgers[3].name)
+    partial = json.loads(batchtts("status", sharded, "--json").stdout)
+    assert partial["missing_shards"] == [3] and partial["total"] == 240
+    assert partial["pending"] == len(keys[3]) and partial["done"] == 240 - len(keys[3])
+    assert "no ledger yet for shard 3" in batchtts("status", sharded).stdout
+    assert batchtts("export", sharded, "--to", tmp_path / "partial.csv").returncode == 0
+    statuses = Counter(pacsv.read_csv(tmp_path / "partial.csv").column("status").to_pylist())
+    assert statuses == {"done": 240 - len(keys[3]), "pending": len(keys[3])}
+
+
+def test_two_jobs_sharing_a_ledger_folder_are_read_apart(serve, tmp_path):
+    server = serve()
+    write_csv(tmp_path / "a.csv", rows(12, "a"))
+    write_csv(tmp_path / "b.csv", rows(7, "b"))
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.toml").write_text(
+            f'manifest = "{name}.csv"\nout = "out/{name}"\nledger = "state/{name}.sqlite"\nshard = "0/2"\n'
+            f'[defaults]\nmodel = "{MODEL}"\nvoice = "alloy"\n[provider]\nbase_url = "{server.url}"\n')
+        assert batchtts("run", tmp_path / f"{name}.toml", *FAST_RETRY).returncode == 0
+    mine = json.loads(batchtts("status", "--job", tmp_path / "a.toml", "--json").stdout)
+    assert [Path(p).name for p in mine["ledgers"]] == ["a-shard-0000-of-0002.sqlite"]
+    assert mine["total"] == 12 and mine["missing_shards"] == [1]
+    assert mine["done"] == len(ledger_rows(tmp_path / "state" / "a-shard-0000-of-0002.sqlite")) == 12 - mine["pending"]
+    both = batchtts("status", tmp_path / "state")
+    assert both.returncode == EXIT_USAGE and "ledgers of several jobs (a.sqlite, b.sqlite)" in both.stderr
+
+
+def test_ledger_and_shard_mistakes_are_told_plainly(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('manifest = "m.csv"\nout = "out"\nshard = 3\n')
+    assert 'shard takes "I/N"' in batchtts("run", job).stderr
+    bucket = batchtts("status", "s3://bucket/audio")
+    assert bucket.returncode == EXIT_USAGE and "the ledger is on local disk" in bucket.stderr
+    missing = batchtts("status", tmp_path / "nothing-here")
+    assert missing.returncode == EXIT_USAGE and "no such ledger file or folder" in missing.stderr
 
 
 def test_the_kubernetes_indexed_job_runs_its_command_as_shard_of_its_completions(serve):
@@ -457,8 +517,16 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     assert no_bucket.returncode == EXIT_USAGE and "cannot write to s3://no-such-bucket/audio" in no_bucket.stderr
     assert server.stats()["requests"] == 0  # refused before any audio was bought
 
+    # A dry run (and status) uses the ledger alone: no store needs to answer.
+    unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    dry = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav", "--dry-run"), **unreachable)
+    assert dry.returncode == 0 and "12 rows" in dry.stdout, dry.stderr
+
     run = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **env)
     assert run.returncode == 0, run.stderr
+    for named in (ledger, ledger.parent):  # the file, or the folder of ledgers
+        status = json.loads(batchtts("status", named, "--json", **unreachable).stdout)
+        assert status["done"] == 12 and status["pending"] == 0
     stored = objects(fs, "audio-bucket/narration/v1")
     entries = ledger_rows(ledger)
     assert stored == {e["path"]: e["bytes"] for e in entries.values()}
