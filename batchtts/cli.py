@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import structlog
 
 from . import __version__, sharding
 from . import log as logs
@@ -33,7 +34,11 @@ from .runner import run as run_job
 
 
 def _fail(exc: BatchTTSError) -> None:
-    click.echo(f"batchtts: {exc}", err=True)
+    """An expected fault: one line saying what to do, as a JSON event when the logs are JSON lines."""
+    if logs.chosen() == "json":
+        structlog.get_logger("batchtts").error("error", exit_code=exc.exit_code, message=str(exc))
+    else:
+        click.echo(f"batchtts: {exc}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -213,7 +218,8 @@ def _print_summary(result: RunResult, job: Job) -> None:
         f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {_count(c.requests, 'request')}, {_count(c.retries, 'retry', 'retries')}, "
         f"{result.wall_s:.1f} s",
         f"{c.characters_sent:,} characters sent, " + _spent(result),
-        f"files in {_where(job.out)}/, ledger at {job.ledger_path}",
+        f"files in {_where(job.out)}/, ledger at {job.ledger_path}"
+        + (f" (shard {job.shard}, from {job.shard.source})" if job.shard is not None else ""),
     ]
     if result.stop_reason:
         lines.insert(0, f"stopped: {result.stop_reason}")

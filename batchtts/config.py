@@ -175,15 +175,18 @@ _RENAMED = {
 }
 
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
 def parse_duration(value: str | float) -> float:
     """Seconds from `90`, `45s`, `50m`, `2h` or `1h30m`."""
     if isinstance(value, (int, float)):
         return float(value)
-    match = _DURATION.match(value.strip().lower())
-    if not value.strip() or match is None:
+    text = value.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    match = _DURATION.match(text)
+    if not text or match is None:
         raise UsageError(f"not a duration: {value!r} (use seconds, or 45s, 50m, 2h, 1h30m)")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
@@ -202,10 +205,9 @@ def redact_uri(uri: str) -> str:
     (`gs://anonymous@bucket`) and the other options (region, endpoint) are kept."""
     base, _, query = uri.partition("?")
     scheme, sep, rest = base.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
+    userinfo, at, remainder = rest.partition("@")  # a secret may hold '/', so not cut at the first '/'
     if at and ":" in userinfo:
-        base = f"{scheme}{sep}{host}{slash}{path}"
+        base = f"{scheme}{sep}{remainder}"
     kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
     return f"{base}?{urlencode(kept)}" if kept else base
 

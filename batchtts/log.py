@@ -37,11 +37,21 @@ def _for_people(hidden_events: frozenset[str]) -> structlog.types.Processor:
     return processor
 
 
+_chosen = "console"
+
+
+def chosen() -> str:
+    """The format `configure` chose last: "console" or "json"."""
+    return _chosen
+
+
 def configure(log_format: str = "auto", stream: TextIO | None = None) -> str:
     """Set up structlog; returns the format chosen ("console" or "json")."""
+    global _chosen
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
+    _chosen = log_format
     processors: list[structlog.types.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

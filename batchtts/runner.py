@@ -367,7 +367,8 @@ def _stop_at_max_runtime(job: Job, pool: WorkerPool[WorkItem], started: float) -
     def stop() -> None:
         log.warning("max_runtime", max_runtime_s=job.max_runtime, grace_s=round(grace, 3),
                     message="taking no new rows; requests in flight get the rest of the window")
-        pool.stop(f"the maximum run time ({job.max_runtime:g} s) is reached", grace=grace)
+        pool.stop(f"the maximum run time ({job.max_runtime:g} s) is near: no new rows in its last {grace:g} s",
+                  grace=grace)
 
     delay = max(0.0, started + job.max_runtime - grace - time.monotonic())
     return asyncio.get_running_loop().call_later(delay, stop)

@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
@@ -27,9 +27,12 @@ _LEDGER_NAME = re.compile(r"^(?P<stem>.+)-shard-(?P<index>\d{4,})-of-(?P<count>\
 class Shard:
     index: int
     count: int
+    source: str = field(default="--shard", compare=False)  # where the index came from, for the summary
 
     def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
+        if self.count < 1:
+            raise UsageError(f"shard {self.index}/{self.count}: the number of shards must be at least 1")
+        if not 0 <= self.index < self.count:
             raise UsageError(f"shard {self.index}/{self.count}: the index must be 0 to {self.count - 1}")
 
     def owns(self, key: str) -> bool:
@@ -74,19 +77,25 @@ def parse(spec: str) -> Shard:
 def detect(shard: str | None, shards: int | None, environ: Mapping[str, str] = os.environ) -> Shard | None:
     """`--shard I/N` if given; else the scheduler's array index; else no sharding."""
     if shard is not None:
-        return parse(shard)
+        given = parse(shard)
+        if shards is not None and shards != given.count:
+            raise UsageError(f"--shard {shard} and --shards {shards} disagree: give one of them")
+        return given
     if "JOB_COMPLETION_INDEX" in environ:
         if shards is None:
             raise UsageError("running as a Kubernetes Indexed Job: pass --shards N with N the Job's completions")
-        return Shard(_int(environ, "JOB_COMPLETION_INDEX"), shards)
+        return Shard(_int(environ, "JOB_COMPLETION_INDEX"), shards, "JOB_COMPLETION_INDEX")
     if "SLURM_ARRAY_TASK_ID" in environ:
         offset = _int(environ, "SLURM_ARRAY_TASK_ID") - _int(environ, "SLURM_ARRAY_TASK_MIN", 0)
         task, off_step = divmod(offset, max(1, _int(environ, "SLURM_ARRAY_TASK_STEP", 1)))
         if off_step:
             raise UsageError("SLURM_ARRAY_TASK_ID is not on the array's step: give the array as a range, "
                              "for example --array=0-7, or pass --shard I/N")
-        count = shards if shards is not None else _int(environ, "SLURM_ARRAY_TASK_COUNT")
-        return Shard(task, count)
+        count = _int(environ, "SLURM_ARRAY_TASK_COUNT")
+        if shards is not None and shards != count:
+            raise UsageError(f"--shards {shards}, but the Slurm array has {count} tasks: rows of the missing "
+                             "shards would never be narrated; make them equal")
+        return Shard(task, count, "SLURM_ARRAY_TASK_ID")
     if shards is not None:
         raise UsageError("--shards N needs an index: --shard I/N, JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID")
     return None
@@ -94,7 +103,9 @@ def detect(shard: str | None, shards: int | None, environ: Mapping[str, str] = o
 
 def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
     value = environ.get(name)
-    if value is None and default is not None:
+    if value is None:
+        if default is None:
+            raise UsageError(f"{name} is not set")
         return default
     try:
         return int(value or "")

@@ -116,6 +116,15 @@ def start_batchtts(*args: str | Path, key: str | None = KEY) -> subprocess.Popen
     )
 
 
+def error_message(result: subprocess.CompletedProcess[str]) -> str:
+    """What the CLI said of an expected fault: off a terminal it is the `error` JSON event's message."""
+    for line in result.stderr.splitlines():
+        if line.startswith("{") and (event := json.loads(line)).get("event") == "error":
+            assert event["exit_code"] == result.returncode
+            return event["message"]
+    return result.stderr
+
+
 def ledger_rows(path: Path) -> dict[str, dict[str, Any]]:
     """The ledger's rows by key; none while a starting run has created the file but not its tables."""
     db = sqlite3.connect(path)

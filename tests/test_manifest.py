@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import batchtts, write_csv, write_jsonl
+from conftest import batchtts, error_message, write_csv, write_jsonl
 
 from batchtts.config import Defaults
 from batchtts.errors import ManifestError
@@ -22,7 +22,7 @@ def refused(tmp_path: Path, manifest: Path, serve, *extra: str) -> str:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert server.stats()["requests"] == 0
-    return result.stderr
+    return error_message(result)
 
 
 def test_missing_text_column(tmp_path, serve):

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,12 +30,13 @@ from conftest import (
     ROOT,
     batchtts,
     cli_env,
+    error_message,
     ledger_rows,
     wait_for,
     write_csv,
 )
 
-from batchtts.config import Job, redact_uri
+from batchtts.config import Job, parse_duration, redact_uri
 from batchtts.errors import (
     EXIT_BUDGET,
     EXIT_MAX_RUNTIME,
@@ -268,21 +270,47 @@ def test_max_runtime_ends_inside_the_window_and_the_next_run_goes_on(serve, tmp_
     assert len(ledger_rows(out / "ledger.sqlite")) == 60
 
 
-def test_the_cron_and_systemd_recipes_run_the_nightly_job(serve):
+def test_durations_read_as_written():
+    assert [parse_duration(v) for v in ("90", "45s", "50m", "2h", "1h30m", "1.5h", 12)] == [
+        90, 45, 3000, 7200, 5400, 5400, 12]
+    for unclear in ("1h30", "x", "", "5 min"):
+        with pytest.raises(UsageError, match="not a duration"):
+            parse_duration(unclear)
+
+
+def test_the_cron_and_systemd_recipes_run_the_nightly_job(serve, tmp_path):
     server = serve()
     crontab = (ROOT / "jobs" / "crontab").read_text()
     service = (ROOT / "jobs" / "batchtts-nightly.service").read_text()
-    command = re.search(r"batchtts (run jobs/nightly\.toml[^>]*?)\s*>>", crontab)[1]
     exec_start = re.search(r"^ExecStart=\S+/batchtts (.*)$", service, re.MULTILINE)[1]
     assert "OnCalendar=" in (ROOT / "jobs" / "batchtts-nightly.timer").read_text()
-    assert re.search(r"^SuccessExitStatus=4 5$", service, re.MULTILINE)
-    for line in (command, exec_start):
-        preview = subprocess.run(
-            [sys.executable, "-m", "batchtts", *shlex.split(line), "--dry-run", "--base-url", server.url],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env(None), check=False,
-        )
-        assert preview.returncode == 0, preview.stderr
-        assert "budget per run: $5.00" in preview.stdout and "prices: job file" in preview.stdout
+    assert re.search(r"^SuccessExitStatus=4 5 143$", service, re.MULTILINE)
+    preview = subprocess.run(
+        [sys.executable, "-m", "batchtts", *shlex.split(exec_start), "--dry-run", "--base-url", server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env(None), check=False,
+    )
+    assert preview.returncode == 0, preview.stderr
+    assert "budget per run: $5.00" in preview.stdout and "prices: job file" in preview.stdout
+
+    # The crontab line itself, as cron runs it (sh, `%` unescaped), in a copy of the folder it expects,
+    # with the key (and here the server's address) in an .env of plain KEY=value lines.
+    schedule = next(line for line in crontab.splitlines() if line.strip() and not line.startswith("#"))
+    command = schedule.split(None, 5)[5].replace("\\%", "%")
+    home = tmp_path / "narration"
+    for folder in ("jobs", "sample_manifests"):
+        shutil.copytree(ROOT / folder, home / folder)
+    (home / ".venv" / "bin").mkdir(parents=True)
+    (home / ".venv" / "bin" / "batchtts").symlink_to(Path(sys.executable).parent / "batchtts")
+    (home / ".env").write_text(f"OPENROUTER_API_KEY=sk-or-test\nBATCHTTS_BASE_URL={server.url}\n")
+    env = {k: v for k, v in cli_env(None).items() if k not in ("OPENROUTER_API_KEY", "BATCHTTS_BASE_URL")}
+    night = subprocess.run(["sh", "-c", command.replace("/srv/narration", str(home))], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert night.returncode == 0, night.stderr
+    month = time.strftime("%Y-%m")
+    events = [json.loads(line) for line in (home / "logs" / f"nightly-{month}.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "summary" and events[-1]["done"] == 6
+    assert "narrated 6 rows" in (home / "logs" / f"nightly-{month}.log").read_text()
+    assert len(received(server)) == 6
 
 
 # --- sharding -------------------------------------------------------------------------------------
@@ -299,8 +327,10 @@ def test_shard_detection_from_flags_and_schedulers():
     assert detect(None, None, {}) is None
     for bad in (("8/8", None, {}), ("x", None, {}), (None, None, {"JOB_COMPLETION_INDEX": "0"}),
                 (None, 4, {}), (None, None, {"SLURM_ARRAY_TASK_ID": "two", "SLURM_ARRAY_TASK_COUNT": "4"}),
-                (None, None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_STEP": "3", "SLURM_ARRAY_TASK_COUNT": "4"})):
-        with pytest.raises(Exception, match=r"shard|--shards|index|whole number"):
+                (None, None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_STEP": "3", "SLURM_ARRAY_TASK_COUNT": "4"}),
+                (None, None, {"SLURM_ARRAY_TASK_ID": "1"}), ("0/0", None, {}), ("1/3", 4, {}),
+                (None, 4, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"})):
+        with pytest.raises(UsageError, match=r"shard|--shards|index|whole number|not set"):
             detect(*bad)
 
 
@@ -356,9 +386,10 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     procs = [subprocess.Popen(argv, env={**cli_env(), **extra, "PATH": bindir + os.pathsep + os.environ["PATH"]},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for argv, extra in launches]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=120)
+    for proc, source in zip(procs, ["--shard", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_ID"]):
+        stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
+        assert f"/4, from {source})" in stdout  # the summary says which shard ran, and why
     ledgers = sorted(sharded.glob("ledger-shard-*.sqlite"))
     assert [p.name for p in ledgers] == [f"ledger-shard-{i:04d}-of-0004.sqlite" for i in range(4)]
     keys = [set(ledger_rows(p)) for p in ledgers]
@@ -430,7 +461,7 @@ def test_two_jobs_sharing_a_ledger_folder_are_read_apart(serve, tmp_path):
 def test_ledger_and_shard_mistakes_are_told_plainly(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text('manifest = "m.csv"\nout = "out"\nshard = 3\n')
-    assert 'shard takes "I/N"' in batchtts("run", job).stderr
+    assert 'shard takes "I/N"' in error_message(batchtts("run", job))
     bucket = batchtts("status", "s3://bucket/audio")
     assert bucket.returncode == EXIT_USAGE and "the ledger is on local disk" in bucket.stderr
     missing = batchtts("status", tmp_path / "nothing-here")
@@ -591,6 +622,7 @@ def test_uris_lose_their_credentials_in_logs_but_keep_their_other_options():
     assert redact_uri("gs://bucket/audio") == "gs://bucket/audio"
     assert redact_uri("s3://AKIA123:s3cr3t@bucket/audio?region=eu-west-1") == "s3://bucket/audio?region=eu-west-1"
     assert redact_uri("gs://anonymous@bucket/audio") == "gs://anonymous@bucket/audio"
+    assert redact_uri("s3://AKIA123:ab/cd+ef@bucket/audio") == "s3://bucket/audio"  # a secret with a '/' in it
 
 
 class CuttingProxy:
