@@ -166,7 +166,8 @@ class Narrator:
         request = SpeechRequest(row.model, chunk.text, row.voice, fmt, row.speed, row.provider_options)
         attempts = [0]
         try:
-            outcome = await self._request(request, fmt, chunk_path(fingerprint, fmt), {}, row, attempts)
+            outcome = await self._request(request, fmt, chunk_path(fingerprint, fmt), {}, row, attempts,
+                                          chunk=f"{job.index + 1}/{len(assembly.chunks)}")
         except _Stopped:
             assembly.abandoned = True
             return
@@ -236,12 +237,13 @@ class Narrator:
             raise
 
     async def _request(
-        self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str], row: Row, attempts: list[int]
+        self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str], row: Row, attempts: list[int],
+        chunk: str | None = None,
     ) -> _Outcome:
         """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
         started = time.monotonic()
         remote = not is_local(request.model)
-        async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row)):
+        async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row, chunk)):
             with attempt:
                 attempts[0] += 1
                 # The throttle's slot covers the request and its body, not the fsync that follows.
@@ -297,7 +299,7 @@ class Narrator:
             self.folder.discard(body.partial, body.file)
             raise
 
-    def _before_retry(self, row: Row) -> Callable[[RetryCallState], None]:
+    def _before_retry(self, row: Row, chunk: str | None) -> Callable[[RetryCallState], None]:
         def hook(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
@@ -306,7 +308,7 @@ class Narrator:
             self.counters.retries += 1
             self.progress.retried()
             log.warning(
-                "retry", row=row.number, id=row.id, attempt=state.attempt_number,
+                "retry", row=row.number, id=row.id, **({"chunk": chunk} if chunk else {}), attempt=state.attempt_number,
                 status=getattr(exc, "status", None), error=getattr(exc, "message", str(exc)), wait_s=round(wait, 3),
             )
         return hook

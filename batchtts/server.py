@@ -35,6 +35,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import local
+from .chunking import limit_for
 from .engine import UnknownVoiceError, engine
 from .tone import synthesize_tone
 
@@ -50,10 +51,10 @@ ERROR_MESSAGES = {
     524: "Request timed out. Please try again later.",
     529: "Provider returned error",
 }
-MODELS = [
-    ("openai/gpt-4o-mini-tts", "OpenAI: GPT-4o mini TTS", "0.0000006", 4096),
-    ("elevenlabs/eleven-turbo-v2", "ElevenLabs: Turbo v2", "0.00003", 40000),
-    ("local/espeak-ng", "eSpeak NG (offline)", "0", 100000),
+MODELS = [  # id, name, USD per character; each model's input limit is batchtts's own (chunking.limit_for)
+    ("openai/gpt-4o-mini-tts", "OpenAI: GPT-4o mini TTS", "0.0000006"),
+    ("elevenlabs/eleven-turbo-v2", "ElevenLabs: Turbo v2", "0.00003"),
+    ("local/espeak-ng", "eSpeak NG (offline)", "0"),
 ]
 
 
@@ -76,7 +77,7 @@ class ServeConfig:
     stall_first: int = 0
     stall_seconds: float = 5.0
     credits: int | None = None
-    max_input_chars: int = 4096
+    max_input_chars: int | None = None  # None: each model's own limit, as batchtts splits for it
     reject_marker: str | None = "[[bad]]"
     seed: int | None = None
     engine: str = "espeak"
@@ -234,8 +235,9 @@ class SpeechServer:
         speed = body.get("speed", 1.0)
         if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0.25 <= speed <= 4.0:
             await self._error(send, entry, 400, "Invalid request parameters: speed must be a number from 0.25 to 4")
-        if len(body["input"]) > self.config.max_input_chars:
-            await self._error(send, entry, 400, f"Invalid request parameters: input is longer than {self.config.max_input_chars} characters")
+        limit = self.config.max_input_chars or limit_for(body["model"])
+        if len(body["input"]) > limit:
+            await self._error(send, entry, 400, f"Invalid request parameters: input is longer than {limit} characters")
         if self.config.engine == "espeak":
             try:
                 engine().check_voice(local.espeak_voice(body["voice"]))
@@ -277,8 +279,9 @@ def create_app(config: ServeConfig) -> Starlette:
     async def models(request: Request) -> JSONResponse:
         return JSONResponse({"data": [
             {"id": model_id, "name": name, "pricing": {"prompt": price, "completion": "0"},
-             "context_length": limit, "architecture": {"input_modalities": ["text"], "output_modalities": ["speech"]}}
-            for model_id, name, price, limit in MODELS
+             "context_length": limit_for(model_id),
+             "architecture": {"input_modalities": ["text"], "output_modalities": ["speech"]}}
+            for model_id, name, price in MODELS
         ]})
 
     async def stats(request: Request) -> JSONResponse:

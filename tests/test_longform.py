@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sqlite3
 import wave
 
-from conftest import batchtts, ledger_rows, write_csv
+from conftest import FAST_RETRY, batchtts, ledger_rows, write_csv
 from test_engine import mpeg_frames
 
 from batchtts.chunking import limit_for, split_text
@@ -114,6 +115,16 @@ def test_a_failing_chunk_fails_the_row_and_a_rerun_asks_only_for_it(serve, tmp_p
     assert ledger_rows(out / "ledger.sqlite")["ch"]["status"] == "done"
     assert (out / "ch.pcm").stat().st_size == sum((out / c["path"]).stat().st_size for c in chunk_rows(out)) + \
         5 * int(0.8 * 24000) * 2
+
+
+def test_a_retried_chunk_is_named_in_the_log(serve, tmp_path):
+    server = serve("--fail-first", "1")
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "ch", "text": chapter(3), "voice": "alloy"}])
+    result = batchtts("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--base-url", server.url,
+                      "--format", "pcm", *FAST_RETRY)
+    assert result.returncode == 0, result.stderr
+    retries = [e for e in map(json.loads, result.stderr.splitlines()) if e["event"] == "retry"]
+    assert sorted(e["chunk"] for e in retries) == ["1/3", "2/3", "3/3"] and {e["id"] for e in retries} == {"ch"}
 
 
 def test_chunk_chars_splits_short_rows_too_and_an_edit_reasks_only_changed_chunks(serve, tmp_path):
