@@ -113,6 +113,10 @@ class Job:
         # `out` stays a string only for object-store URIs (s3://, gs://, hdfs://); a local folder is a Path.
         if isinstance(self.out, str) and not is_uri(self.out):
             object.__setattr__(self, "out", Path(self.out))
+        # One shard is the whole manifest: the job's own ledger, as if unsharded (`--shard 0/1` opts
+        # a run inside a Slurm array out of sharding).
+        if self.shard is not None and self.shard.count == 1:
+            object.__setattr__(self, "shard", None)
 
     @property
     def named_ledger(self) -> Path:

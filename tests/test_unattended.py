@@ -342,6 +342,7 @@ def test_each_shard_has_a_ledger_of_its_own_next_to_the_one_named():
     assert ledger(out=Path("out"), shard=Shard(2, 8)) == Path("out/ledger-shard-0002-of-0008.sqlite")
     assert ledger(out="s3://b/p", ledger=Path("state/run.db"), shard=Shard(2, 8)) == Path("state/run-shard-0002-of-0008.db")
     assert ledger(out="out", ledger=Path("state/run.db")) == Path("state/run.db")
+    assert ledger(out=Path("out"), shard=Shard(0, 1)) == Path("out/ledger.sqlite")  # one shard: the whole job
     with pytest.raises(UsageError, match="needs a local ledger"):
         ledger(out="gs://bucket/audio")
 
