@@ -93,7 +93,8 @@ class Spending:
         self.prices = prices
         self.characters = 0
         self.cost = 0.0
-        self.rows = 0
+        self.rows = 0  # rows taken on, local ones included
+        self.sent_characters = 0  # what those rows send, local ones included
         self.refused: str | None = None
         self.over = 0  # rows passed over: each alone needs more than a cap
         self.over_rows: list[str] = []  # the first few of them, named
@@ -133,6 +134,7 @@ class Spending:
                             f"the next row needs {_usd(cost)}")
             return Verdict.STOP
         self.rows += 1
+        self.sent_characters += characters
         self.characters += sent
         self.cost += cost
         return Verdict.TAKE

@@ -248,7 +248,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
     with folder.lock():
         ledger = Ledger(job.ledger_path)
         try:
-            plan = make_plan(job, ledger, folder)
+            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if capped else None)
             total = plan.total
             spending = Spending(job.budget, prices)
             spending.check_prices(name for name, m in plan.models.items() if m.pending)
@@ -289,10 +289,11 @@ async def _execute(
     job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, provider: SpeechProvider, result: RunResult,
     spending: Spending, started: float,
 ) -> None:
-    progress = Progress(
-        plan.total.pending, plan.total.pending_characters, interactive=sys.stderr.isatty() and job.log_format != "json",
-        interval=job.progress_interval,
-    )
+    # Under a budget, the bar runs to what the budget lets this run take, as the plan played it through.
+    rows, characters = ((plan.budget.rows, plan.budget.sent_characters) if plan.budget is not None
+                        else (plan.total.pending, plan.total.pending_characters))
+    progress = Progress(rows, characters, interactive=sys.stderr.isatty() and job.log_format != "json",
+                        interval=job.progress_interval)
     throttle = Throttle(job.concurrency, job.requests_per_minute)
     narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress, throttle, result.prices)
     # Twice as many workers as requests allowed in flight: a worker sleeping out a retry's backoff, or

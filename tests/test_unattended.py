@@ -161,14 +161,17 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
 
 
 def test_max_chars_stops_at_the_cap_and_reruns_complete_the_job(serve, tmp_path):
-    server = serve()
+    server = serve("--latency", "0.1")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(10))
     length = len(rows(10)[0]["text"])
     cap = 3 * length + length // 2  # three rows fit, the fourth would pass the cap
 
-    first = batchtts(*run_args(manifest, out, server, "--max-chars", str(cap), "--concurrency", "2"))
+    first = batchtts(*run_args(manifest, out, server, "--max-chars", str(cap), "--concurrency", "2",
+                               "--progress-interval", "0.05"))
     assert first.returncode == EXIT_BUDGET, first.stderr
+    progress = [e for e in map(json.loads, first.stderr.splitlines()) if e["event"] == "progress"]
+    assert progress and {(e["total"], e["total_characters"]) for e in progress} == {(3, 3 * length)}  # what the cap allows
     assert "character budget" in first.stdout and "run the same command again" in first.stdout
     assert sum(e["characters"] for e in received(server)) == 3 * length <= cap
     assert len(ledger_rows(out / "ledger.sqlite")) == 3
