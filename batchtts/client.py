@@ -65,6 +65,14 @@ def error_message(body: bytes, status: int) -> str:
     return text[:300] if text else httpx.codes.get_reason_phrase(status) or "no message"
 
 
+def _is_error_object(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "error" in data
+
+
 def describe_transport_error(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.ConnectTimeout) and not isinstance(exc.__cause__, TimeoutError):
         # httpx-aiohttp maps a refused connection to ConnectTimeout; say what happened.
@@ -142,6 +150,9 @@ class HTTPSpeechClient:
         message = error_message(body, response.status_code)
         if response.status_code in (401, 402):
             return ProviderStopError(message, response.status_code)
+        if response.status_code == 404 and not _is_error_object(body):
+            # Not the API's own "not found" (a JSON error object) but no API there at all: a wrong base URL.
+            return ProviderStopError(f"no speech API at {response.request.url}: {message}", 404)
         return HTTPStatusError(message, response.status_code, retry_after_seconds(response.headers))
 
     async def aclose(self) -> None:

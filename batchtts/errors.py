@@ -14,7 +14,8 @@
         │                           upload failed): not retried at once, so the audio is not
         │                           bought twice in a row; the next run tries the row again
         └── HTTPStatusError         the provider answered with an error status (and maybe a wait)
-            └── ProviderStopError   401 or 402: no row can succeed until the user acts, exit 3
+            └── ProviderStopError   401, 402, or a 404 from no API at all (a wrong base URL): no row
+                                    can succeed until the user acts, exit 3
 
 Whether a SpeechError is worth another attempt is the retry policy's call (`retry.py`), not the
 error's. Budget caps and `--max-runtime` are not errors: they end a run early with their own exit
@@ -126,4 +127,7 @@ class ProviderStopError(HTTPStatusError):
     def advice(self) -> str:
         if self.status == 402:
             return "the account is out of credits: add credits, then run the same command again to resume"
+        if self.status == 404:
+            return ("check the base URL (--base-url, or base_url under [provider]): it ends in /api/v1 for "
+                    "OpenRouter; then run the same command again to resume")
         return "the provider refused the API key: check the key, then run the same command again to resume"

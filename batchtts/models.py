@@ -113,7 +113,8 @@ def fetch(provider: Provider, timeouts: Timeouts) -> ModelList:
         response.raise_for_status()
         models = parse(response.json())
     except httpx.HTTPStatusError as exc:
-        raise UsageError(f"{url}: HTTP {exc.response.status_code}") from exc
+        hint = ": check the base URL (it ends in /api/v1 for OpenRouter)" if exc.response.status_code == 404 else ""
+        raise UsageError(f"{url}: HTTP {exc.response.status_code}{hint}") from exc
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {url}: {exc}") from exc
     except ValueError as exc:

@@ -188,6 +188,21 @@ def test_bad_key_stops_with_exit_3_and_a_rerun_resumes(serve, tmp_path):
     assert_all_done(out, 6)
 
 
+def test_a_base_url_with_no_api_behind_it_stops_with_exit_3_and_says_where_to_look(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", rows(6))
+    wrong = server.url.removesuffix("/api/v1")
+    result = batchtts("run", manifest, "--out", out, "--model", "m", "--voice", "v", "--base-url", wrong,
+                      "--concurrency", "2")
+    assert result.returncode == 3, result.stderr
+    assert f"no speech API at {wrong}/audio/speech" in result.stdout and "check the base URL" in result.stdout
+    assert ledger_rows(out / "ledger.sqlite") == {}  # nothing recorded as failed: the rerun does every row
+    rerun = batchtts(*run_args(manifest, out, server))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_all_done(out, 6)
+
+
 def test_exhausted_credits_stop_with_exit_3_and_nothing_is_paid_twice(serve, tmp_path):
     server = serve("--credits", "3")
     out = tmp_path / "out"
