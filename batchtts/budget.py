@@ -9,6 +9,7 @@ alone needs more than a cap is passed over (and named), so it cannot stall every
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from enum import Enum
 
@@ -34,6 +35,7 @@ class Prices:
         self._list: ModelList | None = None
         self.list_error: str | None = None
         self._sources: set[str] = set()
+        self._asking = threading.Lock()
 
     def of(self, model: str) -> float | None:
         if is_local(model):
@@ -50,14 +52,15 @@ class Prices:
         return info.usd_per_char
 
     def _listed(self, model: str) -> ModelInfo | None:
-        if self._listing is not None:
-            listing, self._listing = self._listing, None
-            try:
-                self._list = listing()
-            except UsageError as exc:
-                self.list_error = str(exc)
-                log.warning("prices_unknown", error=self.list_error,
-                            message="no provider prices: add the models under [prices] in the job file")
+        with self._asking:  # the feed's thread and the event loop both price rows
+            if self._listing is not None:
+                listing, self._listing = self._listing, None
+                try:
+                    self._list = listing()
+                except UsageError as exc:
+                    self.list_error = str(exc)
+                    log.warning("prices_unknown", error=self.list_error,
+                                message="no provider prices: add the models under [prices] in the job file")
         return self._list.get(model) if self._list is not None else None
 
     def cost(self, model: str, characters: int) -> float | None:
@@ -117,13 +120,16 @@ class Spending:
         refused, every later one is too: rows are taken in manifest order."""
         if self.refused is not None:
             return Verdict.STOP
-        cost = 0.0 if is_local(row.model) else self.prices.cost(row.model, characters) or 0.0
+        priced = 0.0 if is_local(row.model) else self.prices.cost(row.model, characters)
+        cost = priced or 0.0
         sent = 0 if is_local(row.model) else characters
         max_chars, max_cost = self.budget.max_chars, self.budget.max_cost
-        if (max_chars is not None and sent > max_chars) or (max_cost is not None and cost > max_cost + _EPSILON):
+        unpriced = max_cost is not None and priced is None  # a model that appeared after the start's price check
+        if unpriced or (max_chars is not None and sent > max_chars) or (max_cost is not None and cost > max_cost + _EPSILON):
             self.over += 1
             if len(self.over_rows) < 3:
-                self.over_rows.append(f"row {row.number} ({row.id or row.key[:12]}): {sent:,} characters, {_usd(cost)}")
+                what = f"no known price for {row.model}" if unpriced else f"{sent:,} characters, {_usd(cost)}"
+                self.over_rows.append(f"row {row.number} ({row.id or row.key[:12]}): {what}")
             return Verdict.OVER
         if max_chars is not None and self.characters + sent > max_chars:
             self.refused = (f"the character budget ({max_chars:,}) is reached: {self.characters:,} characters "

@@ -34,12 +34,16 @@ from .runner import run as run_job
 
 
 def _fail(exc: BatchTTSError) -> None:
+    _say_error(str(exc), exc.exit_code)
+    sys.exit(exc.exit_code)
+
+
+def _say_error(message: str, exit_code: int) -> None:
     """An expected fault: one line saying what to do, as a JSON event when the logs are JSON lines."""
     if logs.chosen() == "json":
-        structlog.get_logger("batchtts").error("error", exit_code=exc.exit_code, message=str(exc))
+        structlog.get_logger("batchtts").error("error", exit_code=exit_code, message=message)
     else:
-        click.echo(f"batchtts: {exc}", err=True)
-    sys.exit(exc.exit_code)
+        click.echo(f"batchtts: {message}", err=True)
 
 
 @click.group()
@@ -173,7 +177,7 @@ def _print_plan(result: RunResult, job: Job) -> None:
         "add the model under [prices] in the job file" if unknown else ""))
     budget, spending = job.budget, plan.budget
     if result.stop_reason:
-        click.echo(f"batchtts: {result.stop_reason}", err=True)
+        _say_error(result.stop_reason, result.exit_code)
     elif spending is not None:
         caps = [_usd(budget.max_cost) if budget.max_cost is not None else None,
                 f"{budget.max_chars:,} characters" if budget.max_chars is not None else None]

@@ -209,9 +209,10 @@ def redact_uri(uri: str) -> str:
     (`gs://anonymous@bucket`) and the other options (region, endpoint) are kept."""
     base, _, query = uri.partition("?")
     scheme, sep, rest = base.partition("://")
-    userinfo, at, remainder = rest.partition("@")  # a secret may hold '/', so not cut at the first '/'
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
     if at and ":" in userinfo:
-        base = f"{scheme}{sep}{remainder}"
+        base = f"{scheme}{sep}{host}{slash}{path}"
     kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
     return f"{base}?{urlencode(kept)}" if kept else base
 
@@ -275,7 +276,7 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     if top.get("max_runtime") is not None:
         top["max_runtime"] = parse_duration(top["max_runtime"])
     if isinstance(top.get("shard"), str):
-        top["shard"] = sharding.parse(top["shard"])
+        top["shard"] = sharding.parse(top["shard"], source=f"shard in {path}" if path else "--shard")
     elif top.get("shard") is not None and not isinstance(top["shard"], Shard):
         raise UsageError(f'{path}: shard takes "I/N", for example shard = "0/8"')
     for table in _TABLES:

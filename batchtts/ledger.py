@@ -206,9 +206,6 @@ class Ledger:
         found = self.db.execute("SELECT manifest, config, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         return {"manifest": found[0], "config": json.loads(found[1] or "{}"), "started_at": found[2]} if found else None
 
-    def is_empty(self) -> bool:
-        return self.db.execute("SELECT NOT EXISTS (SELECT 1 FROM rows)").fetchone()[0] == 1
-
     def totals(self) -> dict[str, dict[str, float]]:
         return {
             status: {"rows": n, "bytes": b or 0, "duration_s": d or 0.0}
@@ -233,35 +230,62 @@ class Ledger:
         self.commit()
         self.db.close()
 
+    def remove(self) -> None:
+        """Delete the closed ledger's files."""
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Usage:
+    runs: bool  # a run got as far as starting: the ledger speaks for its job
+    rows: bool  # rows are recorded: audio was paid for
+
+
+def usage(path: Path) -> Usage | None:
+    """What a file holds as a ledger; None when it is not one (another program's database, not SQLite)."""
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return Usage(runs=False, rows=False)  # created, not yet set up
+        if not {"runs", "rows"} <= tables:
+            return None
+        return Usage(runs=db.execute("SELECT EXISTS (SELECT 1 FROM runs)").fetchone()[0] == 1,
+                     rows=db.execute("SELECT EXISTS (SELECT 1 FROM rows)").fetchone()[0] == 1)
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+
 
 def ledger_family(named: Path) -> dict[Path, Shard | None]:
-    """The ledgers of one job that exist: the one named, and its shards' beside it."""
-    found: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
+    """The ledgers of one job in use: the one named, and its shards' beside it, each with a run."""
+    candidates: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
     pattern = f"{glob.escape(named.stem)}-shard-*-of-*{glob.escape(named.suffix)}"
     for path in sorted(named.parent.glob(pattern)):
         parent, shard = named_ledger(path)
         if shard is not None and parent == named and ledger_for(named, shard) == path:
-            found[path] = shard
-    return found
+            candidates[path] = shard
+    return {path: shard for path, shard in candidates.items() if (used := usage(path)) is not None and used.runs}
 
 
 def check_layout(named: Path, shard: Shard | None) -> None:
     """Refuse a run whose shard layout differs from the ledgers its job already has: the rows they
     hold would be looked up in another ledger, not found, and narrated (and paid for) again."""
-    clash = []
-    for path, theirs in ledger_family(named).items():
-        if theirs == shard or (theirs is not None and shard is not None and theirs.count == shard.count):
-            continue
-        ledger = Ledger.open_existing(path)
-        try:
-            if not ledger.is_empty():
-                clash.append(f"{theirs.count} shards" if theirs is not None else "no shards")
-        finally:
-            ledger.close()
+    clash = {
+        f"{theirs.count} shards" if theirs is not None else "no shards"
+        for path, theirs in ledger_family(named).items()
+        if (theirs is None) != (shard is None) or (theirs is not None and shard is not None and theirs.count != shard.count)
+        if (used := usage(path)) is not None and used.rows
+    }
     if clash:
         mine = f"shard {shard}" if shard is not None else "not sharded"
         raise UsageError(
-            f"{named.parent} holds ledgers of this job run with {' and '.join(sorted(set(clash)))}; this run is "
+            f"{named.parent} holds ledgers of this job run with {' and '.join(sorted(clash))}; this run is "
             f"{mine}, so the rows they hold would be narrated again. Keep the layout the job started with "
             "(the same N in --shard I/N or --shards N), or move those ledgers away"
         )

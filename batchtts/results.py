@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from . import manifest
 from .config import Defaults, Job, is_uri, redact_uri
 from .errors import UsageError
-from .ledger import Ledger, LedgerSet, ledger_family
+from .ledger import Ledger, LedgerSet, ledger_family, usage
 from .manifest import KNOWN_COLUMNS, Row
 from .runner import make_plan
 from .sharding import named_ledger
@@ -36,16 +36,19 @@ _TYPES = {
 
 def ledger_files(folder: Path) -> list[Path]:
     """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
-    jobs: dict[Path, list[Path]] = {}
+    jobs: dict[Path, dict[Path, object]] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix in _LEDGER_SUFFIXES and path.is_file():
-            jobs.setdefault(named_ledger(path)[0], []).append(path)
+        if path.suffix in _LEDGER_SUFFIXES and path.is_file() and usage(path) is not None:
+            named = named_ledger(path)[0]
+            if named not in jobs:
+                jobs[named] = ledger_family(named)
+    jobs = {named: family for named, family in jobs.items() if family}
     if not jobs:
         raise UsageError(f"no ledger in {folder}: run the job first, or give the path of its ledger file")
     if len(jobs) > 1:
         names = ", ".join(p.name for p in jobs)
         raise UsageError(f"{folder} holds the ledgers of several jobs ({names}): name the files, or pass --job")
-    return next(iter(jobs.values()))
+    return list(next(iter(jobs.values())))
 
 
 @dataclass
@@ -69,6 +72,8 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
         path = Path(target)
         if not path.exists():
             raise UsageError(f"{target}: no such ledger file or folder")
+        if path.is_file() and usage(path) is None:
+            raise UsageError(f"{target}: not a batchtts ledger")
         files += ledger_files(path) if path.is_dir() else [path]
     whole_job = not targets or any(Path(t).is_dir() for t in targets)
     if not targets:

@@ -142,8 +142,8 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
                     characters = sum(map(_characters, items))
                 model.requests += requests
                 model.pending_characters += characters
-                if budget is not None:
-                    budget.admit(row, characters)
+                if budget is not None and budget.admit(row, characters) is Verdict.OVER:
+                    pending -= 1  # passed over, as the feed does: not counted against --limit
         elif entry is not None and entry.status == "failed":
             model.failed += 1
         else:
@@ -182,11 +182,11 @@ def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder, spending: S
             verdict = spending.admit(row, characters)
             if verdict is Verdict.STOP:
                 break
-            sent += 1
-            if verdict is Verdict.OVER:
+            if verdict is Verdict.OVER:  # not taken on, so not counted against --limit either
                 log.warning("row_over_budget", row=row.number, id=row.id, characters=characters,
                             message="needs more than the budget per run allows; passed over")
                 continue
+            sent += 1
             batch.extend(items)
             if len(batch) >= _FEED_BATCH:
                 yield batch
@@ -246,15 +246,22 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
         return result
 
     with folder.lock():
+        fresh = not job.ledger_path.exists()
         ledger = Ledger(job.ledger_path)
         try:
             plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if capped else None)
-            total = plan.total
             spending = Spending(job.budget, prices)
             spending.check_prices(name for name, m in plan.models.items() if m.pending)
-            if provider is None and total.pending:
+            if provider is None and plan.total.pending:
                 provider = _providers(job, plan)
             cleaned = folder.clean_partials()
+        except BaseException:
+            ledger.close()
+            if fresh:  # refused before it started: leave no ledger behind to speak for the job
+                ledger.remove()
+            raise
+        try:
+            total = plan.total
             run_id = ledger.start_run(job.manifest.resolve(), job.redacted())
             log.info(
                 "start", manifest=str(job.manifest), out=str(folder), ledger=str(job.ledger_path),

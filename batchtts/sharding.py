@@ -67,11 +67,11 @@ def named_ledger(path: Path) -> tuple[Path, Shard | None]:
     return path.with_name(match["stem"] + path.suffix), shard
 
 
-def parse(spec: str) -> Shard:
+def parse(spec: str, source: str = "--shard") -> Shard:
     match = _SPEC.match(spec)
     if match is None:
-        raise UsageError(f"--shard takes I/N, for example 0/8, not {spec!r}")
-    return Shard(int(match[1]), int(match[2]))
+        raise UsageError(f"{source} takes I/N, for example 0/8, not {spec!r}")
+    return Shard(int(match[1]), int(match[2]), source)
 
 
 def detect(shard: str | None, shards: int | None, environ: Mapping[str, str] = os.environ) -> Shard | None:

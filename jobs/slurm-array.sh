@@ -9,8 +9,10 @@
 # batchtts reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN), so
 # --array=0-7 makes 8 shards. Each shard keeps its own ledger (out/dataset/ledger-shard-0003-of-0008.sqlite)
 # and lock; rows go to shards by a hash of their key, so a shard keeps its rows when the manifest
-# grows. Submitting the same array again resumes every shard. Changing the number of tasks reshards:
-# rows then land in other shards' ledgers and are narrated again, so keep the count for a manifest.
+# grows. Submitting the same array again resumes every shard. Keep the number of tasks for a manifest:
+# another count would put rows in other ledgers, so batchtts refuses it. To rerun one task alone, name
+# its shard, since an array of one task is no split at all:
+#   sbatch --array=5 jobs/slurm-array.sh --shard 5/8
 #
 # The key comes from the environment sbatch was called in (export OPENROUTER_API_KEY first).
 #SBATCH --job-name=batchtts

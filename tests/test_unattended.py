@@ -211,9 +211,13 @@ def test_a_row_over_the_budget_is_passed_over_by_name_and_free_local_rows_are_no
     assert second.returncode == EXIT_BUDGET and "row 2 (huge)" in second.stdout
     assert "huge" not in ledger_rows(out / "ledger.sqlite") and len(ledger_rows(out / "ledger.sqlite")) == 7
 
+    limited = batchtts(*run_args(manifest, tmp_path / "limited", server, *cap, "--limit", "2"))
+    assert limited.returncode == EXIT_BUDGET  # the row passed over does not count against --limit
+    assert set(ledger_rows(tmp_path / "limited" / "ledger.sqlite")) == {"r0000", "r0001"}
+
     raised = batchtts(*run_args(manifest, out, server, "--max-chars", str(len(huge["text"]))))
     assert raised.returncode == 0, raised.stdout
-    assert len(ledger_rows(out / "ledger.sqlite")) == 8 and len(received(server)) == 7
+    assert len(ledger_rows(out / "ledger.sqlite")) == 8 and len(received(server)) == 9
 
 
 def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, tmp_path):
@@ -353,7 +357,7 @@ def test_each_shard_has_a_ledger_of_its_own_next_to_the_one_named():
 def test_ledgers_of_the_same_name_in_other_folders_have_partial_folders_of_their_own(tmp_path):
     a = OutputFolder(tmp_path / "out", tmp_path / "a" / "ledger.sqlite")
     b = OutputFolder(tmp_path / "out", tmp_path / "b" / "ledger.sqlite")
-    assert a.partial_dir != b.partial_dir and a.lock_path != b.lock_path
+    assert a.partial_dir != b.partial_dir
     assert a.partial_dir == OutputFolder(tmp_path / "out", tmp_path / "a" / "ledger.sqlite").partial_dir
 
 
@@ -419,7 +423,9 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     a = pq.read_table(sharded / "results.parquet").to_pylist()
     b = pq.read_table(single / "results.parquet").to_pylist()
     assert len(a) == 240 and a == b
-    assert (sharded / "results.parquet").stat().st_mode & 0o777 == (single / "ledger.sqlite").stat().st_mode & 0o777
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert (sharded / "results.parquet").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file written in place
 
     # The same ledger named twice is read once.
     twice = json.loads(batchtts("status", ledgers[0], sharded / ".." / sharded.name / ledgers[0].name, "--json").stdout)
@@ -465,11 +471,26 @@ def test_two_jobs_sharing_a_ledger_folder_are_read_apart(serve, tmp_path):
 def test_ledger_and_shard_mistakes_are_told_plainly(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text('manifest = "m.csv"\nout = "out"\nshard = 3\n')
-    assert 'shard takes "I/N"' in error_message(batchtts("run", job))
+    wrong = batchtts("run", job)
+    event = json.loads(wrong.stderr.splitlines()[-1])  # off a terminal, an expected fault is a JSON event
+    assert event["event"] == "error" and event["exit_code"] == EXIT_USAGE == wrong.returncode
+    assert 'shard takes "I/N"' in event["message"] == error_message(wrong)
+    assert "Traceback" not in wrong.stderr
     bucket = batchtts("status", "s3://bucket/audio")
     assert bucket.returncode == EXIT_USAGE and "the ledger is on local disk" in bucket.stderr
     missing = batchtts("status", tmp_path / "nothing-here")
     assert missing.returncode == EXIT_USAGE and "no such ledger file or folder" in missing.stderr
+    # A run refused before it starts (here: no key) leaves no ledger behind to speak for the job.
+    manifest = write_csv(tmp_path / "m.csv", rows(2))
+    keyless = batchtts("run", manifest, "--out", tmp_path / "out", "--model", MODEL, key=None)
+    assert keyless.returncode == EXIT_USAGE and not (tmp_path / "out" / "ledger.sqlite").exists()
+    (tmp_path / "out" / "ledger-shard-0000-of-0002.sqlite").touch()  # a shard's ledger not yet set up
+    dry = batchtts("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--dry-run", "--base-url",
+                   "http://127.0.0.1:9/api/v1", key=None)
+    assert dry.returncode == 0 and "Traceback" not in dry.stderr, dry.stderr
+    (tmp_path / "Thumbs.db").write_bytes(b"not a database at all")
+    assert "not a batchtts ledger" in batchtts("status", tmp_path / "Thumbs.db").stderr
+    assert "no ledger in" in batchtts("status", tmp_path).stderr
 
 
 def test_the_kubernetes_indexed_job_runs_its_command_as_shard_of_its_completions(serve):
@@ -626,7 +647,9 @@ def test_uris_lose_their_credentials_in_logs_but_keep_their_other_options():
     assert redact_uri("gs://bucket/audio") == "gs://bucket/audio"
     assert redact_uri("s3://AKIA123:s3cr3t@bucket/audio?region=eu-west-1") == "s3://bucket/audio?region=eu-west-1"
     assert redact_uri("gs://anonymous@bucket/audio") == "gs://anonymous@bucket/audio"
-    assert redact_uri("s3://AKIA123:ab/cd+ef@bucket/audio") == "s3://bucket/audio"  # a secret with a '/' in it
+    assert redact_uri("s3://AKIA123:ab%2Fcd%2Bef@bucket/audio") == "s3://bucket/audio"  # a '/' in a secret is escaped
+    for plain in ("s3://audio/runs/2024-06-01T02:15/take@2", "hdfs://namenode:8020/data/x@y", "gs://b/v1/ed:it@home/"):
+        assert redact_uri(plain) == plain  # ':' and '@' in a path are not credentials
 
 
 class CuttingProxy:
