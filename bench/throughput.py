@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -93,14 +94,16 @@ def manifest(path: Path, rows: int, tag: str) -> Path:
     return path
 
 
-def main() -> None:
+def scaled_rows() -> Callable[[int], int]:
+    """The benchmark's row counts, scaled by --scale for a quicker (or longer) run."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every row count by this")
-    args = parser.parse_args()
+    scale = parser.parse_args().scale
+    return lambda rows: max(100, int(rows * scale))
 
-    def n(rows: int) -> int:
-        return max(100, int(rows * args.scale))
 
+def main() -> None:
+    n = scaled_rows()
     table: list[tuple[str, str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

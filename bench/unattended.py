@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import socket
@@ -31,7 +30,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from throughput import MODEL, Server, batchtts_run, manifest, measure
+from throughput import MODEL, Server, batchtts_run, manifest, measure, scaled_rows
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -83,13 +82,7 @@ def bare_upload(endpoint: str, files: list[Path]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every row count by this")
-    args = parser.parse_args()
-
-    def n(rows: int) -> int:
-        return max(100, int(rows * args.scale))
-
+    n = scaled_rows()
     table: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
