@@ -35,21 +35,27 @@ class Prices:
         self._list: ModelList | None = None
         self.list_error: str | None = None
         self._sources: set[str] = set()
+        self._known: dict[str, tuple[float | None, str | None]] = {}
         self._asking = threading.Lock()
 
     def of(self, model: str) -> float | None:
+        if model not in self._known:  # rows price their model one by one: look each model up once
+            self._known[model] = self._look_up(model)
+        price, source = self._known[model]
+        if source:
+            self._sources.add(source)
+        return price
+
+    def _look_up(self, model: str) -> tuple[float | None, str | None]:
         if is_local(model):
-            self._sources.add("local engine (free)")
-            return 0.0
+            return 0.0, "local engine (free)"
         if model in self.table:
-            self._sources.add("job file")
-            return self.table[model]
+            return self.table[model], "job file"
         info = self._listed(model)
         if info is None or info.usd_per_char is None:
-            return None
+            return None, None
         assert self._list is not None
-        self._sources.add("cached model list" if self._list.from_cache else "model list")
-        return info.usd_per_char
+        return info.usd_per_char, "cached model list" if self._list.from_cache else "model list"
 
     def _listed(self, model: str) -> ModelInfo | None:
         with self._asking:  # the feed's thread and the event loop both price rows
@@ -120,6 +126,10 @@ class Spending:
         refused, every later one is too: rows are taken in manifest order."""
         if self.refused is not None:
             return Verdict.STOP
+        if self.budget.max_chars is None and self.budget.max_cost is None:
+            self.rows += 1
+            self.sent_characters += characters
+            return Verdict.TAKE
         priced = 0.0 if is_local(row.model) else self.prices.cost(row.model, characters)
         cost = priced or 0.0
         sent = 0 if is_local(row.model) else characters

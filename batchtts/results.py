@@ -22,7 +22,7 @@ from .errors import UsageError
 from .ledger import Ledger, LedgerSet, ledger_family, usage
 from .manifest import KNOWN_COLUMNS, Row
 from .runner import make_plan
-from .sharding import named_ledger
+from .sharding import Shard, named_ledger
 from .storage import open_output, publish_file
 
 _LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
@@ -36,7 +36,7 @@ _TYPES = {
 
 def ledger_files(folder: Path) -> list[Path]:
     """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
-    jobs: dict[Path, dict[Path, object]] = {}
+    jobs: dict[Path, dict[Path, Shard | None]] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix in _LEDGER_SUFFIXES and path.is_file() and usage(path) is not None:
             named = named_ledger(path)[0]

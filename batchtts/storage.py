@@ -16,8 +16,8 @@ listing millions of keys to check them on every rerun would cost more than the n
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import functools
+import hashlib
 import itertools
 import os
 import re
@@ -206,7 +206,7 @@ class ObjectStoreOutput(OutputFolder):
     def __init__(self, uri: str, ledger: Path) -> None:
         super().__init__(ledger.parent, ledger)
         self.uri = uri
-        self._tag = _ledger_tag(ledger)
+        self._tag = self.partial_dir.name  # the ledger's own name for its staging prefix too
 
     @functools.cached_property
     def _resolved(self) -> tuple[pafs.FileSystem, str]:
