@@ -205,8 +205,10 @@ class Narrator:
     async def _finish(self, assembly: Assembly) -> None:
         """All chunks have settled: stitch them into the row's file, or record why not."""
         row = assembly.row
-        if assembly.abandoned or self.stopping:
+        if assembly.abandoned:
             return  # the next run finds the chunks already on disk and asks only for the rest
+        # Stopping (a signal, --max-runtime, 401/402) does not hold back a row whose chunks all came
+        # back: stitching them is local work, and the audio is paid for.
         if assembly.failure is not None:
             index, exc = assembly.failure
             self._row_failed(row, exc, assembly.attempts, retryable=retried_next_run(exc, self.policy.statuses),

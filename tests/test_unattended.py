@@ -277,6 +277,19 @@ def test_max_runtime_ends_inside_the_window_and_the_next_run_goes_on(serve, tmp_
     assert len(ledger_rows(out / "ledger.sqlite")) == 60
 
 
+def test_a_long_row_whose_chunks_all_came_back_is_stitched_even_as_the_run_stops(serve, tmp_path):
+    server = serve("--latency", "1.0")
+    long_text = " ".join(f"Sentence {i} of a chapter that needs three requests." for i in range(30))
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "chapter", "text": long_text, "voice": "nova"}, *rows(20)])
+    out = tmp_path / "out"
+    # No new rows after 0.8 s; the chunks, in flight since the start, come back after that, inside the window.
+    result = batchtts(*run_args(manifest, out, server, "--chunk-chars", "600", "--concurrency", "3",
+                                "--max-runtime", "1.6", "--grace", "0.8"))
+    assert result.returncode == EXIT_MAX_RUNTIME, result.stderr
+    assert ledger_rows(out / "ledger.sqlite")["chapter"]["status"] == "done"
+    assert (out / "chapter.mp3").stat().st_size > 0
+
+
 def test_durations_read_as_written():
     assert [parse_duration(v) for v in ("90", "45s", "50m", "2h", "1h30m", "1.5h", 12)] == [
         90, 45, 3000, 7200, 5400, 5400, 12]
