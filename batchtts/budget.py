@@ -48,7 +48,7 @@ class Prices:
 
     def _look_up(self, model: str) -> tuple[float | None, str | None]:
         if is_local(model):
-            return 0.0, "local engine (free)"
+            return 0.0, "free local engine"
         if model in self.table:
             return self.table[model], "job file"
         info = self._listed(model)
@@ -107,6 +107,8 @@ class Spending:
         self.refused: str | None = None
         self.over = 0  # rows passed over: each alone needs more than a cap
         self.over_rows: list[str] = []  # the first few of them, named
+        self.last_over: str | None = None  # why the row just passed over was
+        self.unpriced_characters = 0  # taken on for models without a known price: not in `cost`
 
     def check_prices(self, models: Iterable[str]) -> None:
         """--max-cost cannot guard a model whose price is unknown: refuse before anything is sent."""
@@ -134,20 +136,29 @@ class Spending:
         cost = priced or 0.0
         sent = 0 if is_local(row.model) else characters
         max_chars, max_cost = self.budget.max_chars, self.budget.max_cost
-        unpriced = max_cost is not None and priced is None  # a model that appeared after the start's price check
-        if unpriced or (max_chars is not None and sent > max_chars) or (max_cost is not None and cost > max_cost + _EPSILON):
+        self.last_over = None
+        if max_cost is not None and priced is None:  # a model that appeared after the start's price check
+            self.last_over = f"no known price for {row.model}, so --max-cost cannot guard it: add it under [prices]"
+        elif max_chars is not None and sent > max_chars:
+            self.last_over = (f"needs {sent:,} characters, more than the budget per run allows (--max-chars "
+                              f"{max_chars:,}): raise it to narrate this row")
+        elif max_cost is not None and cost > max_cost + _EPSILON:
+            self.last_over = (f"costs {usd(cost, exact=True)}, more than the budget per run allows (--max-cost "
+                              f"{usd(max_cost, exact=True)}): raise it to narrate this row")
+        if self.last_over is not None:
             self.over += 1
             if len(self.over_rows) < 3:
-                what = f"no known price for {row.model}" if unpriced else f"{sent:,} characters, {_usd(cost)}"
-                self.over_rows.append(f"row {row.number} ({row.id or row.key[:12]}): {what}")
+                self.over_rows.append(f"row {row.number} ({row.id or row.key[:12]}): {self.last_over}")
             return Verdict.OVER
+        if priced is None:
+            self.unpriced_characters += sent
         if max_chars is not None and self.characters + sent > max_chars:
             self.refused = (f"the character budget ({max_chars:,}) is reached: {self.characters:,} characters "
                             f"taken on, the next row needs {sent:,}")
             return Verdict.STOP
         if max_cost is not None and self.cost + cost > max_cost + _EPSILON:
-            self.refused = (f"the cost budget ({_usd(max_cost)}) is reached: {_usd(self.cost)} taken on, "
-                            f"the next row needs {_usd(cost)}")
+            self.refused = (f"the cost budget ({usd(max_cost, exact=True)}) is reached: "
+                            f"{usd(self.cost, exact=True)} taken on, the next row needs {usd(cost, exact=True)}")
             return Verdict.STOP
         self.rows += 1
         self.sent_characters += characters
@@ -161,19 +172,17 @@ class Spending:
         if not self.over:
             return None
         n, named = self.over, self.over_rows
-        return (f"{n:,} row{'s' if n != 1 else ''} alone need{'s' if n == 1 else ''} more than the budget per run "
-                f"allows, passed over until --max-chars / --max-cost is raised: {'; '.join(named)}"
-                + (f" and {n - len(named):,} more" if n > len(named) else ""))
-
-    @property
-    def stop_reason(self) -> str | None:
-        """Why the budget ended or thinned this run, or None when it did not."""
-        return "; ".join(r for r in (self.refused, self.passed_over) if r) or None
+        return (f"{n:,} row{'s' if n != 1 else ''} passed over, failing until the cap is raised: {'; '.join(named)}"
+                + (f"; and {n - len(named):,} more" if n > len(named) else ""))
 
 
 _EPSILON = 1e-12
 
 
-def _usd(value: float) -> str:
-    """Dollars to a hundredth of a cent: budgets of short runs are small."""
-    return f"${value:,.4f}"
+def usd(value: float, exact: bool = False) -> str:
+    """Dollars: to the cent from $1, else to a hundredth of a cent; `exact` adds the digits that tell
+    small amounts apart ($0.019995 taken on, the next row needs $0.000009)."""
+    if value >= 1:
+        return f"${value:,.2f}"
+    digits = f"{value:.6f}".rstrip("0")
+    return "$" + (digits if exact and len(digits.split(".")[1]) > 4 else f"{value:.4f}")

@@ -29,6 +29,7 @@ from .errors import EXIT_SIGINT, EXIT_USAGE, BatchTTSError
 from .results import default_export, open_context
 from .results import export as export_results
 from .results import status as status_report
+from .budget import usd
 from .runner import RunResult
 from .runner import run as run_job
 
@@ -150,17 +151,18 @@ def run(target: Path, **flags: Any) -> None:
 
 
 def _usd(value: float | None, cents: bool = False) -> str:
-    """Dollars: to the cent for prices, to a hundredth of a cent for the small estimates of short runs."""
+    """Dollars, '?' where the price is unknown; prices per million characters to the cent."""
     if value is None:
         return "?"
-    return f"${value:,.2f}" if cents or value >= 1 else f"${value:,.4f}"
+    return f"${value:,.2f}" if cents else usd(value)
 
 
 def _print_plan(result: RunResult, job: Job) -> None:
     plan, total, prices = result.plan, result.plan.total, result.prices
     shard = f", shard {job.shard}" if job.shard is not None else ""
+    limit = f"; 'to do' counts at most the --limit of {job.limit:,}" if job.limit is not None else ""
     click.echo(f"{job.manifest}{shard}: {_count(total.rows, 'row')}, {total.characters:,} characters "
-               "(dry run: nothing sent)")
+               f"(dry run: nothing sent{limit})")
     click.echo(f"{'model':<30} {'rows':>8} {'done':>8} {'failed':>6} {'to do':>8} {'requests':>8} "
                f"{'chars to send':>13} {'$/1M chars':>10} {'estimate':>9}")
     estimates = plan.estimates(prices)
@@ -181,9 +183,11 @@ def _print_plan(result: RunResult, job: Job) -> None:
     elif spending is not None:
         caps = [_usd(budget.max_cost) if budget.max_cost is not None else None,
                 f"{budget.max_chars:,} characters" if budget.max_chars is not None else None]
+        unpriced = (f" ({spending.unpriced_characters:,} of the characters to models without a known price)"
+                    if spending.unpriced_characters else "")
         click.echo(f"budget per run: {' and '.join(c for c in caps if c)}\n"
                    f"  this run takes {spending.rows:,} of the {_count(total.pending, 'row')} to do: "
-                   f"{spending.characters:,} characters sent, {_usd(spending.cost)}")
+                   f"{spending.characters:,} characters sent, {_usd(spending.cost)}{unpriced}")
         for reason in (f"then {spending.refused}" if spending.refused else None, spending.passed_over):
             if reason:
                 click.echo(f"  {reason}")
@@ -221,8 +225,9 @@ def _print_summary(result: RunResult, job: Job) -> None:
         + (f", {total.failed} failed earlier (rerun with --retry-failed)" if total.failed else ""),
         f"{_size(c.bytes)}, {c.audio_s:.1f} s of audio, {_count(c.requests, 'request')}, {_count(c.retries, 'retry', 'retries')}, "
         f"{result.wall_s:.1f} s",
-        f"{c.characters_sent:,} characters sent, " + _spent(result),
-        f"files in {_where(job.out)}/, ledger at {job.ledger_path}"
+        f"{c.characters_sent:,} characters sent" + (f" (and {c.local_characters:,} narrated locally)"
+                                                    if c.local_characters else "") + ", " + _spent(result),
+        f"files in {_where(job.out)}, ledger at {job.ledger_path}"
         + (f" (shard {job.shard}, from {job.shard.source})" if job.shard is not None else ""),
     ]
     if result.stop_reason:

@@ -7,6 +7,7 @@ from a job file plus flags, so both paths meet here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -145,14 +146,16 @@ class Job:
             raise UsageError("chunk_chars must be at least 1")
         if not all(isinstance(v, int) and v > 0 for v in self.limits.values()):
             raise UsageError("[limits] maps model names (or prefixes) to positive character counts")
-        if not all(isinstance(v, (int, float)) and v >= 0 for v in self.prices.values()):
+        if not all(_number(v) and v >= 0 for v in self.prices.values()):
             raise UsageError("[prices] maps model names to USD per million characters (numbers, 0 or more)")
-        if self.budget.max_cost is not None and self.budget.max_cost < 0:
-            raise UsageError("max_cost must not be negative")
-        if self.budget.max_chars is not None and self.budget.max_chars < 0:
-            raise UsageError("max_chars must not be negative")
-        if self.max_runtime is not None and self.max_runtime <= 0:
-            raise UsageError("max_runtime must be positive")
+        if self.budget.max_cost is not None and not (_number(self.budget.max_cost) and self.budget.max_cost >= 0):
+            raise UsageError(f"max_cost is a number of USD, 0 or more, not {self.budget.max_cost!r}")
+        if self.budget.max_chars is not None and not (
+                isinstance(self.budget.max_chars, int) and not isinstance(self.budget.max_chars, bool)
+                and self.budget.max_chars >= 0):
+            raise UsageError(f"max_chars is a whole number of characters, 0 or more, not {self.budget.max_chars!r}")
+        if self.max_runtime is not None and not (_number(self.max_runtime) and self.max_runtime > 0):
+            raise UsageError(f"max_runtime must be a positive duration, not {self.max_runtime!r}")
         if self.log_format not in ("auto", "console", "json"):
             raise UsageError("log_format must be auto, console or json")
 
@@ -182,8 +185,15 @@ _RENAMED = {
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
+def _number(value: object) -> bool:
+    """A real, finite number: not a bool (TOML's true), not a string, not NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def parse_duration(value: str | float) -> float:
     """Seconds from `90`, `45s`, `50m`, `2h` or `1h30m`."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UsageError(f"not a duration: {value!r} (use seconds, or 45s, 50m, 2h, 1h30m)")
     if isinstance(value, (int, float)):
         return float(value)
     text = value.strip().lower()

@@ -22,7 +22,7 @@ from .audio import AudioInfo, AudioWriter, wire_format
 from .budget import Prices
 from .chunking import Chunk
 from .config import RetryPolicy, Stitching
-from .errors import HTTPStatusError, ProviderStopError, SpeechError, TransportError
+from .errors import HTTPStatusError, ProviderStopError, RejectedError, SpeechError, TransportError
 from .ledger import Ledger
 from .manifest import Row
 from .pool import WorkerPool
@@ -47,7 +47,8 @@ class Counters:
     bytes: int = 0
     audio_s: float = 0.0
     characters: int = 0
-    characters_sent: int = 0
+    characters_sent: int = 0  # to the provider, as the budget counts them
+    local_characters: int = 0  # narrated by the embedded engine: free, sent nowhere
     cost_usd: float = 0.0
     unpriced_characters: int = 0  # sent to models whose price is unknown: not in cost_usd
 
@@ -72,7 +73,16 @@ class ChunkJob:
     index: int
 
 
-WorkItem = Row | ChunkJob | Assembly
+@dataclass(frozen=True)
+class PassedOver:
+    """A row the budget cannot take under any run: recorded as failed, with why, and tried again by
+    the next run (under a raised cap, it goes through)."""
+
+    row: Row
+    reason: str
+
+
+WorkItem = Row | ChunkJob | Assembly | PassedOver
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,8 @@ class Narrator:
             await self._narrate_chunk(item)
         elif isinstance(item, Assembly):
             await self._finish(item)
+        elif isinstance(item, PassedOver):
+            self._row_failed(item.row, RejectedError(item.reason), attempts=0, retryable=True)
         elif item.key in self._in_flight or (item.id is None and item.output is None and self._already_done(item)):
             return  # an identical row without id: one file serves both
         else:
@@ -263,6 +275,9 @@ class Narrator:
     def _spent(self, request: SpeechRequest) -> None:
         """A request answered with audio: its characters count toward the running estimate."""
         characters = len(request.input)
+        if is_local(request.model):
+            self.counters.local_characters += characters
+            return
         cost = self.prices.cost(request.model, characters)
         self.counters.characters_sent += characters
         if cost is None:

@@ -22,7 +22,7 @@ from . import manifest
 from .budget import Prices, Spending, Verdict, prices_for
 from .chunking import limit_for, split_text
 from .client import HTTPSpeechClient
-from .config import Job
+from .config import Job, redact_uri
 from .errors import (
     EXIT_BUDGET,
     EXIT_FAILED_ROWS,
@@ -36,7 +36,7 @@ from .errors import (
 from .ledger import COMMIT_EVERY, Entry, Ledger, LedgerSet, check_layout
 from .local import LocalSpeechProvider
 from .manifest import Row
-from .narrator import Assembly, ChunkJob, Counters, Narrator, WorkItem
+from .narrator import Assembly, ChunkJob, Counters, Narrator, PassedOver, WorkItem
 from .pool import WorkerPool
 from .progress import Progress
 from .providers import RoutingProvider, SpeechProvider, is_local
@@ -182,9 +182,9 @@ def _pending_batches(job: Job, ledger: Ledger, folder: OutputFolder, spending: S
             verdict = spending.admit(row, characters)
             if verdict is Verdict.STOP:
                 break
-            if verdict is Verdict.OVER:  # not taken on, so not counted against --limit either
-                log.warning("row_over_budget", row=row.number, id=row.id, characters=characters,
-                            message="needs more than the budget per run allows; passed over")
+            if verdict is Verdict.OVER:  # recorded as failed; not taken on, so not counted against --limit
+                assert spending.last_over is not None
+                batch.append(PassedOver(row, spending.last_over))
                 continue
             sent += 1
             batch.extend(items)
@@ -249,12 +249,13 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
         fresh = not job.ledger_path.exists()
         ledger = Ledger(job.ledger_path)
         try:
+            _check_bucket(job, ledger)
             plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if capped else None)
             spending = Spending(job.budget, prices)
             spending.check_prices(name for name, m in plan.models.items() if m.pending)
             if provider is None and plan.total.pending:
                 provider = _providers(job, plan)
-            cleaned = folder.clean_partials()
+            cleaned = folder.clean_partials() if plan.total.pending else 0  # a store is reached only for work
         except BaseException:
             ledger.close()
             if fresh:  # refused before it started: leave no ledger behind to speak for the job
@@ -267,7 +268,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
                 "start", manifest=str(job.manifest), out=str(folder), ledger=str(job.ledger_path),
                 **({"shard": str(job.shard)} if job.shard is not None else {}), rows=total.rows, already_done=total.done,
                 pending=total.pending, skipped_failed=total.failed, partial_files_removed=cleaned,
-                estimated_cost_usd=plan.estimate(prices), config=job.redacted(),
+                estimated_cost_usd=plan.estimate(prices), **_budget_preview(plan.budget), config=job.redacted(),
             )
             result = RunResult(EXIT_OK, plan, prices)
             if total.pending:
@@ -282,6 +283,26 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
             return result
         finally:
             ledger.close()
+
+
+def _check_bucket(job: Job, ledger: Ledger) -> None:
+    """A ledger is trusted for what is in the bucket it recorded: refuse to read it as another's."""
+    if not isinstance(job.out, str):
+        return  # a local folder is checked file by file
+    recorded = str((ledger.last_run() or {}).get("config", {}).get("out") or "")
+    here = redact_uri(job.out)
+    if recorded and recorded.partition("?")[0].rstrip("/") != here.partition("?")[0].rstrip("/"):
+        raise UsageError(
+            f"{job.ledger_path} records the audio of {recorded.partition('?')[0]}, not of {here.partition('?')[0]}: it "
+            "would take that audio as already here. Give each place a ledger of its own (--ledger)"
+        )
+
+
+def _budget_preview(budget: Spending | None) -> dict[str, object]:
+    """What the budget lets this run take, for the start event beside the estimate of everything left."""
+    if budget is None:
+        return {}
+    return {"budget_rows": budget.rows, "budget_characters": budget.characters, "budget_cost_usd": round(budget.cost, 6)}
 
 
 def _providers(job: Job, plan: Plan) -> SpeechProvider:
@@ -358,10 +379,10 @@ async def _execute(
     elif pool.stopping:
         result.exit_code = EXIT_MAX_RUNTIME
         result.stop_reason = pool.stop_reason
-    elif spending.stop_reason is not None:
+    elif spending.refused is not None:
         result.exit_code = EXIT_BUDGET
-        result.stop_reason = spending.stop_reason
-        log.warning("budget_reached", reason=spending.stop_reason, characters=spending.characters,
+        result.stop_reason = spending.refused
+        log.warning("budget_reached", reason=spending.refused, characters=spending.characters,
                     estimated_cost_usd=round(spending.cost, 6))
 
 

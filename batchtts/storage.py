@@ -251,6 +251,8 @@ class ObjectStoreOutput(OutputFolder):
 
     def tidy(self) -> None:
         super().tidy()
+        if "_resolved" not in self.__dict__:
+            return  # the store was never reached: nothing was staged
         try:
             self.fs.delete_dir(self.staging)
         except OSError:

@@ -36,7 +36,8 @@ from conftest import (
     write_csv,
 )
 
-from batchtts.config import Job, parse_duration, redact_uri
+from batchtts.budget import usd
+from batchtts.config import Budget, Job, parse_duration, redact_uri
 from batchtts.errors import (
     EXIT_BUDGET,
     EXIT_MAX_RUNTIME,
@@ -138,7 +139,7 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
     rows_, done, failed, todo, requests, chars, price, estimate = table[MODEL]
     assert (rows_, done, failed, todo) == ("7", "2", "0", "5")
     assert int(requests) > 5  # the chapter is several requests
-    assert price == "$0.60" and estimate == f"${int(chars) * PRICE:.4f}"
+    assert price == "$0.60" and estimate == usd(int(chars) * PRICE)
     assert table["local/espeak-ng"][-2:] == ["$0.00", "$0.0000"]
     assert "model list" in dry.stdout  # fetched by the first run, cached since
 
@@ -156,8 +157,8 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
     spent = re.search(r"estimated cost \$([\d.]+)", real.stdout)
     assert spent and float(spent[1]) == pytest.approx(expected, abs=0.00005)
     summary = next(json.loads(line) for line in real.stderr.splitlines() if '"summary"' in line)
-    assert summary["cost_usd"] == pytest.approx(expected, abs=1e-6) and summary["characters_sent"] == sum(sent.values()) + len(
-        "A row the embedded engine narrates.")
+    assert summary["cost_usd"] == pytest.approx(expected, abs=1e-6) and summary["characters_sent"] == sum(sent.values())
+    assert summary["local_characters"] == len("A row the embedded engine narrates.")  # free, and sent nowhere
 
 
 def test_max_chars_stops_at_the_cap_and_reruns_complete_the_job(serve, tmp_path):
@@ -185,7 +186,7 @@ def test_max_chars_stops_at_the_cap_and_reruns_complete_the_job(serve, tmp_path)
     assert set(Counter(e["input_sha256"] for e in received(server)).values()) == {1}  # nothing bought twice
 
 
-def test_a_row_over_the_budget_is_passed_over_by_name_and_free_local_rows_are_not_counted(serve, tmp_path):
+def test_a_row_over_the_budget_fails_by_name_and_free_local_rows_are_not_counted(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
     short = rows(6)
@@ -199,25 +200,34 @@ def test_a_row_over_the_budget_is_passed_over_by_name_and_free_local_rows_are_no
     dry = batchtts(*run_args(manifest, out, server, *cap, "--dry-run"), key=None)
     assert dry.returncode == 0, dry.stderr
     assert f"this run takes 5 of the 8 rows to do: {4 * length:,} characters sent" in dry.stdout
-    assert "then the character budget" in dry.stdout and "row 2 (huge)" in dry.stdout
+    assert "then the character budget" in dry.stdout and "1 row passed over" in dry.stdout
+    assert "row 2 (huge): needs 840 characters, more than the budget per run allows (--max-chars" in dry.stdout
 
     first = batchtts(*run_args(manifest, out, server, *cap))
-    assert first.returncode == EXIT_BUDGET, first.stderr
-    assert "1 row alone needs more than the budget per run allows" in first.stdout and "row 2 (huge)" in first.stdout
+    assert first.returncode == EXIT_BUDGET, first.stderr  # the cap was reached, and that says more than the failure
+    assert "character budget" in first.stdout and "narrated 5 rows, 1 failed" in first.stdout
+    assert f"{4 * length:,} characters sent (and {len(free['text']):,} narrated locally)" in first.stdout
     assert sum(e["characters"] for e in received(server)) == 4 * length
-    assert set(ledger_rows(out / "ledger.sqlite")) == {"r0000", "r0001", "free", "r0002", "r0003"}
+    entries = ledger_rows(out / "ledger.sqlite")
+    assert {k for k, e in entries.items() if e["status"] == "done"} == {"r0000", "r0001", "free", "r0002", "r0003"}
+    assert entries["huge"]["status"] == "failed" and entries["huge"]["retryable"] == 1  # tried again next run
+    assert "raise it to narrate this row" in entries["huge"]["error"]
+    status = batchtts("status", out)
+    assert "row 2 (huge): needs 840 characters" in status.stdout and "retried on next run" in status.stdout
 
-    second = batchtts(*run_args(manifest, out, server, *cap))  # the rest, past the huge row again
-    assert second.returncode == EXIT_BUDGET and "row 2 (huge)" in second.stdout
-    assert "huge" not in ledger_rows(out / "ledger.sqlite") and len(ledger_rows(out / "ledger.sqlite")) == 7
+    second = batchtts(*run_args(manifest, out, server, *cap))  # the rest; the huge row fails again, by name
+    assert second.returncode == 1 and "see the failed rows with" in second.stdout, second.stdout
+    assert sum(e["status"] == "done" for e in ledger_rows(out / "ledger.sqlite").values()) == 7
 
     limited = batchtts(*run_args(manifest, tmp_path / "limited", server, *cap, "--limit", "2"))
-    assert limited.returncode == EXIT_BUDGET  # the row passed over does not count against --limit
-    assert set(ledger_rows(tmp_path / "limited" / "ledger.sqlite")) == {"r0000", "r0001"}
+    assert limited.returncode == 1  # the row passed over does not count against --limit
+    assert {k for k, e in ledger_rows(tmp_path / "limited" / "ledger.sqlite").items() if e["status"] == "done"} == {
+        "r0000", "r0001"}
 
     raised = batchtts(*run_args(manifest, out, server, "--max-chars", str(len(huge["text"]))))
     assert raised.returncode == 0, raised.stdout
-    assert len(ledger_rows(out / "ledger.sqlite")) == 8 and len(received(server)) == 9
+    entries = ledger_rows(out / "ledger.sqlite")
+    assert len(entries) == 8 and all(e["status"] == "done" for e in entries.values()) and len(received(server)) == 9
 
 
 def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, tmp_path):
@@ -288,6 +298,15 @@ def test_a_long_row_whose_chunks_all_came_back_is_stitched_even_as_the_run_stops
     assert result.returncode == EXIT_MAX_RUNTIME, result.stderr
     assert ledger_rows(out / "ledger.sqlite")["chapter"]["status"] == "done"
     assert (out / "chapter.mp3").stat().st_size > 0
+
+
+def test_budget_and_runtime_values_are_checked():
+    for budget in (Budget(max_cost="5"), Budget(max_cost=float("nan")), Budget(max_cost=-1), Budget(max_chars=1.5),
+                   Budget(max_chars=True), Budget(max_chars="3000")):
+        with pytest.raises(UsageError, match="max_c"):
+            Job(manifest=Path("m.csv"), out=Path("o"), budget=budget).validate()
+    with pytest.raises(UsageError, match="not a duration"):
+        parse_duration(True)
 
 
 def test_durations_read_as_written():
@@ -596,6 +615,8 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     for named in (ledger, ledger.parent):  # the file, or the folder of ledgers
         status = json.loads(batchtts("status", named, "--json", **unreachable).stdout)
         assert status["done"] == 12 and status["pending"] == 0
+    idle = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **unreachable)
+    assert idle.returncode == 0 and "narrated 0 rows" in idle.stdout, idle.stderr  # nothing to do: no store needed
     stored = objects(fs, "audio-bucket/narration/v1")
     entries = ledger_rows(ledger)
     assert stored == {e["path"]: e["bytes"] for e in entries.values()}
@@ -613,6 +634,10 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     assert again.returncode == 0 and len(received(server)) == 12  # the rerun trusts the ledger: nothing sent
     assert "s3-SECRET" not in again.stdout + again.stderr
     assert all(b"s3-SECRET" not in p.read_bytes() for p in ledger.parent.glob("ledger.sqlite*"))
+
+    moved = batchtts(*run_args(manifest, "s3://audio-bucket/narration/v2", server, "--ledger", ledger), **env)
+    assert moved.returncode == EXIT_USAGE and "records the audio of s3://audio-bucket/narration/v1" in moved.stderr
+    assert objects(fs, "audio-bucket/narration/v2") == {}
 
     exported = batchtts("export", ledger, **env)
     assert exported.returncode == 0, exported.stderr
