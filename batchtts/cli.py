@@ -262,7 +262,8 @@ def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | Non
         click.echo(json.dumps(report))
         return
     total = "?" if report["total"] is None else report["total"]
-    pending = "? (pass --manifest)" if report["pending"] is None else report["pending"]
+    pending = ("? (pass --manifest)" if report["pending"] is None
+               else f"{report['pending']} (with the failed rows the next run retries)" if report["pending"] else "0")
     ledgers = report["ledgers"]
     title = ledgers[0] if len(ledgers) == 1 else f"{os.path.commonpath(ledgers)}/: {len(ledgers)} ledgers, merged"
     if report["missing_shards"]:
@@ -274,8 +275,9 @@ def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | Non
     )
     for f in report["failures"]:
         again = "retried on next run" if f["retryable"] else "rerun with --retry-failed"
+        where, _, error = f["error"].partition(": ") if f["error"].startswith("chunk ") else ("", "", f["error"])
         status = f"HTTP {f['http_status']}: " if f["http_status"] is not None else ""
-        click.echo(f"  row {f['row_number']} ({f['key']}): {status}{f['error']} [{again}]")
+        click.echo(f"  row {f['row_number']} ({f['key']}): {where + ': ' if where else ''}{status}{error} [{again}]")
 
 
 @main.command()
