@@ -4,7 +4,8 @@ The estimate counts the characters each request sends (a long row's chunks, not 
 times the model's price: the job file's `[prices]` table (USD per million characters) first, then
 the provider's model list, and nothing for the embedded `local/*` engine. Caps are per run: a
 capped nightly run spends at most its cap, and the next run carries on from the ledger. A row that
-alone needs more than a cap fails by name (and is tried again by the next run), so it cannot stall every later run.
+alone needs more than a cap fails by name (the next run tries it again), so it cannot stall every
+later run.
 """
 
 from __future__ import annotations
