@@ -129,7 +129,7 @@ class Spending:
         refused, every later one is too: rows are taken in manifest order."""
         if self.refused is not None:
             return Verdict.STOP
-        if self.budget.max_chars is None and self.budget.max_cost is None:
+        if not self.budget.capped:
             self.rows += 1
             self.sent_characters += characters
             return Verdict.TAKE

@@ -26,10 +26,10 @@ from .config import (
     redact_uri,
 )
 from .errors import EXIT_SIGINT, EXIT_USAGE, BatchTTSError
+from .budget import usd
 from .results import default_export, open_context
 from .results import export as export_results
 from .results import status as status_report
-from .budget import usd
 from .runner import RunResult
 from .runner import run as run_job
 

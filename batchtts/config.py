@@ -84,6 +84,10 @@ class Budget:
     max_cost: float | None = None
     max_chars: int | None = None
 
+    @property
+    def capped(self) -> bool:
+        return self.max_cost is not None or self.max_chars is not None
+
 
 @dataclass(frozen=True)
 class Job:

@@ -262,15 +262,26 @@ def usage(path: Path) -> Usage | None:
         db.close()
 
 
-def ledger_family(named: Path) -> dict[Path, Shard | None]:
-    """The ledgers of one job in use: the one named, and its shards' beside it, each with a run."""
+def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
+    """The ledger named and its shards' beside it, each with a run, and what they hold."""
     candidates: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
     pattern = f"{glob.escape(named.stem)}-shard-*-of-*{glob.escape(named.suffix)}"
     for path in sorted(named.parent.glob(pattern)):
         parent, shard = named_ledger(path)
         if shard is not None and parent == named and ledger_for(named, shard) == path:
             candidates[path] = shard
-    return {path: shard for path, shard in candidates.items() if (used := usage(path)) is not None and used.runs}
+    found = {path: (shard, usage(path)) for path, shard in candidates.items()}
+    return {path: (shard, used) for path, (shard, used) in found.items() if used is not None and used.runs}
+
+
+def ledger_family(named: Path) -> dict[Path, Shard | None]:
+    """The ledgers of one job in use: the one named, and its shards' beside it."""
+    return {path: shard for path, (shard, _) in _in_use(named).items()}
+
+
+def _layout(shard: Shard | None) -> int | None:
+    """How a job is split: its number of shards, None when it is not."""
+    return None if shard is None else shard.count
 
 
 def check_layout(named: Path, shard: Shard | None) -> None:
@@ -278,9 +289,8 @@ def check_layout(named: Path, shard: Shard | None) -> None:
     hold would be looked up in another ledger, not found, and narrated (and paid for) again."""
     clash = {
         f"{theirs.count} shards" if theirs is not None else "no shards"
-        for path, theirs in ledger_family(named).items()
-        if (theirs is None) != (shard is None) or (theirs is not None and shard is not None and theirs.count != shard.count)
-        if (used := usage(path)) is not None and used.rows
+        for theirs, used in _in_use(named).values()
+        if _layout(theirs) != _layout(shard) and used.rows
     }
     if clash:
         mine = f"shard {shard}" if shard is not None else "not sharded"
@@ -306,8 +316,7 @@ class LedgerSet:
         self.count: int | None = None
         self._by_shard: dict[int, Ledger] = {}
         shards = {ledger: named_ledger(ledger.path)[1] for ledger in ledgers}
-        counts = {s.count for s in shards.values() if s is not None}
-        if len(counts) > 1 or (counts and None in shards.values()):
+        if len({_layout(s) for s in shards.values()}) > 1:
             names = ", ".join(ledger.path.name for ledger in ledgers)
             raise UsageError(f"these ledgers are of different shard layouts ({names}): name the ledgers of one")
         for ledger, shard in shards.items():

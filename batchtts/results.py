@@ -38,10 +38,10 @@ def ledger_files(folder: Path) -> list[Path]:
     """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
     jobs: dict[Path, dict[Path, Shard | None]] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix in _LEDGER_SUFFIXES and path.is_file() and usage(path) is not None:
+        if path.suffix in _LEDGER_SUFFIXES and path.is_file():
             named = named_ledger(path)[0]
             if named not in jobs:
-                jobs[named] = ledger_family(named)
+                jobs[named] = ledger_family(named)  # only ledgers in use: other files drop out here
     jobs = {named: family for named, family in jobs.items() if family}
     if not jobs:
         raise UsageError(f"no ledger in {folder}: run the job first, or give the path of its ledger file")

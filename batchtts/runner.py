@@ -229,11 +229,10 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
     check_layout(job.named_ledger, job.shard)
     folder = open_output(job.out, job.ledger_path)
     prices = prices_for(job)
-    capped = job.budget.max_cost is not None or job.budget.max_chars is not None
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
-            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if capped else None)
+            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if job.budget.capped else None)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -250,7 +249,7 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
         ledger = Ledger(job.ledger_path)
         try:
             _check_bucket(job, ledger)
-            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if capped else None)
+            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if job.budget.capped else None)
             spending = Spending(job.budget, prices)
             spending.check_prices(name for name, m in plan.models.items() if m.pending)
             if provider is None and plan.total.pending:
@@ -289,12 +288,15 @@ def _check_bucket(job: Job, ledger: Ledger) -> None:
     """A ledger is trusted for what is in the bucket it recorded: refuse to read it as another's."""
     if not isinstance(job.out, str):
         return  # a local folder is checked file by file
+    def place(uri: str) -> str:  # the bucket and prefix, without options such as the endpoint
+        return uri.partition("?")[0].rstrip("/")
+
     recorded = str((ledger.last_run() or {}).get("config", {}).get("out") or "")
     here = redact_uri(job.out)
-    if recorded and recorded.partition("?")[0].rstrip("/") != here.partition("?")[0].rstrip("/"):
+    if recorded and place(recorded) != place(here):
         raise UsageError(
-            f"{job.ledger_path} records the audio of {recorded.partition('?')[0]}, not of {here.partition('?')[0]}: it "
-            "would take that audio as already here. Give each place a ledger of its own (--ledger)"
+            f"{job.ledger_path} records the audio of {place(recorded)}, not of {place(here)}: it would take that "
+            "audio as already here. Give each place a ledger of its own (--ledger)"
         )
 
 
