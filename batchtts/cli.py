@@ -17,9 +17,13 @@ from . import __version__, sharding
 from . import log as logs
 from .config import (
     FORMATS,
+    Budget,
+    Defaults,
     Job,
     Provider,
+    RetryPolicy,
     Timeouts,
+    bounds_of,
     is_uri,
     load_job,
     parse_duration,
@@ -37,6 +41,13 @@ from .runner import run as run_job
 def _fail(exc: BatchTTSError) -> None:
     _say_error(str(exc), exc.exit_code)
     sys.exit(exc.exit_code)
+
+
+def _ranged(settings: type, name: str) -> click.ParamType:
+    """The range the setting takes, so a flag refuses what the job file would."""
+    number, bounds = bounds_of(settings, name)
+    kind = click.IntRange if number is int else click.FloatRange
+    return kind(bounds.low, bounds.high, min_open=bounds.above)
 
 
 def _say_error(message: str, exit_code: int) -> None:
@@ -59,34 +70,36 @@ def main() -> None:
 @click.option("--model", help="Default model for rows without a model column.")
 @click.option("--voice", help="Default voice for rows without a voice column.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
-@click.option("--speed", type=float, help="Default speed multiplier.")
-@click.option("--concurrency", type=click.IntRange(min=1), help="Most requests in flight at once (lowered for a while after 429s).")
-@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Cap on requests per minute, for accounts whose limit is known.")
-@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts per row before it is recorded as failed.")
-@click.option("--timeout", type=float, help="Read timeout in seconds (the wait for each chunk of a body).")
-@click.option("--connect-timeout", type=float, help="Connect timeout in seconds.")
-@click.option("--backoff-initial", type=float, help="First retry waits up to this many seconds (doubling after).")
-@click.option("--backoff-max", type=float, help="Longest wait between two attempts, in seconds.")
-@click.option("--max-row-seconds", type=float, help="Give up on a row after this many seconds of retrying.")
+@click.option("--speed", type=_ranged(Defaults, "speed"), help="Default speed multiplier.")
+@click.option("--concurrency", type=_ranged(Job, "concurrency"), help="Most requests in flight at once (lowered for a while after 429s).")
+@click.option("--rpm", type=_ranged(Job, "requests_per_minute"), help="Cap on requests per minute, for accounts whose limit is known.")
+@click.option("--max-attempts", type=_ranged(RetryPolicy, "max_attempts"), help="Attempts per row before it is recorded as failed.")
+@click.option("--timeout", type=_ranged(Timeouts, "read"), help="Read timeout in seconds (the wait for each chunk of a body).")
+@click.option("--connect-timeout", type=_ranged(Timeouts, "connect"), help="Connect timeout in seconds.")
+@click.option("--backoff-initial", type=_ranged(RetryPolicy, "backoff_initial"), help="First retry waits up to this many seconds (doubling after).")
+@click.option("--backoff-max", type=_ranged(RetryPolicy, "backoff_max"), help="Longest wait between two attempts, in seconds.")
+@click.option("--max-row-seconds", type=_ranged(RetryPolicy, "max_row_seconds"), help="Give up on a row after this many seconds of retrying.")
 @click.option("--base-url", envvar="BATCHTTS_BASE_URL", help="Speech API base URL (default OpenRouter's).")
 @click.option("--api-key-env", help="Environment variable that holds the API key.")
 @click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False),
               help="Ledger file (default OUT/ledger.sqlite; needed with object-store output).")
 @click.option("--retry-failed", is_flag=True, default=None, help="Also retry rows that failed permanently before.")
-@click.option("--limit", type=click.IntRange(min=0), help="Narrate at most N of the rows left to do.")
-@click.option("--chunk-chars", type=click.IntRange(min=1),
+@click.option("--limit", type=_ranged(Job, "limit"), help="Narrate at most N of the rows left to do.")
+@click.option("--chunk-chars", type=_ranged(Job, "chunk_chars"),
               help="Split rows longer than this into chunks (default: the model's input limit, 4096 if unknown).")
-@click.option("--max-cost", type=click.FloatRange(min=0), help="Budget in USD for this run: stop taking rows before passing it.")
-@click.option("--max-chars", type=click.IntRange(min=0), help="Budget in characters sent for this run.")
+@click.option("--max-cost", type=_ranged(Budget, "max_cost"), help="Budget in USD for this run: stop taking rows before passing it.")
+@click.option("--max-chars", type=_ranged(Budget, "max_chars"), help="Budget in characters sent for this run.")
 @click.option("--max-runtime", help="End cleanly within this time: 3600, 50m, 2h, 1h30m.")
 @click.option("--shard", help="Take only shard I of N: --shard 3/8.")
 @click.option("--shards", type=click.IntRange(min=1),
               help="Number of shards, the index coming from JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID.")
 @click.option("--dry-run", is_flag=True, default=None,
               help="Check the manifest, count what is left and estimate its cost; send nothing.")
-@click.option("--grace", "grace_seconds", type=float, help="Seconds in-flight requests get to finish after Ctrl-C.")
-@click.option("--progress-interval", type=float, help="Seconds between progress events when not on a terminal.")
+@click.option("--grace", "grace_seconds", type=_ranged(Job, "grace_seconds"), help="Seconds in-flight requests get to finish after Ctrl-C.")
+@click.option("--progress-interval", type=_ranged(Job, "progress_interval"), help="Seconds between progress events when not on a terminal.")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), help="Log rendering (default: auto).")
+@click.option("--strict", is_flag=True, default=None,
+              help="Refuse to start when a model is not in the provider's model list (default: warn).")
 def run(target: Path, **flags: Any) -> None:
     """Narrate TARGET: a job file (.toml) or a manifest (.csv, .tsv, .parquet, .jsonl).
 
@@ -132,6 +145,7 @@ def run(target: Path, **flags: Any) -> None:
         "grace_seconds": flags["grace_seconds"],
         "progress_interval": flags["progress_interval"],
         "log_format": flags["log_format"],
+        "strict": flags["strict"],
     }
     try:
         job = load_job(target if is_job else None, **overrides)
@@ -382,22 +396,27 @@ def voices(model: str) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
-@click.option("--api-key", envvar="BATCHTTS_SERVE_KEY", help="Require this bearer key.")
-@click.option("--latency", default=0.0, type=float, help="Seconds before each answer.")
-@click.option("--fail-rate", default=0.0, type=float, help="Share of requests answered with an error status.")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--api-key", envvar="BATCHTTS_SERVE_KEY",
+              help="Require this bearer key, on the API and on the /_batchtts admin endpoints.")
+@click.option("--latency", default=0.0, type=click.FloatRange(min=0), help="Seconds before each answer.")
+@click.option("--fail-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of requests answered with an error status.")
 @click.option("--fail-status", default="502,503,524,529", help="Statuses for --fail-rate / --fail-first, comma-separated.")
-@click.option("--fail-first", default=0, type=int, help="First N attempts of each input fail.")
-@click.option("--rate-limit", default=0.0, type=float, help="Requests per second before 429s (0: off).")
-@click.option("--rate-limit-headers", default="both", type=click.Choice(["retry-after", "reset", "both"]))
-@click.option("--retry-after", type=float, help="Retry-After value to send with 429s (default: until the window resets).")
-@click.option("--drop-rate", default=0.0, type=float, help="Share of answers cut after the headers.")
-@click.option("--truncate-rate", default=0.0, type=float, help="Share of answers cut half-way through the body.")
-@click.option("--drop-first", default=0, type=int, help="First N attempts of each input are cut after the headers.")
-@click.option("--truncate-first", default=0, type=int, help="First N attempts of each input are cut half-way.")
-@click.option("--stall-first", default=0, type=int, help="First N attempts of each input stall mid-body.")
-@click.option("--stall-seconds", default=5.0, type=float)
-@click.option("--credits", type=int, help="Answer 402 after this many successes.")
+@click.option("--fail-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input fail.")
+@click.option("--rate-limit", default=0.0, type=click.FloatRange(min=0), help="Requests per second before 429s (0: off).")
+@click.option("--rate-limit-headers", default="both", show_default=True,
+              type=click.Choice(["retry-after", "reset", "both"]),
+              help="Which headers a 429 carries: Retry-After, the X-RateLimit-* reset time, or both.")
+@click.option("--retry-after", type=click.FloatRange(min=0),
+              help="Retry-After value to send with 429s (default: until the window resets).")
+@click.option("--drop-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of answers cut after the headers.")
+@click.option("--truncate-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of answers cut half-way through the body.")
+@click.option("--drop-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input are cut after the headers.")
+@click.option("--truncate-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input are cut half-way.")
+@click.option("--stall-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input stall mid-body.")
+@click.option("--stall-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a stalled answer waits, half its body sent, before sending the rest.")
+@click.option("--credits", type=click.IntRange(min=0), help="Answer 402 after this many successes.")
 @click.option("--seed", type=int, help="Seed for the random faults.")
 @click.option("--engine", default="espeak", show_default=True, type=click.Choice(["espeak", "tone"]),
               help="espeak: real speech from the embedded engine; tone: a cheap synthetic tone for load tests.")
@@ -408,5 +427,14 @@ def serve(**options: Any) -> None:
     except ImportError as exc:
         click.echo(f"batchtts serve needs the serve extra: pip install 'batchtts[serve]' ({exc})", err=True)
         sys.exit(EXIT_USAGE)
-    statuses = tuple(int(s) for s in options.pop("fail_status").split(",") if s.strip())
-    run_server(ServeConfig(fail_statuses=statuses, **options))
+    try:
+        statuses = tuple(int(s) for s in options.pop("fail_status").split(",") if s.strip())
+    except ValueError:
+        statuses = ()
+    if not statuses or not all(400 <= s <= 599 for s in statuses):
+        raise click.BadParameter("statuses are comma-separated numbers from 400 to 599, e.g. 502,503",
+                                 param_hint="'--fail-status'")
+    try:
+        run_server(ServeConfig(fail_statuses=statuses, **options))
+    except BatchTTSError as exc:
+        _fail(exc)

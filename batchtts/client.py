@@ -20,6 +20,7 @@ from .audio import is_audio
 from .config import Provider, Timeouts
 from .errors import HTTPStatusError, ProviderStopError, TransportError
 from .providers import SpeechRequest
+from .redact import redact
 
 _MAX_ERROR_BODY = 64 * 1024
 
@@ -120,6 +121,7 @@ class HTTPSpeechClient:
             headers["HTTP-Referer"] = provider.referer
         if provider.title:
             headers["X-Title"] = provider.title
+        self._secrets = (api_key,)
         self._client = httpx.AsyncClient(
             base_url=provider.base_url,
             headers=headers,
@@ -139,21 +141,25 @@ class HTTPSpeechClient:
                     body = await _read_bounded(response)
                     raise TransportError(
                         f"the provider answered 200 with {audio.content_type or 'no content type'}, not audio: "
-                        f"{error_message(body, 200)}"
+                        f"{self._redact(error_message(body, 200))}"
                     )
                 yield audio
         except httpx.TransportError as exc:
-            raise TransportError(describe_transport_error(exc)) from exc
+            raise TransportError(self._redact(describe_transport_error(exc))) from exc
 
     async def _status_error(self, response: httpx.Response) -> HTTPStatusError:
         body = await _read_bounded(response)
-        message = error_message(body, response.status_code)
+        message = self._redact(error_message(body, response.status_code))
         if response.status_code in (401, 402):
             return ProviderStopError(message, response.status_code)
         if response.status_code == 404 and not _is_error_object(body):
             # Not the API's own "not found" (a JSON error object) but no API there at all: a wrong base URL.
             return ProviderStopError(f"no speech API at {response.request.url}: {message}", 404)
         return HTTPStatusError(message, response.status_code, retry_after_seconds(response.headers))
+
+    def _redact(self, text: str) -> str:
+        """The provider's words, without the key should it echo the request's headers."""
+        return redact(text, self._secrets)
 
     async def aclose(self) -> None:
         await self._client.aclose()

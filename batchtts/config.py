@@ -1,79 +1,157 @@
 """The typed job: what a TOML job file says, overridden by command-line flags.
 
 A Python user builds a `Job` directly and calls `batchtts.run(job)`; the CLI builds the same object
-from a job file plus flags, so both paths meet here and nowhere else.
+from a job file plus flags, so both paths meet here and nowhere else, and `Job.validate` checks
+every setting once for both: each field's type annotation says what it takes, its metadata the
+range, the rule and the flag that sets it, so a setting added later is checked without more code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import re
 import tomllib
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import sharding
 from .errors import MissingKeyError, UsageError
 from .sharding import Shard
+from .suggest import did_you_mean
 
 OutputFormat = Literal["mp3", "pcm", "wav"]
-FORMATS: tuple[str, ...] = ("mp3", "pcm", "wav")
+FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_RETRY_STATUSES = (429, 502, 503, 524, 529)
+MAX_CONCURRENCY = 4096
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number takes; with `above`, `low` itself is out of it."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"from {self.low:g} to {self.high:g}"
+        if self.low is not None:
+            return f"more than {self.low:g}" if self.above else f"at least {self.low:g}"
+        return f"at most {self.high:g}"
+
+
+def _setting(default: Any = dataclasses.MISSING, *, flag: str | None = None, low: float | None = None,
+             high: float | None = None, above: bool = False, rule: Callable[[Any], str | None] | None = None,
+             default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field with what checking it takes beyond its type: the flag that sets it (named in messages),
+    a range (for a list or table, of each item), a rule returning what is wrong or None."""
+    bounds = Bounds(low, high, above) if low is not None or high is not None else None
+    return field(default=default, default_factory=default_factory,
+                 metadata={"flag": flag, "bounds": bounds, "rule": rule})
+
+
+def _not_blank(value: str) -> str | None:
+    return "must not be empty" if not value.strip() else None
+
+
+def _header_text(value: str) -> str | None:
+    """Values sent as HTTP headers: httpx encodes them as ASCII and refuses line breaks."""
+    if all(" " <= c <= "~" for c in value):
+        return None
+    return f"is sent as an HTTP header: use printable ASCII characters only, not {_shown(value)}"
+
+
+def _variable_name(value: str) -> str | None:
+    # Never echoes the value: a key pasted here by mistake must not reach the logs.
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return None
+    return ("must be the name of the environment variable that holds the API key (letters, digits and _, "
+            "such as OPENROUTER_API_KEY), not the key itself")
+
+
+def _base_url(value: str) -> str | None:
+    """http(s)://host[:port][/path], holding no credentials. A user:key@ part would be sent, logged,
+    recorded in the ledger and named in the models cache; it is refused without being echoed."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is what raises ValueError for a bad one
+    except ValueError:
+        return "is not a URL: give http://host/path or https://host/path"
+    if "@" in parts.netloc:
+        return ("must not hold a user name or key (user:key@host): put the API key in its environment variable "
+                "(OPENROUTER_API_KEY, or the one api_key_env names) and give the URL without it")
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c <= " " for c in value):
+        return f"must be an http:// or https:// URL with a host, such as {DEFAULT_BASE_URL}, not {_shown(redact_uri(value))}"
+    return None
 
 
 @dataclass(frozen=True)
 class Defaults:
     """Values for rows whose manifest leaves a column empty or absent."""
 
-    model: str | None = None
-    voice: str | None = None
-    format: OutputFormat = "mp3"
-    speed: float | None = None
+    model: str | None = _setting(None, flag="--model", rule=_not_blank)
+    voice: str | None = _setting(None, flag="--voice", rule=_not_blank)
+    format: OutputFormat = _setting("mp3", flag="--format")
+    speed: float | None = _setting(None, flag="--speed", low=0.25, high=4.0)  # the speech API's range
 
 
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds; `read` bounds the wait between two chunks of a body, not the whole body."""
 
-    connect: float = 10.0
-    read: float = 120.0
+    connect: float = _setting(10.0, flag="--connect-timeout", low=0, above=True)
+    read: float = _setting(120.0, flag="--timeout", low=0, above=True)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard to try one row before recording it as failed."""
 
-    statuses: tuple[int, ...] = DEFAULT_RETRY_STATUSES
-    max_attempts: int = 6
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    max_row_seconds: float = 900.0
+    statuses: tuple[int, ...] = _setting(DEFAULT_RETRY_STATUSES, low=100, high=599)
+    max_attempts: int = _setting(6, flag="--max-attempts", low=1)
+    backoff_initial: float = _setting(1.0, flag="--backoff-initial", low=0)
+    backoff_max: float = _setting(60.0, flag="--backoff-max", low=0)
+    max_row_seconds: float = _setting(900.0, flag="--max-row-seconds", low=0, above=True)
 
 
 @dataclass(frozen=True)
 class Stitching:
     """How the chunks of a long row are joined: seconds of silence at each kind of seam."""
 
-    sentence_gap: float = 0.35
-    paragraph_gap: float = 0.8
+    sentence_gap: float = _setting(0.35, low=0, high=60)
+    paragraph_gap: float = _setting(0.8, low=0, high=60)
 
 
 @dataclass(frozen=True)
 class Provider:
-    base_url: str = DEFAULT_BASE_URL
-    api_key_env: str = "OPENROUTER_API_KEY"
-    referer: str | None = "https://github.com/batchtts/batchtts"
-    title: str | None = "batchtts"
+    base_url: str = _setting(DEFAULT_BASE_URL, flag="--base-url, BATCHTTS_BASE_URL", rule=_base_url)
+    api_key_env: str = _setting("OPENROUTER_API_KEY", flag="--api-key-env", rule=_variable_name)
+    referer: str | None = _setting("https://github.com/batchtts/batchtts", rule=_header_text)
+    title: str | None = _setting("batchtts", rule=_header_text)
 
     def api_key(self) -> str:
         key = os.environ.get(self.api_key_env, "").strip()
         if not key:
             raise MissingKeyError(self.api_key_env)
+        if not all(" " < c <= "~" for c in key):
+            raise UsageError(f"the {self.api_key_env} environment variable holds a space, a line break or a non-ASCII "
+                             "character, which an HTTP header cannot carry: set it to the key alone")
         return key
 
 
@@ -81,8 +159,8 @@ class Provider:
 class Budget:
     """Caps on what one run may spend; the run stops taking rows before the estimate would pass one."""
 
-    max_cost: float | None = None
-    max_chars: int | None = None
+    max_cost: float | None = _setting(None, flag="--max-cost", low=0)
+    max_chars: int | None = _setting(None, flag="--max-chars", low=0)
 
     @property
     def capped(self) -> bool:
@@ -92,35 +170,39 @@ class Budget:
 @dataclass(frozen=True)
 class Job:
     manifest: Path
-    out: Path | str
-    ledger: Path | None = None
+    out: Path | str = _setting(flag="--out")
+    ledger: Path | None = _setting(None, flag="--ledger")
     defaults: Defaults = field(default_factory=Defaults)
     provider: Provider = field(default_factory=Provider)
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     stitching: Stitching = field(default_factory=Stitching)
     budget: Budget = field(default_factory=Budget)
-    chunk_chars: int | None = None
-    limits: dict[str, int] = field(default_factory=dict)
-    prices: dict[str, float] = field(default_factory=dict)
-    concurrency: int = 16
-    requests_per_minute: float | None = None
-    limit: int | None = None
-    retry_failed: bool = False
-    dry_run: bool = False
-    grace_seconds: float = 30.0
-    max_runtime: float | None = None
-    shard: Shard | None = None
-    progress_interval: float = 10.0
-    log_format: Literal["auto", "console", "json"] = "auto"
+    chunk_chars: int | None = _setting(None, flag="--chunk-chars", low=1)
+    limits: dict[str, int] = _setting(default_factory=dict, low=1)  # characters per request, by model or prefix
+    prices: dict[str, float] = _setting(default_factory=dict, low=0)  # USD per million characters, by model
+    concurrency: int = _setting(16, flag="--concurrency", low=1, high=MAX_CONCURRENCY)
+    requests_per_minute: float | None = _setting(None, flag="--rpm", low=0, above=True)
+    limit: int | None = _setting(None, flag="--limit", low=0)
+    retry_failed: bool = _setting(False, flag="--retry-failed")
+    dry_run: bool = _setting(False, flag="--dry-run")
+    grace_seconds: float = _setting(30.0, flag="--grace", low=0)
+    max_runtime: float | None = _setting(None, flag="--max-runtime", low=0, above=True)
+    shard: Shard | None = _setting(None, flag="--shard")
+    progress_interval: float = _setting(10.0, flag="--progress-interval", low=0, above=True)
+    log_format: Literal["auto", "console", "json"] = _setting("auto", flag="--log-format")
+    strict: bool = _setting(False, flag="--strict")  # refuse, not just warn of, models the provider does not list
 
     def __post_init__(self) -> None:
-        # `out` stays a string only for object-store URIs (s3://, gs://, hdfs://); a local folder is a Path.
-        if isinstance(self.out, str) and not is_uri(self.out):
-            object.__setattr__(self, "out", Path(self.out))
+        # A path may be given as a string; one stays a string only as an object-store URI (s3://, gs://,
+        # hdfs://), which only `out` takes: a local folder is a Path.
+        for name in ("manifest", "out", "ledger"):
+            value = getattr(self, name)
+            if isinstance(value, str) and not is_uri(value):
+                object.__setattr__(self, name, Path(value))
         # One shard is the whole manifest: the job's own ledger, as if unsharded (`--shard 0/1` opts
         # a run inside a Slurm array out of sharding).
-        if self.shard is not None and self.shard.count == 1:
+        if isinstance(self.shard, Shard) and self.shard.count == 1:
             object.__setattr__(self, "shard", None)
 
     @property
@@ -136,32 +218,9 @@ class Job:
         return sharding.ledger_for(self.named_ledger, self.shard)
 
     def validate(self) -> None:
-        if self.defaults.format not in FORMATS:
-            raise UsageError(f"unknown format {self.defaults.format!r}: use one of {', '.join(FORMATS)}")
-        if self.concurrency < 1:
-            raise UsageError("concurrency must be at least 1")
-        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
-            raise UsageError("requests_per_minute must be positive")
-        if self.retry.max_attempts < 1:
-            raise UsageError("max_attempts must be at least 1")
-        if self.limit is not None and self.limit < 0:
-            raise UsageError("limit must not be negative")
-        if self.chunk_chars is not None and self.chunk_chars < 1:
-            raise UsageError("chunk_chars must be at least 1")
-        if not all(isinstance(v, int) and v > 0 for v in self.limits.values()):
-            raise UsageError("[limits] maps model names (or prefixes) to positive character counts")
-        if not all(_number(v) and v >= 0 for v in self.prices.values()):
-            raise UsageError("[prices] maps model names to USD per million characters (numbers, 0 or more)")
-        if self.budget.max_cost is not None and not (_number(self.budget.max_cost) and self.budget.max_cost >= 0):
-            raise UsageError(f"max_cost is a number of USD, 0 or more, not {self.budget.max_cost!r}")
-        if self.budget.max_chars is not None and not (
-                isinstance(self.budget.max_chars, int) and not isinstance(self.budget.max_chars, bool)
-                and self.budget.max_chars >= 0):
-            raise UsageError(f"max_chars is a whole number of characters, 0 or more, not {self.budget.max_chars!r}")
-        if self.max_runtime is not None and not (_number(self.max_runtime) and self.max_runtime > 0):
-            raise UsageError(f"max_runtime must be a positive duration, not {self.max_runtime!r}")
-        if self.log_format not in ("auto", "console", "json"):
-            raise UsageError("log_format must be auto, console or json")
+        """Raise UsageError naming the first setting of the wrong type or out of range. Job files, flags
+        and jobs built in Python all pass here before anything is read or sent."""
+        check_settings(self)
 
     def redacted(self) -> dict[str, Any]:
         """The resolved configuration for the start event; holds no secret, only the key's variable name."""
@@ -184,14 +243,140 @@ _RENAMED = {
     "max_chars": "max_chars is now chunk_chars (the longest text sent in one request); "
                  "a cap on characters per run is max_chars under [budget]",
 }
+_NOUNS: dict[Any, tuple[str, str]] = {  # a value of this type, in a message: one, several
+    bool: ("true or false", "true or false"),
+    int: ("a whole number", "whole numbers"),
+    float: ("a number", "numbers"),
+    str: ("text", "texts"),
+    Path: ("a path", "paths"),
+}
+
+
+def check_settings(settings: object, section: str | None = None) -> None:
+    """Check each field of a Job or of one of its sections against its type annotation, its range and
+    its rule; raise UsageError naming the first one that fails."""
+    hints = _hints(type(settings))
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, f.name)
+        if section is None and f.name in _SECTIONS:
+            if not isinstance(value, _SECTIONS[f.name]):
+                raise UsageError(f"{f.name} must be a {_SECTIONS[f.name].__name__}, not {_shown(value)}")
+            check_settings(value, f.name)
+            continue
+        label = f"[{section}] {f.name}" if section else f"[{f.name}]" if f.name in _TABLES else f.name
+        if f.metadata.get("flag"):
+            label += f" ({f.metadata['flag']})"
+        _check(label, value, hints[f.name], f.metadata)
+
+
+def bounds_of(settings: type, name: str) -> tuple[type, Bounds]:
+    """A number setting's type (int or float) and range, for the flag that sets it to refuse what
+    the job file would."""
+    hint = _hints(settings)[name]
+    number = next(a for a in (*typing.get_args(hint), hint) if a in (int, float))
+    bounds = next(f.metadata["bounds"] for f in dataclasses.fields(settings) if f.name == name)
+    return number, bounds
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check(label: str, value: Any, hint: Any, meta: Any) -> None:
+    bounds: Bounds | None = meta.get("bounds")
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{label} must be a table of {_noun(typing.get_args(hint)[1], plural=True)}, "
+                             f"not {_shown(value)}")
+        for key, item in value.items():
+            _check(f"{label} {_shown(key)}", item, typing.get_args(hint)[1], meta)
+        return
+    items = value if typing.get_origin(hint) is tuple and isinstance(value, tuple) else (value,)
+    if not _fits(value, hint) or (bounds is not None and not all(v is None or bounds.holds(v) for v in items)):
+        each = "each " if typing.get_origin(hint) is tuple else ""
+        ranged = f", {each}{bounds}" if bounds is not None else ""
+        raise UsageError(f"{label} must be {_noun(hint)}{ranged}, not {_shown(value)}")
+    rule = meta.get("rule")
+    if rule is not None and value is not None and (problem := rule(value)):
+        raise UsageError(f"{label} {problem}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the annotated type. A bool is not a number here, though Python says it
+    is an int; a number is finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return _number(value)
+    if hint is Path:
+        return isinstance(value, Path) and "\0" not in str(value)
+    return isinstance(value, hint)
+
+
+def _noun(hint: Any, plural: bool = False) -> str:
+    """What a value of the annotated type is, in words: "a whole number", "one of "mp3", "pcm""."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_noun(a, plural) for a in args if a is not type(None))
+    if origin is Literal:
+        return f"one of {', '.join(_shown(a) for a in args)}"
+    if origin is tuple:
+        return f"a list of {_noun(args[0], plural=True)}"
+    if hint in _NOUNS:
+        return _NOUNS[hint][plural]
+    return f"a {hint.__name__}"
+
+
+def _shown(value: Any) -> str:
+    """A value as the job file would write it, cut short, URIs without their credentials."""
+    if isinstance(value, str) and is_uri(value):
+        value = redact_uri(value)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # a table with keys that are not text, a structure that holds itself
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown(names: list[str], known: set[str]) -> str:
+    """The unknown names, each with where it belongs if it is a setting out of place, else the
+    closest known name."""
+    return ", ".join(f"{name}{_home(name) or did_you_mean(name, known)}" for name in names)
+
+
+def _home(name: str) -> str:
+    for section, cls in _SECTIONS.items():
+        if name in _hints(cls):
+            return f" (it goes under [{section}])"
+    if name in _hints(Job) and name not in _SECTIONS:
+        return " (it goes at the top of the job file, before any [section])"
+    return ""
 
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
 def _number(value: object) -> bool:
-    """A real, finite number: not a bool (TOML's true), not a string, not NaN or infinity."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real, finite number: not a bool (TOML's true), not a string, not NaN or infinity, not an
+    integer too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def parse_duration(value: str | float) -> float:
@@ -199,6 +384,8 @@ def parse_duration(value: str | float) -> float:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise UsageError(f"not a duration: {value!r} (use seconds, or 45s, 50m, 2h, 1h30m)")
     if isinstance(value, (int, float)):
+        if not _number(value):
+            raise UsageError(f"not a duration: {value!r} (use seconds, or 45s, 50m, 2h, 1h30m)")
         return float(value)
     text = value.strip().lower()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
@@ -238,13 +425,9 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
+    where = f"{path}: " if path is not None else ""
     if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"cannot read job file {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{path}: not valid TOML: {exc}") from exc
+        raw = _read(path)
         base = path.resolve().parent
 
     sections: dict[str, dict[str, Any]] = {}
@@ -252,56 +435,74 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     for key, value in raw.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
-                raise UsageError(f"{path}: [{key}] must be a table")
+                raise UsageError(f"{where}[{key}] must be a table of settings, not {_shown(value)}")
             sections[key] = dict(value)
         else:
             top[key] = value
     for old, message in _RENAMED.items():
         if old in top:
-            raise UsageError(f"{path}: {message}")
+            raise UsageError(f"{where}{message}")
+    known_top = set(_hints(Job)) - set(_SECTIONS)
+    unknown = sorted(set(top) - known_top)
+    if unknown:
+        raise UsageError(f"{where}unknown job setting{'s' if len(unknown) > 1 else ''}: "
+                         f"{_unknown(unknown, known_top | set(_SECTIONS))}")
     for p in _PATHS:
-        if p in top and top[p] is not None and not is_uri(top[p]):
-            top[p] = Path(os.path.normpath(base / Path(top[p]).expanduser()))
+        if p not in top:
+            continue
+        if not isinstance(top[p], str) or "\0" in top[p]:
+            raise UsageError(f"{where}{p} must be a path (text), not {_shown(top[p])}")
+        if not is_uri(top[p]):  # os.path's expanduser leaves ~nobody as it is, where pathlib's raises
+            top[p] = Path(os.path.normpath(base / os.path.expanduser(top[p])))
 
     for dotted, value in overrides.items():
         if value is None:
             continue
-        if "." in dotted:
-            section, name = dotted.split(".", 1)
+        section, dot, name = dotted.rpartition(".")
+        if dot:
             sections.setdefault(section, {})[name] = value
         else:
-            top[dotted] = Path(value) if dotted in _PATHS and not is_uri(value) else value
+            top[name] = Path(value) if name in _PATHS and not is_uri(value) else value
 
+    stray = sorted(sections.keys() - _SECTIONS.keys())
+    if stray:
+        raise UsageError(f"unknown section [{stray[0]}]{did_you_mean(stray[0], _SECTIONS)}")
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         values = sections.get(name, {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
+        hints = _hints(cls)
+        unknown = sorted(set(values) - set(hints))
         if unknown:
-            raise UsageError(f"unknown key{'s' if len(unknown) > 1 else ''} in [{name}]: {', '.join(sorted(unknown))}")
-        if "statuses" in values:
-            values["statuses"] = tuple(int(s) for s in values["statuses"])
-        built[name] = cls(**values)
+            raise UsageError(f"{where}unknown key{'s' if len(unknown) > 1 else ''} in [{name}]: "
+                             f"{_unknown(unknown, set(hints))}; [{name}] takes {', '.join(hints)}")
+        built[name] = cls(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple and isinstance(v, list) else v
+                             for k, v in values.items()})
 
-    known_top = {f.name for f in dataclasses.fields(Job)} - set(_SECTIONS)
-    unknown = set(top) - known_top
-    if unknown:
-        raise UsageError(f"unknown job setting{'s' if len(unknown) > 1 else ''}: {', '.join(sorted(unknown))}")
     if top.get("max_runtime") is not None:
-        top["max_runtime"] = parse_duration(top["max_runtime"])
+        try:
+            top["max_runtime"] = parse_duration(top["max_runtime"])
+        except UsageError as exc:
+            raise UsageError(f"{where}max_runtime: {exc}") from None
     if isinstance(top.get("shard"), str):
         top["shard"] = sharding.parse(top["shard"], source=f"shard in {path}" if path else "--shard")
     elif top.get("shard") is not None and not isinstance(top["shard"], Shard):
-        raise UsageError(f'{path}: shard takes "I/N", for example shard = "0/8"')
-    for table in _TABLES:
-        if table in top and not isinstance(top[table], dict):
-            raise UsageError(f"{path}: [{table}] must be a table")
+        raise UsageError(f'{where}shard takes "I/N", for example shard = "0/8"')
     for required in ("manifest", "out"):
         if top.get(required) is None:
             raise UsageError(f"no {required}: give it in the job file or on the command line")
-    try:
-        job = Job(**top, **built)
-    except TypeError as exc:
-        raise UsageError(f"bad job setting: {exc}") from exc
+    job = Job(**top, **built)
     job.validate()
     return job
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read job file {path}: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not a TOML job file: byte {exc.start} is not UTF-8 text") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None

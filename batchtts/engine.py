@@ -4,6 +4,11 @@ The library and its data come from the `espeakng-loader` wheel and are driven th
 synchronous mode, a callback collecting 16-bit samples at the engine's native rate. eSpeak NG keeps
 global state and is not thread-safe, so the process has one engine and every call goes through the
 one thread of `EspeakEngine.executor`.
+
+A voice is found as the `espeak-ng -v NAME` command finds it: by the voice's file or name, else by
+language (`en-gb`, `pt-br`, `es-mx`), scored as eSpeak NG scores its voices. The search runs here,
+over the voice list read once, so checking a voice touches no engine state and is safe from any
+thread.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import espeakng_loader
+
+from .suggest import did_you_mean
 
 _SYNCHRONOUS = 2
 _CHARS_UTF8 = 1
@@ -36,8 +44,10 @@ class _Voice(ctypes.Structure):
 
 @dataclass(frozen=True)
 class VoiceInfo:
-    name: str
-    description: str
+    name: str  # the voice file's name, lower case: "en-us"
+    description: str  # eSpeak NG's name for the voice: "English (America)"
+    identifier: str  # the voice file under espeak-ng-data: "gmw/en-US"
+    languages: tuple[tuple[int, str], ...]  # (priority, language code); a lower priority is preferred
 
 
 class UnknownVoiceError(ValueError):
@@ -55,9 +65,10 @@ class EspeakEngine:
         self._chunks: list[bytes] = []
         self._callback = _SynthCallback(self._collect)  # kept referenced for as long as the library may call it
         self._lib.espeak_SetSynthCallback(self._callback)
-        self.voices = self._list_voices()
+        self._listed = self._list_voices()
+        self.voices = sorted(self._listed, key=lambda v: v.name)
         self.variants = self._list_variants()
-        self._names = {v.name for v in self.voices}
+        self._variants = {v.lower(): v for v in self.variants}
 
     def _collect(self, wav: ctypes.POINTER(ctypes.c_short), count: int, events: int) -> int:
         if wav and count > 0:
@@ -65,15 +76,18 @@ class EspeakEngine:
         return 0
 
     def _list_voices(self) -> list[VoiceInfo]:
-        """Voices by the name espeak_SetVoiceByName takes: the voice file's name ("en-us", "fr")."""
+        """Voices by the name espeak_SetVoiceByName takes: the voice file's name ("en-us", "fr"), in the
+        library's order (by language), the order its search by name goes through them."""
         found = self._lib.espeak_ListVoices(None)
         voices = []
         i = 0
         while found[i]:
             v = found[i].contents
-            voices.append(VoiceInfo(v.identifier.decode().rsplit("/", 1)[-1].lower(), v.name.decode()))
+            identifier = v.identifier.decode()
+            voices.append(VoiceInfo(identifier.rsplit("/", 1)[-1].lower(), v.name.decode(), identifier,
+                                    tuple(_languages(v.languages))))
             i += 1
-        return sorted(voices, key=lambda v: v.name)
+        return voices
 
     def _list_variants(self) -> list[str]:
         wanted = ctypes.create_string_buffer(b"variant")
@@ -87,17 +101,68 @@ class EspeakEngine:
         return sorted(variants, key=str.lower)
 
     def check_voice(self, voice: str) -> None:
-        """Raise UnknownVoiceError unless `voice` is `language` or `language+variant`."""
-        language, _, variant = voice.partition("+")
-        if language.lower() not in self._names:
-            raise UnknownVoiceError(f"unknown eSpeak NG voice {language!r}")
-        if variant and variant not in self.variants:
-            raise UnknownVoiceError(f"unknown eSpeak NG variant {variant!r}")
+        """Raise UnknownVoiceError unless `voice` is a voice or language, maybe with a variant: en-us+f3."""
+        self.resolve(voice)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - the process's one engine lives as long as the cache
+    def resolve(self, voice: str) -> str:
+        """The voice file (and variant) `voice` names, as espeak_SetVoiceByName takes it: "gmw/en+f3"
+        for "en-gb+f3". Raises UnknownVoiceError, with the closest names, for a voice nothing matches."""
+        name, plus, variant = voice.strip().partition("+")
+        found = self._by_name(name) or self._by_language(name)
+        if found is None:
+            raise UnknownVoiceError(f"unknown eSpeak NG voice {name!r}{did_you_mean(name.lower(), self.names)}")
+        if not plus:
+            return found.identifier
+        if variant.lower() not in self._variants:
+            raise UnknownVoiceError(f"unknown eSpeak NG variant {variant!r}{did_you_mean(variant, self.variants)}")
+        return f"{found.identifier}+{self._variants[variant.lower()]}"
+
+    def _by_name(self, name: str) -> VoiceInfo | None:
+        """The first way `espeak-ng -v` looks: the voice's name, else its file, else the file's last part."""
+        wanted = name.lower()
+        by_file = by_last_part = None
+        for v in self._listed:
+            if v.description.lower() == wanted:
+                return v
+            if v.identifier.lower() == wanted:
+                by_file = v
+            elif v.name == wanted:
+                by_last_part = v
+        return by_file or by_last_part
+
+    def _by_language(self, name: str) -> VoiceInfo | None:
+        """The second way: the best voice for a language code, scored as eSpeak NG's ScoreVoice does:
+        the leading parts of the code that match count, parts asked for but not matched cost, and so do
+        parts the voice's language has beyond them, then the voice's priority for that language. Ties
+        go to the voice whose name sorts first, as in the library."""
+        if not name:
+            return None
+        parts = name.lower().split("-")
+        scored = []
+        for v in self._listed:
+            score = 0
+            for priority, language in v.languages:
+                theirs = language.split("-")
+                matching = 0
+                while matching < min(len(parts), len(theirs)) and parts[matching] == theirs[matching]:
+                    matching += 1
+                if matching:
+                    score = max(score, (5 - (len(parts) - matching) - (len(theirs) - matching)) * 100 - priority * 2)
+            if score > 0:
+                scored.append((-score, v.description.encode(), v))
+        return min(scored, key=lambda s: s[:2])[2] if scored else None
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """Every voice file name and language code a voice answers to (Cherokee's mixed-case code,
+        for one, is listed but not matched, by the library either)."""
+        languages = {lang for v in self.voices for _, lang in v.languages if self._by_language(lang) is not None}
+        return sorted({v.name for v in self.voices} | languages)
 
     def synthesize(self, text: str, voice: str, speed: float | None = None) -> bytes:
         """16-bit mono samples at `sample_rate`. Call only from `executor`."""
-        self.check_voice(voice)
-        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        if self._lib.espeak_SetVoiceByName(self.resolve(voice).encode()) != 0:
             raise UnknownVoiceError(f"eSpeak NG refused voice {voice!r}")
         wpm = round(_DEFAULT_WPM * (speed or 1.0))
         self._lib.espeak_SetParameter(_PARAM_RATE, max(_MIN_WPM, min(_MAX_WPM, wpm)), 0)
@@ -113,6 +178,19 @@ class EspeakEngine:
     @functools.cached_property
     def executor(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="espeak-ng")
+
+
+def _languages(packed: int | None) -> Iterator[tuple[int, str]]:
+    """espeak_VOICE.languages: a priority byte, then a language code ending in NUL, until a zero byte."""
+    data = ctypes.cast(packed, ctypes.POINTER(ctypes.c_ubyte))
+    i = 0
+    while packed and data[i]:
+        priority, start = data[i], i + 1
+        i = start
+        while data[i]:
+            i += 1
+        yield priority, bytes(data[start:i]).decode()
+        i += 1
 
 
 _lock = threading.Lock()

@@ -4,23 +4,30 @@
     ├── UsageError                  exit 2: bad flags, job file or environment, nothing sent
     │   ├── MissingKeyError         the API key variable is unset
     │   └── ManifestError           the manifest is unreadable or has bad rows (carries the problems)
+    │   └── LedgerError             the ledger cannot be used: not a ledger, damaged, read-only,
+    │                               or unwritable mid-run (then the run halts, exit 6)
     ├── FolderLockedError           exit 75: another run holds the output folder
+    ├── HaltError                   exit 6: the machine cannot go on (disk full, ledger unwritable):
+    │                               rows in flight settle, what finished is recorded, rerun resumes
     └── SpeechError                 one attempt at one row went wrong (carries status and message)
         ├── TransportError          no usable answer: connection refused, dropped or timed out,
         │                           a body cut short, a 200 that is not audio
         ├── RejectedError           the row can never succeed as asked, though no HTTP status
         │                           said so: an unknown local voice, audio of the wrong kind
         ├── StorageError            the audio was made but could not be stored (an object store
-        │                           upload failed): not retried at once, so the audio is not
-        │                           bought twice in a row; the next run tries the row again
+        │                           upload failed, a folder stands where the file goes): not
+        │                           retried at once, so the audio is not bought twice in a row;
+        │                           the next run tries the row again
+        ├── UnexpectedError         any other exception in one row's work: recorded against the
+        │                           row with its type, the run goes on, the next run retries it
         └── HTTPStatusError         the provider answered with an error status (and maybe a wait)
             └── ProviderStopError   401, 402, or a 404 from no API at all (a wrong base URL): no row
                                     can succeed until the user acts, exit 3
 
 Whether a SpeechError is worth another attempt is the retry policy's call (`retry.py`), not the
 error's. Budget caps and `--max-runtime` are not errors: they end a run early with their own exit
-codes (4 and 5), and the next run continues. Row-level errors never escape the runner as tracebacks: they end up in the ledger and the
-summary.
+codes (4 and 5), and the next run continues. Row-level errors never escape the runner as tracebacks:
+any exception in one row's work, expected or not, is recorded against that row and the run goes on.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ EXIT_USAGE = 2
 EXIT_PROVIDER_STOP = 3
 EXIT_BUDGET = 4
 EXIT_MAX_RUNTIME = 5
+EXIT_HALTED = 6
 EXIT_LOCKED = 75
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -84,8 +92,18 @@ class ManifestError(UsageError):
         super().__init__("\n".join(lines))
 
 
+class LedgerError(UsageError):
+    pass
+
+
 class FolderLockedError(BatchTTSError):
     exit_code = EXIT_LOCKED
+
+
+class HaltError(BatchTTSError):
+    """A fault of this machine, not of one row: every row would meet it, so the run stops."""
+
+    exit_code = EXIT_HALTED
 
 
 class SpeechError(BatchTTSError):
@@ -109,6 +127,10 @@ class RejectedError(SpeechError):
 
 
 class StorageError(SpeechError):
+    pass
+
+
+class UnexpectedError(SpeechError):
     pass
 
 

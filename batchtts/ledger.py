@@ -1,25 +1,30 @@
 """The results ledger: one SQLite row per manifest key, the record that makes every rerun resumable.
 
 WAL mode with synchronous=NORMAL: a commit survives kill -9 (it is in the WAL before the call
-returns) without an fsync. Writes are grouped into transactions of at most `COMMIT_EVERY` seconds
-(the runner also commits on that beat when no writes come), so a kill -9 costs at most the rows in
-flight and those finished in that last fraction of a second: their files are there, the ledger
-does not say so, and the next run narrates them again. A row is written only after its audio file
-has been renamed into place, so "done" in the ledger always names a complete file.
+returns) without an fsync. Commits are grouped: the first write of a transaction asks the caller
+(`on_write`, the runner's event loop) to commit soon, and every row that finishes before then joins
+that commit, so finished rows reach the WAL within a turn of the event loop and a kill -9 costs
+only the rows in flight. A row is written only after its audio file has been renamed into place,
+so "done" in the ledger always names a complete file.
+
+A ledger is only ever opened as one: an empty file, another program's database, a damaged or
+read-only file is refused (LedgerError) and never modified.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import os
 import sqlite3
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from .errors import UsageError
+from .errors import LedgerError, UsageError
 from .sharding import Shard, ledger_for, named_ledger, shard_of
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a file is.
@@ -99,9 +104,6 @@ CHUNK_COLUMNS = (
 )
 
 
-COMMIT_EVERY = 0.1
-
-
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -115,22 +117,67 @@ class Entry:
     bytes: int | None
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(method: Callable[P, R]) -> Callable[P, R]:
+    """SQLite's own errors leave a Ledger method as a LedgerError that says what to do."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            ledger = args[0]
+            assert isinstance(ledger, Ledger)
+            raise LedgerError(describe(ledger.path, exc)) from exc
+
+    return wrapper
+
+
+def describe(path: Path, exc: sqlite3.Error) -> str:
+    """SQLite's message, and what the user can do about it."""
+    text = str(exc)
+    if "malformed" in text or "corrupt" in text:
+        advice = "it is damaged: restore it from a backup, or move it away to start afresh (every row is then narrated again)"
+    elif "not a database" in text:
+        advice = "it is not a batchtts ledger (not an SQLite database): name another --ledger file"
+    elif "readonly" in text or "read-only" in text:
+        advice = "it is read-only here: status and export can read it; make it (and its folder) writable to run"
+    elif "full" in text:
+        advice = "the disk is full: free some space and run again to resume"
+    elif "unable to open" in text:
+        advice = "check that its folder exists and is writable"
+    else:
+        advice = "check the file and its folder"
+    return f"ledger {path}: {text}: {advice}"
+
+
 class Ledger:
-    def __init__(self, path: Path, readonly: bool = False) -> None:
+    def __init__(self, path: Path, readonly: bool = False, on_write: Callable[[], None] | None = None) -> None:
         self.path = path
+        self.on_write = on_write
+        if not readonly:
+            _check_writable(path)
         try:
             if readonly:
                 self.db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+                _check_ours(path, self.db)
             else:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    _create(path)
                 self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                _check_ours(path, self.db)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
+            self.db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
-            raise UsageError(f"cannot open ledger {path}: {exc}") from exc
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self._transaction_started: float | None = None
+            raise LedgerError(describe(path, exc)) from exc
+        except OSError as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc.strerror or exc}") from exc
+        self._in_transaction = False
 
     @classmethod
     def open_existing(cls, path: Path) -> Ledger:
@@ -141,27 +188,32 @@ class Ledger:
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise UsageError(f"ledger {self.path} was written by a newer batchtts (schema {version})")
+            raise LedgerError(f"ledger {self.path} was written by a newer batchtts (schema {version})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
 
+    @_guarded
     def lookup(self, key: str) -> Entry | None:
         found = self.db.execute(
             "SELECT fingerprint, status, retryable, path, bytes FROM rows WHERE key = ?", (key,)
         ).fetchone()
         return Entry(found[0], found[1], bool(found[2]), found[3], found[4]) if found else None
 
+    @_guarded
     def record(self, **values: Any) -> None:
         """Insert or replace one key's row; attempts add up while the fingerprint stays the same."""
         self._upsert("rows", "key", COLUMNS, values)
 
+    @_guarded
     def record_chunk(self, **values: Any) -> None:
         self._upsert("chunks", "fingerprint", CHUNK_COLUMNS, values)
 
     def _upsert(self, table: str, key: str, columns: tuple[str, ...], values: dict[str, Any]) -> None:
-        if self._transaction_started is None:
+        if not self._in_transaction:
             self.db.execute("BEGIN")
-            self._transaction_started = time.monotonic()
+            self._in_transaction = True
+            if self.on_write is not None:
+                self.on_write()
         stamp = now()
         values = {**values, "created_at": stamp, "updated_at": stamp}
         names = [c for c in columns if c in values]
@@ -173,20 +225,21 @@ class Ledger:
             f"ELSE excluded.attempts END",
             [values[c] for c in names],
         )
-        if time.monotonic() - self._transaction_started >= COMMIT_EVERY:
-            self.commit()
 
+    @_guarded
     def commit(self) -> None:
-        if self._transaction_started is not None:
+        if self._in_transaction:
+            self._in_transaction = False
             self.db.execute("COMMIT")
-            self._transaction_started = None
 
+    @_guarded
     def chunk(self, fingerprint: str) -> dict[str, Any] | None:
         found = self.db.execute(
             f"SELECT {', '.join(CHUNK_COLUMNS)} FROM chunks WHERE fingerprint = ?", (fingerprint,)
         ).fetchone()
         return dict(zip(CHUNK_COLUMNS, found, strict=True)) if found else None
 
+    @_guarded
     def start_run(self, manifest: Path, config: dict[str, Any]) -> int:
         self.commit()
         cur = self.db.execute(
@@ -195,6 +248,7 @@ class Ledger:
         )
         return int(cur.lastrowid)
 
+    @_guarded
     def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
         self.commit()
         self.db.execute(
@@ -202,10 +256,12 @@ class Ledger:
             (now(), exit_code, json.dumps(summary), run_id),
         )
 
+    @_guarded
     def last_run(self) -> dict[str, Any] | None:
         found = self.db.execute("SELECT manifest, config, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         return {"manifest": found[0], "config": json.loads(found[1] or "{}"), "started_at": found[2]} if found else None
 
+    @_guarded
     def totals(self) -> dict[str, dict[str, float]]:
         return {
             status: {"rows": n, "bytes": b or 0, "duration_s": d or 0.0}
@@ -214,6 +270,7 @@ class Ledger:
             )
         }
 
+    @_guarded
     def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT key, row_number, http_status, error, attempts, retryable FROM rows "
@@ -222,18 +279,67 @@ class Ledger:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur]
 
+    @_guarded
     def get(self, key: str) -> dict[str, Any] | None:
         found = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows WHERE key = ?", (key,)).fetchone()
         return dict(zip(COLUMNS, found, strict=True)) if found else None
 
     def close(self) -> None:
-        self.commit()
-        self.db.close()
+        """Commit what is pending and close; the connection is closed even when the commit fails."""
+        try:
+            self.commit()
+        finally:
+            self.db.close()
 
     def remove(self) -> None:
         """Delete the closed ledger's files."""
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+def _create(path: Path) -> None:
+    """Make a new ledger beside `path` and rename it into place: a ledger file is never seen empty
+    or half set up, even by a run killed while creating it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = path.with_name(f".{path.name}.new-{os.getpid()}")
+    new.unlink(missing_ok=True)
+    db = sqlite3.connect(new, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        for number, script in enumerate(MIGRATIONS, start=1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{new}{suffix}").unlink(missing_ok=True)
+    os.replace(new, path)
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before SQLite touches it, a file no run should write: empty (never a ledger: SQLite
+    would take it as new and every row would be bought again) or read-only."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LedgerError(f"cannot open ledger {path}: {exc.strerror}") from exc
+    if size == 0:
+        raise LedgerError(f"ledger {path} is an empty file, not a ledger batchtts wrote: remove it to start "
+                          "afresh, or name the right --ledger file")
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+        raise LedgerError(f"ledger {path} is read-only here: status and export can read it; make it (and its "
+                          "folder) writable to run")
+
+
+def _check_ours(path: Path, db: sqlite3.Connection) -> None:
+    """Refuse another program's SQLite database before any table is added to it."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if tables and not ({"rows", "runs"} <= tables and version > 0):
+        raise LedgerError(f"{path} is another program's SQLite database (tables: {', '.join(sorted(tables))}), "
+                          "not a batchtts ledger: name another --ledger file")
 
 
 @dataclass(frozen=True)

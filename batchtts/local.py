@@ -1,16 +1,26 @@
 """The `local/*` models: the embedded engine as a provider, so a manifest written for OpenRouter
-rehearses offline unchanged (OpenAI voice names map to distinct eSpeak NG voices)."""
+rehearses offline unchanged (OpenAI voice names map to distinct eSpeak NG voices).
+
+A local row's model and voice are known good or bad before anything runs, so planning checks them
+for every row: a typo fails the run before it starts, not every row one by one.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+from . import manifest
 from .audio import encode_mp3, pcm_content_type
+from .config import Defaults
 from .engine import UnknownVoiceError, engine
-from .errors import RejectedError
-from .providers import SpeechRequest
+from .errors import ManifestError, ManifestProblem, RejectedError, UsageError
+from .manifest import ManifestSummary, Row
+from .providers import SpeechRequest, is_local
+from .suggest import did_you_mean
 
 MODELS = ("local/espeak-ng",)
 OPENAI_VOICES = {
@@ -30,6 +40,56 @@ OPENAI_VOICES = {
 
 def espeak_voice(voice: str) -> str:
     return OPENAI_VOICES.get(voice.lower(), voice)
+
+
+@functools.lru_cache(maxsize=4096)
+def local_problem(model: str, voice: str | None) -> str | None:
+    """Why a local model cannot narrate with this voice (None: it can; a voice of None checks the
+    model alone). Cached, as a manifest repeats a few pairs over many rows."""
+    if model not in MODELS:
+        return f"unknown local model {model!r}{did_you_mean(model, MODELS)}: local models are {', '.join(MODELS)}"
+    if voice is None:
+        return None
+    try:
+        engine().check_voice(espeak_voice(voice))
+    except UnknownVoiceError as exc:
+        openai = "" if "+" in voice else did_you_mean(voice.lower(), OPENAI_VOICES)
+        reason = f"unknown voice {voice!r}{openai}" if openai else str(exc)
+        return f"{reason}: list the voices with `batchtts voices --model {model}`"
+    return None
+
+
+def validate_manifest(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None) -> ManifestSummary:
+    """`manifest.validate`, refusing as well the local rows no run could narrate: an unknown local
+    model or voice, in the defaults (one line) or in any row (listed with the manifest's problems)."""
+    if defaults.model is not None and is_local(defaults.model):
+        problem = local_problem(defaults.model, defaults.voice)
+        if problem is not None:
+            raise UsageError(f"the default model and voice (--model, --voice, [defaults]): {problem}")
+    problems: list[ManifestProblem] = []
+    count = 0
+
+    def check(row: Row) -> None:
+        nonlocal count
+        problem = local_problem(row.model, row.voice) if is_local(row.model) else None
+        if problem is None:
+            if on_row is not None:
+                on_row(row)
+            return
+        count += 1
+        if len(problems) < ManifestError.shown:
+            problems.append(ManifestProblem(row.number, problem, row.id))
+
+    try:
+        summary = manifest.validate(path, defaults, on_row=check)
+    except ManifestError as exc:
+        if not count:
+            raise
+        merged = sorted([*exc.problems, *problems], key=lambda p: p.row or 0)
+        raise ManifestError(exc.path, merged, exc.total + count) from None
+    if count:
+        raise ManifestError(str(path), problems, count)
+    return summary
 
 
 async def synthesize(text: str, voice: str, response_format: str, speed: float | None = None) -> tuple[bytes, str]:
@@ -57,14 +117,13 @@ class _LocalAudio:
 class LocalSpeechProvider:
     @asynccontextmanager
     async def speak(self, request: SpeechRequest) -> AsyncIterator[_LocalAudio]:
-        if request.model not in MODELS:
-            raise RejectedError(f"unknown local model {request.model!r}: use one of {', '.join(MODELS)}")
+        problem = local_problem(request.model, request.voice)
+        if problem is not None:
+            raise RejectedError(problem)
         try:
             body, content_type = await synthesize(request.input, request.voice, request.response_format, request.speed)
-        except UnknownVoiceError as exc:
-            raise RejectedError(
-                f"{exc} (voice {request.voice!r}): list the voices with `batchtts voices --model {request.model}`"
-            ) from None
+        except UnknownVoiceError as exc:  # a voice the engine lists but cannot load (its dictionary is missing)
+            raise RejectedError(f"{exc}: list the voices with `batchtts voices --model {request.model}`") from None
         yield _LocalAudio(body, content_type)
 
     async def aclose(self) -> None:

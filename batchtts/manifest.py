@@ -1,14 +1,19 @@
 """Reading a manifest as a stream of typed rows, and refusing a bad one before anything is sent.
 
 Rows are read in batches so memory does not grow with the manifest; the validation pass keeps only
-an 8-byte hash per row to find duplicate ids and output paths.
+an 8-byte hash per row to find duplicate ids and output paths. Reading is strict: whatever its bytes,
+a manifest is read as its author meant it or refused with a ManifestError naming the row at fault,
+never misread by a guess and never ended by a traceback.
 """
 
 from __future__ import annotations
 
 import array
+import codecs
+import csv
 import gzip
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -28,6 +33,14 @@ from .errors import ManifestError, ManifestProblem
 BATCH_ROWS = 4096
 KNOWN_COLUMNS = ("id", "text", "voice", "model", "response_format", "speed", "provider_options", "output")
 TAG_COLUMNS = ("title", "artist", "album", "track")
+# pyarrow's CSV blocks must hold the largest row; they grow to this, and a row beyond it is refused.
+MAX_ROW_BYTES = 1 << 26
+_END_MARK = "batchtts-end"
+_UNCLOSED = "a quote opened in this row is never closed (the rest of the file would be read into it)"
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,34 +95,200 @@ def detect_format(path: Path) -> str:
 
 
 def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
-    """Yield the manifest as lists of plain dicts, one batch at a time."""
+    """Yield the manifest as lists of plain dicts, one batch at a time.
+
+    A record that cannot be read is {"__error__": reason}, so it keeps its row number. A fault that
+    stops the reading is a ManifestError whatever raised it: no manifest ends in a traceback.
+    """
     kind = detect_format(path)
+    rows = 0
     try:
         if kind == "parquet":
-            # pre_buffer would cache every row group read so far until the file is closed.
-            for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS):
-                yield batch.to_pylist()
+            batches = _read_parquet(path)
         elif kind == "jsonl":
-            yield from _read_jsonl(path)
+            batches = _read_jsonl(path)
         else:
-            yield from _read_delimited(path, "\t" if kind == "tsv" else ",")
-    except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:
-        raise ManifestError(str(path), [ManifestProblem(None, f"cannot read: {exc}")]) from exc
+            batches = _read_delimited(path, "\t" if kind == "tsv" else ",")
+        for batch in batches:
+            yield batch
+            rows += len(batch)
+    except ManifestError:
+        raise
+    except Exception as exc:
+        where = f" after row {rows}" if rows else ""
+        reason = str(exc) or type(exc).__name__
+        raise ManifestError(str(path), [ManifestProblem(None, f"cannot read{where}: {reason}")]) from exc
+
+
+def _refuse(path: Path, message: str, row: int | None = None) -> ManifestError:
+    return ManifestError(str(path), [ManifestProblem(row, message)])
+
+
+def _open_bytes(path: Path, tail: bytes = b"") -> io.BufferedIOBase:
+    """The bytes of a text manifest, unzipped, past a UTF-8 BOM (Excel writes one), then `tail`.
+
+    A text manifest must be UTF-8: one in UTF-16 or UTF-32 is refused at its first bytes, not read
+    as noise.
+    """
+    f = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    try:
+        head = f.peek(4)[:4]
+        for bom, encoding in _WIDE_BOMS:
+            if head.startswith(bom):
+                raise _refuse(path, f"the manifest is {encoding}: save it as UTF-8")
+        if b"\x00" in head[:2]:
+            raise _refuse(path, "the manifest starts with NUL bytes, as UTF-16 does: save it as UTF-8")
+        if head.startswith(codecs.BOM_UTF8):
+            f.read(len(codecs.BOM_UTF8))
+    except BaseException:
+        f.close()
+        raise
+    return io.BufferedReader(_Followed(f, tail)) if tail else f
+
+
+class _Followed(io.RawIOBase):
+    """A stream, then a few bytes of ours."""
+
+    def __init__(self, inner: io.BufferedIOBase, tail: bytes) -> None:
+        self._inner = inner
+        self._tail = tail
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._inner.readinto(buffer)
+        if not n and self._tail:
+            n = min(len(buffer), len(self._tail))
+            buffer[:n] = self._tail[:n]
+            self._tail = self._tail[n:]
+        return n
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def _refuse_repeated_columns(path: Path, names: list[str]) -> None:
+    """Two columns of one name would leave one of them unread, silently."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise _refuse(path, f"column {name!r} appears twice: rename or remove one")
+        seen.add(name)
 
 
 def _read_delimited(path: Path, delimiter: str) -> Iterator[list[dict[str, Any]]]:
+    names = _csv_header(path, delimiter)
+    # pyarrow reads a quote left open as a field running to the end of the file. A row of ours after
+    # the file's bytes tells: it comes out as a row of its own only if every quote was closed.
+    end = dict.fromkeys(names, "")
+    end[names[0]] = _END_MARK
+    tail = f"\n{delimiter.join(end.values())}\n".encode()
+    block = 1 << 20
+    done = 0
+    while True:
+        try:
+            for records in _csv_batches(path, delimiter, names, end, tail, block, skip=done):
+                yield records
+                done += len(records)
+            return
+        except (pa.ArrowInvalid, EOFError, UnicodeDecodeError) as exc:
+            if "straddl" in str(exc) and block < MAX_ROW_BYTES:
+                block *= 4  # a row longer than a block: read again with larger ones, past the rows given
+                continue
+            fault = _csv_fault(path, delimiter, names, tail)
+            if fault is None:
+                reason = f"a row is over {MAX_ROW_BYTES >> 20} MB" if "straddl" in str(exc) else str(exc)
+                fault = ManifestProblem(None, f"cannot read after row {done}: {reason}")
+            raise ManifestError(str(path), [fault]) from exc
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    with _open_bytes(path) as f:
+        try:
+            names = next(_csv_records(f, delimiter), None)
+        except csv.Error as exc:
+            raise _refuse(path, f"the header cannot be read ({exc}): is a quote opened in it never closed?") from exc
+    if names is None:
+        raise _refuse(path, "the manifest is empty")
+    if (bad := _bad_byte(names)) is not None:
+        raise _refuse(path, f"the header is not valid UTF-8 (byte 0x{bad[1]:02X}): save the manifest as UTF-8")
+    _refuse_repeated_columns(path, names)
+    return names
+
+
+def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, str], tail: bytes,
+                 block: int, skip: int) -> Iterator[list[dict[str, Any]]]:
     # Every column is read as text: type inference on the first block would turn id "007" into 7
     # and then fail on a later block that holds "x7".
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-    names = pacsv.open_csv(path, parse_options=parse).schema.names
     convert = pacsv.ConvertOptions(
         column_types={n: pa.string() for n in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
     )
-    reader = pacsv.open_csv(
-        path, parse_options=parse, convert_options=convert, read_options=pacsv.ReadOptions(block_size=1 << 20)
-    )
-    for batch in reader:
-        yield batch.to_pylist()
+    records: list[dict[str, Any]] = []
+    with _open_bytes(path, tail) as f:
+        reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert,
+                                read_options=pacsv.ReadOptions(block_size=block))
+        if reader.schema.names != names:
+            raise _refuse(path, f"the header reads as {reader.schema.names} or as {names}: quote it plainly")
+        for batch in reader:
+            # The last batch is held back until the file ends, to take our row off it.
+            if records:
+                yield records
+            if skip:
+                batch, skip = batch.slice(skip), max(skip - batch.num_rows, 0)
+            records = batch.to_pylist()
+    if records and records[-1] == end:
+        records.pop()
+    elif records:
+        records[-1] = {"__error__": _UNCLOSED}
+    if records:
+        yield records
+
+
+def _csv_records(stream: io.BufferedIOBase, delimiter: str) -> Iterator[list[str]]:
+    """Python's own reading of the bytes pyarrow reads, which counts rows where pyarrow cannot; bytes
+    that are not UTF-8 stay in as surrogates (U+DC80-U+DCFF) to be found, not to stop the reading."""
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+    return (record for record in csv.reader(text, delimiter=delimiter) if record)
+
+
+def _csv_fault(path: Path, delimiter: str, names: list[str], tail: bytes) -> ManifestProblem | None:
+    """The row pyarrow stumbled on, which it does not name: a second reading, paid for only by a
+    manifest about to be refused."""
+    swallowed = tail.decode()
+    limit = csv.field_size_limit(MAX_ROW_BYTES)
+    number = 0
+    try:
+        with _open_bytes(path, tail) as f:
+            records = _csv_records(f, delimiter)
+            next(records)
+            for number, record in enumerate(records, 1):
+                if record[-1].endswith(swallowed):
+                    return ManifestProblem(number, _UNCLOSED)
+                if len(record) != len(names):
+                    return ManifestProblem(number, f"{len(record)} fields where the header has {len(names)}")
+                if (bad := _bad_byte(record)) is not None:
+                    return ManifestProblem(number, f"{names[bad[0]]} is not valid UTF-8 (byte 0x{bad[1]:02X}): "
+                                                   "save the manifest as UTF-8")
+    except csv.Error as exc:
+        return ManifestProblem(number + 1, f"cannot be read ({exc}): is a quote opened in this row never closed?")
+    except EOFError:
+        return ManifestProblem(None, f"the file is cut short after row {number}")
+    finally:
+        csv.field_size_limit(limit)
+    return None
+
+
+def _bad_byte(values: list[str]) -> tuple[int, int] | None:
+    """The first byte that is not UTF-8, as (index of its value, byte), in values read with surrogateescape."""
+    for index, value in enumerate(values):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            return index, ord(value[exc.start]) - 0xDC00
+    return None
 
 
 def _read_jsonl(path: Path) -> Iterator[list[dict[str, Any]]]:
@@ -117,84 +296,223 @@ def _read_jsonl(path: Path) -> Iterator[list[dict[str, Any]]]:
     # differ later (an id that is a number in one row and a string in another, a provider_options
     # key first seen at row 5,000), so JSON Lines are parsed line by line, which also gives exact
     # row numbers for bad lines.
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     batch: list[dict[str, Any]] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                record = {"__error__": f"not valid JSON: {exc.msg}"}
-            if not isinstance(record, dict):
-                record = {"__error__": "each line must be a JSON object"}
-            batch.append(record)
-            if len(batch) >= BATCH_ROWS:
-                yield batch
-                batch = []
+    rows = 0
+    with _open_bytes(path) as f:
+        try:
+            for line in f:
+                if not line.strip():
+                    continue
+                rows += 1
+                batch.append(_json_record(line))
+                if len(batch) >= BATCH_ROWS:
+                    yield batch
+                    batch = []
+        except EOFError as exc:
+            raise _refuse(path, f"the file is cut short after row {rows}") from exc
     if batch:
         yield batch
 
 
-def _text(value: Any) -> str | None:
+def _json_record(line: bytes) -> dict[str, Any]:
+    try:
+        record = _loads(line.decode())
+    except UnicodeDecodeError as exc:
+        return {"__error__": f"not valid UTF-8 (byte 0x{line[exc.start]:02X}): save the manifest as UTF-8"}
+    except ValueError as exc:
+        return {"__error__": str(exc)}
+    return record if isinstance(record, dict) else {"__error__": "each line must be a JSON object"}
+
+
+class _Unfit(ValueError):
+    """JSON that parses, but not into what the file says."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise _Unfit(f"key {twice!r} appears twice")
+    return record
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_object)
+
+
+def _loads(text: str) -> Any:
+    """JSON, strictly: a key given twice (json.loads keeps the last silently), nesting too deep for
+    Python, or a lone surrogate such as \\ud800 (no UTF-8 file, file name or request can hold one)
+    is a ValueError saying so."""
+    try:
+        value = _STRICT_JSON.decode(text)
+        # Only a \ud800-\udfff escape makes a surrogate: text without one needs no look.
+        if ("\\ud" in text or "\\uD" in text) and (where := _lone_surrogate(value)) is not None:
+            raise _Unfit(f"{where} is not valid Unicode (it holds a lone surrogate)")
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    except _Unfit:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg if isinstance(exc, json.JSONDecodeError) else exc}") from None
+    return value
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Which part of a decoded JSON value holds a lone surrogate: a key's name, 'a key', or 'the value'."""
+    if _encodes(value):
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not _encodes(key):
+                return "a key"
+            if not _encodes(item):
+                return key
+    return "the value"
+
+
+def _encodes(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
+    # pre_buffer would cache every row group read so far until the file is closed.
+    with pq.ParquetFile(path, pre_buffer=False) as file:
+        schema = file.schema_arrow
+        _refuse_repeated_columns(path, schema.names)
+        if "provider_options" in schema.names and not _json_type(kind := schema.field("provider_options").type):
+            raise _refuse(path, f"column 'provider_options' holds {kind}: it must hold JSON objects "
+                                "(a struct, or JSON text)")
+        for batch in file.iter_batches(batch_size=BATCH_ROWS):
+            yield _batch_records(batch)
+
+
+def _json_type(kind: pa.DataType) -> bool:
+    """Whether Python gets values of this Arrow type as JSON can carry them: no bytes, dates,
+    decimals or maps, which would fail only when the row is hashed or sent."""
+    if pa.types.is_dictionary(kind):
+        return _json_type(kind.value_type)
+    if pa.types.is_struct(kind):
+        return all(_json_type(field.type) for field in kind)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _json_type(kind.value_type)
+    return (pa.types.is_null(kind) or pa.types.is_boolean(kind) or pa.types.is_integer(kind)
+            or pa.types.is_float32(kind) or pa.types.is_float64(kind)
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _batch_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    try:
+        return batch.to_pylist()
+    except (ValueError, OverflowError, pa.ArrowException):
+        # A value Python cannot hold (text that is not UTF-8, a date past year 9999): find its row.
+        return [_record(batch, index) for index in range(batch.num_rows)]
+
+
+def _record(batch: pa.RecordBatch, index: int) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            record[name] = column[index].as_py()
+        except UnicodeDecodeError:
+            return {"__error__": f"{name} is not valid UTF-8"}
+        except (ValueError, OverflowError, pa.ArrowException) as exc:
+            return {"__error__": f"{name} cannot be read: {exc}"}
+    return record
+
+
+def _text(record: dict[str, Any], name: str, problems: list[str]) -> str | None:
+    """A column's text, None when blank. Numbers read as their digits (ids are numbers in many JSON
+    and Parquet files); anything else is a problem, never text made of its repr."""
+    value = record.get(name)
+    if isinstance(value, str):
+        return value if value.strip() else None
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value)
-    return text if text.strip() else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else str(value)
+    problems.append(f"{name} is {_kind(value)}, not a string")
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    return f"a {type(value).__name__}"
 
 
 def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | list[ManifestProblem]:
-    """Apply defaults and check one record; returns the row or what is wrong with it."""
-    problems: list[str] = []
+    """Apply defaults and check one record; returns the row or what is wrong with it, and never
+    raises, so no value of any type in any column ends a run in a traceback."""
     if "__error__" in record:
         return [ManifestProblem(number, record["__error__"])]
-    row_id = _text(record.get("id"))
-    if row_id is not None and (reason := storage.unsafe_reason(row_id)):
-        problems.append(f"id {reason}")
-    text = record.get("text")
-    if not isinstance(text, str) or not text.strip():
-        problems.append("empty text")
-    model = _text(record.get("model")) or defaults.model
-    if model is None:
-        problems.append("no model: add a model column or give a default (--model)")
-    voice = _text(record.get("voice")) or defaults.voice
-    if voice is None:
-        problems.append("no voice: add a voice column or give a default (--voice)")
-    fmt = (_text(record.get("response_format")) or defaults.format).strip().lower()
-    if fmt not in FORMATS:
-        problems.append(f"unknown response_format {fmt!r}: use one of {', '.join(FORMATS)}")
-    speed = defaults.speed
-    raw_speed = record.get("speed")
-    if _text(raw_speed) is not None:
-        try:
-            speed = float(raw_speed)
-            if not math.isfinite(speed) or speed <= 0:
-                raise ValueError
-        except (TypeError, ValueError):
-            problems.append(f"speed {raw_speed!r} is not a positive number")
-    options = record.get("provider_options")
-    if isinstance(options, str):
-        if options.strip():
+    problems: list[str] = []
+    row_id = None
+    try:
+        row_id = _text(record, "id", problems)
+        if row_id is not None and (reason := storage.unsafe_reason(row_id)):
+            problems.append(f"id {reason}")
+        text = record.get("text")
+        if not isinstance(text, str):
+            problems.append("empty text" if text is None else f"text is {_kind(text)}, not a string")
+        elif not text.strip():
+            problems.append("empty text")
+        model = _text(record, "model", problems) or defaults.model
+        if model is None:
+            problems.append("no model: add a model column or give a default (--model)")
+        voice = _text(record, "voice", problems) or defaults.voice
+        if voice is None:
+            problems.append("no voice: add a voice column or give a default (--voice)")
+        fmt = (_text(record, "response_format", problems) or defaults.format).strip().lower()
+        if fmt not in FORMATS:
+            problems.append(f"unknown response_format {fmt!r}: use one of {', '.join(FORMATS)}")
+        speed = defaults.speed
+        raw_speed = record.get("speed")
+        if raw_speed is not None and not (isinstance(raw_speed, str) and not raw_speed.strip()):
             try:
-                options = json.loads(options)
-            except json.JSONDecodeError:
-                options = "bad"
-        else:
-            options = None
-    if options is not None and not isinstance(options, dict):
-        problems.append("provider_options must be a JSON object")
-    output = _text(record.get("output"))
-    if output is not None:
-        if reason := storage.unsafe_reason(output, allow_folders=True):
-            problems.append(f"output {reason}")
-        else:
-            output = storage.normalise_relpath(output)
+                if isinstance(raw_speed, bool):
+                    raise TypeError
+                speed = float(raw_speed)
+                if not math.isfinite(speed) or speed <= 0:
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
+                problems.append(f"speed {raw_speed!r} is not a positive number")
+        options = record.get("provider_options")
+        if isinstance(options, str):
+            try:
+                options = _loads(options) if options.strip() else None
+            except ValueError as exc:
+                problems.append(f"provider_options: {exc}")
+                options = None
+        if options is not None and not isinstance(options, dict):
+            problems.append("provider_options must be a JSON object")
+        output = _text(record, "output", problems)
+        if output is not None:
+            if reason := storage.unsafe_reason(output, allow_folders=True):
+                problems.append(f"output {reason}")
+            else:
+                output = storage.normalise_relpath(output)
+        tags = {name: value for name in TAG_COLUMNS if (value := _text(record, name, problems)) is not None}
+    except Exception as exc:  # a value no check above foresaw: still this row's problem
+        problems.append(f"cannot be read: {exc!r}")
     if problems:
         return [ManifestProblem(number, p, row_id) for p in problems]
-    tags = {name: value for name in TAG_COLUMNS if (value := _text(record.get(name))) is not None}
     return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags)  # type: ignore[arg-type]
 
 
@@ -239,28 +557,29 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
     rows = characters = 0
     columns: list[str] | None = None
     for batch in read_records(path):
-        if columns is None and batch:
-            columns = list(batch[0].keys())
-            if "text" not in columns:
+        if columns is None:
+            columns = next((list(record) for record in batch if "__error__" not in record), None)
+            if columns is not None and "text" not in columns:
                 raise ManifestError(str(path), [ManifestProblem(None, f"no 'text' column (columns: {', '.join(columns)})")])
         for record in batch:
             rows += 1
-            row_id = _text(record.get("id"))
-            if row_id is not None:
-                ids.append(_hash64(row_id))
             result = make_row(rows, record, defaults)
             if isinstance(result, list):
+                if result[0].id is not None:
+                    ids.append(_hash64(result[0].id))
                 total_problems += len(result)
                 if len(problems) < ManifestError.shown:
                     problems.extend(result)
                 continue
+            if result.id is not None:
+                ids.append(_hash64(result.id))
             characters += len(result.text)
             if on_row is not None:
                 on_row(result)
             if result.id is not None or result.output is not None:
                 # Rows with neither are keyed by their content: identical ones share one file.
                 paths.append(_hash64(result.relpath.casefold()))
-    if columns is None:
+    if not rows:
         raise ManifestError(str(path), [ManifestProblem(None, "the manifest has no rows")])
     (dup_ids, id_count), (dup_paths, path_count) = _duplicates(ids), _duplicates(paths)
     if id_count or path_count:
@@ -283,13 +602,13 @@ def _report_duplicates(path: Path, defaults: Defaults, dup_ids: set[int], dup_pa
             break
         for record in batch:
             number += 1
-            row_id = _text(record.get("id"))
+            result = make_row(number, record, defaults)
+            row_id = result[0].id if isinstance(result, list) else result.id
             if row_id is not None and _hash64(row_id) in dup_ids:
                 if row_id in first_id:
                     problems.append(ManifestProblem(number, f"duplicate id (first at row {first_id[row_id]})", row_id))
                 else:
                     first_id[row_id] = number
-            result = make_row(number, record, defaults)
             if isinstance(result, list) or (result.id is None and result.output is None):
                 continue
             folded = result.relpath.casefold()

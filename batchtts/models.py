@@ -4,7 +4,8 @@
 model's `pricing.prompt` is USD per input character and `context_length` its input limit. The
 list is cached for a day under the user's cache folder, one file per base URL, so a nightly job or
 a dry run does not ask every time, and a dry run on a machine that cannot reach the provider
-still prices from the last answer.
+still prices from the last answer. A run checks its remote model names against the same list: a
+typo would otherwise fail every row that names it, each at the price of a request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,15 @@ import httpx
 import platformdirs
 import structlog
 
-from .config import Provider, Timeouts
+from .config import Job, Provider, Timeouts, check_settings
 from .errors import UsageError
+from .providers import is_local
+from .suggest import did_you_mean
 
 log = structlog.get_logger("batchtts")
 CACHE_SECONDS = 24 * 3600
+UNREACHABLE_SECONDS = 60  # a provider that could not be asked is not asked again in the same minute
+_unreachable: dict[str, tuple[float, UsageError]] = {}
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,23 @@ def _write_cache(models: ModelList) -> None:
 
 
 def fetch(provider: Provider, timeouts: Timeouts) -> ModelList:
-    """Ask the provider now. Raises UsageError when it cannot be reached or answers oddly."""
+    """Ask the provider now. Raises UsageError when it cannot be reached or answers oddly, and again
+    at once if asked within a minute, so a run's checks and prices wait out one timeout, not one each."""
+    base_url = provider.base_url.rstrip("/")
+    failed = _unreachable.get(base_url)
+    if failed is not None and time.monotonic() - failed[0] < UNREACHABLE_SECONDS:
+        raise failed[1]
+    try:
+        listing = _ask(provider, timeouts)
+    except UsageError as exc:
+        _unreachable[base_url] = (time.monotonic(), exc)
+        raise
+    _unreachable.pop(base_url, None)
+    _write_cache(listing)
+    return listing
+
+
+def _ask(provider: Provider, timeouts: Timeouts) -> ModelList:
     url = provider.base_url.rstrip("/") + "/models"
     try:
         response = httpx.get(url, params={"output_modalities": "speech"},
@@ -119,13 +141,12 @@ def fetch(provider: Provider, timeouts: Timeouts) -> ModelList:
         raise UsageError(f"cannot reach {url}: {exc}") from exc
     except ValueError as exc:
         raise UsageError(f"{url}: not a model list: {exc}") from exc
-    listing = ModelList(provider.base_url.rstrip("/"), time.time(), models)
-    _write_cache(listing)
-    return listing
+    return ModelList(provider.base_url.rstrip("/"), time.time(), models)
 
 
 def speech_models(provider: Provider, timeouts: Timeouts, refresh: bool = False) -> ModelList:
     """The cached list when under a day old, else a fresh one; a stale cache beats no answer."""
+    check_settings(provider, "provider")
     cached = None if refresh else _read_cache(provider.base_url.rstrip("/"))
     if cached is not None and time.time() - cached.fetched_at < CACHE_SECONDS:
         return cached
@@ -136,3 +157,29 @@ def speech_models(provider: Provider, timeouts: Timeouts, refresh: bool = False)
             raise
         log.warning("models_stale", error=str(exc), cached_at=time.strftime("%Y-%m-%d %H:%M", time.localtime(cached.fetched_at)))
         return cached
+
+
+def check_models(job: Job, models: Iterable[str]) -> None:
+    """Warn of each remote model the provider does not list, with the closest names it does; with
+    `job.strict`, refuse them (UsageError). A list that cannot be had, or an empty one (a provider
+    that does not filter by speech), skips the check: it is a hint, never a reason to stop a run."""
+    remote = sorted({m for m in models if not is_local(m)})
+    if not remote:
+        return
+    try:
+        listing = speech_models(job.provider, job.timeouts)
+    except UsageError as exc:
+        log.info("models_unchecked", error=str(exc), message="model names not checked: no model list")
+        return
+    known = [m.id for m in listing.models]
+    unknown = [m for m in remote if listing.get(m) is None]
+    if not known or not unknown:
+        return
+    where = listing.base_url
+    problems = [f"{m!r} is not one of the speech models {where} lists{did_you_mean(m, known)}" for m in unknown]
+    if job.strict:
+        raise UsageError(f"{'; '.join(problems)}: fix the name, or drop --strict (strict = true in a job file) "
+                         "to send it anyway")
+    for model, problem in zip(unknown, problems, strict=True):
+        log.warning("unknown_model", model=model, message=f"{problem}; its rows are sent anyway "
+                    "(--strict refuses to start instead); `batchtts models` lists them")

@@ -3,12 +3,18 @@ streamed to disk, published and recorded; and, once a long row's chunks are all 
 
 The order is what makes reruns safe: a file is renamed into place before the ledger says done, and
 work whose failure was transient is left for the next run instead of being marked failed.
+
+Each work item is a fault boundary. Whatever goes wrong in one row's work is recorded against that
+row and the run goes on, except a fault of the machine itself (a full disk, a ledger that can no
+longer be written): every row would meet it, so it is raised as a HaltError and the pool stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +28,17 @@ from .audio import AudioInfo, AudioWriter, wire_format
 from .budget import Prices
 from .chunking import Chunk
 from .config import RetryPolicy, Stitching
-from .errors import HTTPStatusError, ProviderStopError, RejectedError, SpeechError, TransportError
+from .errors import (
+    HaltError,
+    HTTPStatusError,
+    LedgerError,
+    ProviderStopError,
+    RejectedError,
+    SpeechError,
+    StorageError,
+    TransportError,
+    UnexpectedError,
+)
 from .ledger import Ledger
 from .manifest import Row
 from .pool import WorkerPool
@@ -35,6 +51,24 @@ from .tags import write_tags
 from .throttle import Throttle
 
 log = structlog.get_logger("batchtts")
+
+# What a file system says when no file at all can be written there: no row can succeed either.
+_MACHINE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
+
+
+def classify(exc: Exception, where: str) -> SpeechError | HaltError:
+    """What an exception in one row's work means: a fault of the machine (halts the run), a file that
+    could not be stored (this row only), or something unforeseen (this row only, with its type)."""
+    if isinstance(exc, (SpeechError, HaltError)):
+        return exc
+    if isinstance(exc, (LedgerError, sqlite3.Error)):
+        return HaltError(f"the ledger cannot record what was done: {exc}")
+    if isinstance(exc, OSError) and exc.errno in _MACHINE_FAULTS:
+        return HaltError(f"cannot write {where}: {exc.strerror or exc}")
+    if isinstance(exc, OSError):
+        name = f" ({exc.filename})" if exc.filename else ""
+        return StorageError(f"cannot store {where}: {exc.strerror or exc}{name}")
+    return UnexpectedError(f"{type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -130,12 +164,34 @@ class Narrator:
         self.pool: WorkerPool[WorkItem] | None = None
         self.provider_stop: ProviderStopError | None = None
         self._in_flight: set[str] = set()
+        self._assemblies: dict[str, Assembly] = {}
 
     @property
     def stopping(self) -> bool:
         return self.pool is not None and self.pool.stopping
 
     async def __call__(self, item: WorkItem) -> None:
+        """One work item, whatever happens to it; only a HaltError leaves."""
+        try:
+            await self._handle(item)
+        except Exception as exc:
+            fault = classify(exc, self._where(_row_of(item).relpath))
+            if isinstance(fault, HaltError):
+                raise fault from exc
+            await self._unforeseen(item, fault)
+
+    async def _unforeseen(self, item: WorkItem, fault: SpeechError) -> None:
+        """A fault none of the row's own paths recorded: record it here, so the row is retried next run."""
+        log.error("row_fault", row=_row_of(item).number, id=_row_of(item).id, error=fault.message)
+        try:
+            if isinstance(item, ChunkJob):
+                await self._chunk_settled(item, fault, 0)
+            else:
+                self._row_failed(_row_of(item), fault, attempts=0, retryable=True)
+        except Exception as again:
+            raise HaltError(f"cannot record the failure of row {_row_of(item).number}: {again}") from again
+
+    async def _handle(self, item: WorkItem) -> None:
         if isinstance(item, ChunkJob):
             await self._narrate_chunk(item)
         elif isinstance(item, Assembly):
@@ -151,9 +207,14 @@ class Narrator:
             finally:
                 self._in_flight.discard(item.key)
 
+    def _where(self, relpath: str) -> str:
+        return f"{str(self.folder).rstrip('/')}/{relpath}"
+
     def _already_done(self, row: Row) -> bool:
+        """Done since the feed planned it: by an identical row without id earlier in this run."""
         entry = self.ledger.lookup(row.key)
-        return entry is not None and entry.fingerprint == row.fingerprint and entry.status == "done"
+        return (entry is not None and entry.fingerprint == row.fingerprint and entry.status == "done"
+                and entry.path == row.relpath and self.folder.has(row.relpath, entry.bytes))
 
     async def _narrate_row(self, row: Row) -> None:
         request = SpeechRequest(row.model, row.text, row.voice, wire_format(row.format), row.speed, row.provider_options)
@@ -172,6 +233,8 @@ class Narrator:
 
     async def _narrate_chunk(self, job: ChunkJob) -> None:
         assembly, chunk = job.assembly, job.assembly.chunks[job.index]
+        if not self._claim(assembly):
+            return
         row = assembly.row
         fingerprint = row.chunk_fingerprint(chunk.text)
         fmt = wire_format(row.format)
@@ -184,35 +247,58 @@ class Narrator:
             assembly.abandoned = True
             return
         except SpeechError as exc:
-            assembly.attempts += attempts[0]
-            if isinstance(exc, ProviderStopError) or (self.stopping and is_transient(exc, self.policy.statuses)):
-                assembly.abandoned = True
-                self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
-                return
-            self.ledger.record_chunk(
-                fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="failed",
-                retryable=int(retried_next_run(exc, self.policy.statuses)), path=None, bytes=None, sha256=None,
-                characters=len(chunk.text), attempts=attempts[0], http_status=exc.status, error=exc.message,
-            )
-            if assembly.failure is None:
-                assembly.failure = (job.index, exc)
-            self.progress.advance(len(chunk.text))
-        else:
-            assembly.attempts += outcome.attempts
-            self.counters.chunks += 1
-            info, published = outcome.info, outcome.published
-            self.ledger.record_chunk(
-                fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="done", retryable=0,
-                path=chunk_path(fingerprint, fmt), bytes=published.bytes, sha256=published.sha256,
-                sample_rate=info.sample_rate, channels=info.channels, duration_s=info.duration_s,
-                characters=len(chunk.text), attempts=outcome.attempts, http_status=200, error=None,
-                generation_id=outcome.generation_id, latency_s=outcome.latency_s,
-            )
-            assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels)
-            self.progress.advance(len(chunk.text))
+            await self._chunk_settled(job, exc, attempts[0])
+            return
+        assembly.attempts += outcome.attempts
+        self.counters.chunks += 1
+        info, published = outcome.info, outcome.published
+        self.ledger.record_chunk(
+            fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="done", retryable=0,
+            path=chunk_path(fingerprint, fmt), bytes=published.bytes, sha256=published.sha256,
+            sample_rate=info.sample_rate, channels=info.channels, duration_s=info.duration_s,
+            characters=len(chunk.text), attempts=outcome.attempts, http_status=200, error=None,
+            generation_id=outcome.generation_id, latency_s=outcome.latency_s,
+        )
+        assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels)
+        self.progress.advance(len(chunk.text))
+        await self._settle(assembly)
+
+    async def _chunk_settled(self, job: ChunkJob, exc: SpeechError, attempts: int) -> None:
+        """A chunk that failed: recorded, and its row fails once every chunk has settled."""
+        assembly, chunk, row = job.assembly, job.assembly.chunks[job.index], job.assembly.row
+        assembly.attempts += attempts
+        if isinstance(exc, ProviderStopError) or (self.stopping and is_transient(exc, self.policy.statuses)):
+            assembly.abandoned = True
+            self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
+            return
+        self.ledger.record_chunk(
+            fingerprint=row.chunk_fingerprint(chunk.text), row_key=row.key, chunk_index=job.index, status="failed",
+            retryable=int(retried_next_run(exc, self.policy.statuses)), path=None, bytes=None, sha256=None,
+            characters=len(chunk.text), attempts=attempts, http_status=exc.status, error=exc.message,
+        )
+        if assembly.failure is None:
+            assembly.failure = (job.index, exc)
+        self.progress.advance(len(chunk.text))
+        await self._settle(assembly)
+
+    async def _settle(self, assembly: Assembly) -> None:
+        """One more chunk of the row has settled; after the last, the row is finished."""
         assembly.remaining -= 1
         if assembly.remaining == 0:
-            await self._finish(assembly)
+            try:
+                await self._finish(assembly)
+            finally:
+                self._assemblies.pop(assembly.row.key, None)
+
+    def _claim(self, assembly: Assembly) -> bool:
+        """Whether this assembly narrates its row: an identical row without id, split the same way, is
+        narrated once, by whichever assembly came first, and the other is dropped."""
+        owner = self._assemblies.get(assembly.row.key)
+        if owner is None:
+            if self._already_done(assembly.row):
+                return False
+            self._assemblies[assembly.row.key] = owner = assembly
+        return owner is assembly
 
     async def _finish(self, assembly: Assembly) -> None:
         """All chunks have settled: stitch them into the row's file, or record why not."""
@@ -227,16 +313,19 @@ class Narrator:
                              chunks=len(assembly.chunks), where=f"chunk {index + 1} of {len(assembly.chunks)}: ")
             return
         parts = [p for p in assembly.parts if p is not None]
-        partial, f = self.folder.open_partial()
         try:
+            partial, f = self.folder.open_partial()
             info, published = await asyncio.to_thread(self._stitch, parts, row, partial, f)
-        except SpeechError as exc:
-            self._row_failed(row, exc, assembly.attempts, retryable=retried_next_run(exc, self.policy.statuses),
-                             chunks=len(assembly.chunks))
-            return
         except FileNotFoundError as exc:  # a chunk file removed since the run planned: ask for it again
             self._row_failed(row, TransportError(f"chunk file gone: {exc.filename}"), assembly.attempts,
                              retryable=True, chunks=len(assembly.chunks))
+            return
+        except Exception as exc:
+            fault = classify(exc, self._where(row.relpath))
+            if isinstance(fault, HaltError):
+                raise fault from exc
+            self._row_failed(row, fault, assembly.attempts, retryable=retried_next_run(fault, self.policy.statuses),
+                             chunks=len(assembly.chunks))
             return
         self._row_done(row, None, published, info, assembly.attempts,
                        round(time.monotonic() - assembly.started, 3), chunks=len(assembly.chunks))
@@ -260,16 +349,26 @@ class Narrator:
         async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row, chunk)):
             with attempt:
                 attempts[0] += 1
-                # The throttle's slot covers the request and its body, not the fsync that follows.
+                # The throttle's slot covers the request, its body and its landing on disk: audio paid
+                # for is in flight until the ledger can record it, so a kill -9 pays again for at most
+                # `concurrency` rows, however fast the answers come.
                 async with self.throttle.slot() if remote else contextlib.nullcontext():
                     if self.stopping:
                         raise _Stopped
                     self.counters.requests += 1
-                    body = await self._receive(request, fmt)
-                if remote:
-                    self.throttle.succeeded()
-                self._spent(request)
-                info, published = await asyncio.to_thread(self._publish, body, relpath, fmt, tags)
+                    try:
+                        body = await self._receive(request, fmt)
+                    except (SpeechError, _Stopped):
+                        raise
+                    except Exception as exc:
+                        raise classify(exc, self._where(relpath)) from exc
+                    if remote:
+                        self.throttle.succeeded()
+                    self._spent(request)
+                    try:
+                        info, published = await asyncio.to_thread(self._publish, body, relpath, fmt, tags)
+                    except Exception as exc:
+                        raise classify(exc, self._where(relpath)) from exc
         return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
 
     def _spent(self, request: SpeechRequest) -> None:
@@ -368,3 +467,10 @@ class Narrator:
                   attempts=attempts, will_retry_on_rerun=retryable)
         self.progress.row_finished(ok=False)
 
+
+def _row_of(item: WorkItem) -> Row:
+    if isinstance(item, ChunkJob):
+        return item.assembly.row
+    if isinstance(item, (Assembly, PassedOver)):
+        return item.row
+    return item

@@ -21,7 +21,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .config import RetryPolicy
-from .errors import HTTPStatusError, ProviderStopError, StorageError, TransportError
+from .errors import HTTPStatusError, ProviderStopError, StorageError, TransportError, UnexpectedError
 
 
 def is_transient(exc: BaseException, statuses: tuple[int, ...]) -> bool:
@@ -35,8 +35,9 @@ def is_transient(exc: BaseException, statuses: tuple[int, ...]) -> bool:
 
 
 def retried_next_run(exc: BaseException, statuses: tuple[int, ...]) -> bool:
-    """A failed row the next run tries again without --retry-failed: transient, or its upload failed."""
-    return is_transient(exc, statuses) or isinstance(exc, StorageError)
+    """A failed row the next run tries again without --retry-failed: transient, its audio could not be
+    stored, or a fault nobody foresaw."""
+    return is_transient(exc, statuses) or isinstance(exc, (StorageError, UnexpectedError))
 
 
 def retry_if_transient(statuses: tuple[int, ...]) -> retry_if_exception:

@@ -26,16 +26,22 @@ from .config import Job, redact_uri
 from .errors import (
     EXIT_BUDGET,
     EXIT_FAILED_ROWS,
+    EXIT_HALTED,
     EXIT_MAX_RUNTIME,
     EXIT_OK,
     EXIT_PROVIDER_STOP,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    BatchTTSError,
+    HaltError,
+    LedgerError,
     UsageError,
 )
-from .ledger import COMMIT_EVERY, Entry, Ledger, LedgerSet, check_layout
-from .local import LocalSpeechProvider
+from .ledger import Entry, Ledger, LedgerSet, check_layout
+from .local import LocalSpeechProvider, validate_manifest
 from .manifest import Row
+from .models import check_models
+from .names import OutputChecks, owned_files
 from .narrator import Assembly, ChunkJob, Counters, Narrator, PassedOver, WorkItem
 from .pool import WorkerPool
 from .progress import Progress
@@ -111,9 +117,11 @@ def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed
 
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
-              owns: Callable[[str], bool] | None = None, budget: Spending | None = None) -> Plan:
+              owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
+              checks: OutputChecks | None = None) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
-    rows `owns` accepts (default: the job's shard, or every row); `budget` is run as the feed runs it."""
+    rows `owns` accepts (default: the job's shard, or every row); `budget` is run as the feed runs it;
+    `checks` sees every row's file name."""
     plan = Plan(budget=budget)
     pending = 0
     limits: dict[str, int] = {}
@@ -123,12 +131,17 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     def count(row: Row) -> None:
         nonlocal pending
         if owns is not None and not owns(row.key):
+            if checks is not None:
+                checks.see(row, pending=False)
             return
         model = plan.models.setdefault(row.model, ModelPlan())
         model.rows += 1
         model.characters += len(row.text)
         entry = ledger.lookup(row.key) if ledger is not None else None
-        if needs_work(row, entry, folder, job.retry_failed):
+        work = needs_work(row, entry, folder, job.retry_failed)
+        if checks is not None:
+            checks.see(row, pending=work)
+        if work:
             if job.limit is None or pending < job.limit:
                 pending += 1
                 model.pending += 1
@@ -149,7 +162,9 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
         else:
             model.done += 1
 
-    manifest.validate(job.manifest, job.defaults, on_row=count)
+    validate_manifest(job.manifest, job.defaults, on_row=count)
+    if checks is not None:
+        checks.raise_problems(job.manifest)
     return plan
 
 
@@ -232,12 +247,14 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
-            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if job.budget.capped else None)
+            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if job.budget.capped else None,
+                             checks=_output_checks(job, folder))
         finally:
             if ledger is not None:
                 ledger.close()
         result = RunResult(EXIT_OK, plan, prices)
         try:
+            check_models(job, (name for name, m in plan.models.items() if m.pending))
             Spending(job.budget, prices).check_prices(name for name, m in plan.models.items() if m.pending)
         except UsageError as exc:
             result.exit_code, result.stop_reason = exc.exit_code, str(exc)
@@ -249,8 +266,10 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
         ledger = Ledger(job.ledger_path)
         try:
             _check_bucket(job, ledger)
-            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if job.budget.capped else None)
+            plan = make_plan(job, ledger, folder, budget=Spending(job.budget, prices) if job.budget.capped else None,
+                             checks=_output_checks(job, folder))
             spending = Spending(job.budget, prices)
+            check_models(job, (name for name, m in plan.models.items() if m.pending))
             spending.check_prices(name for name, m in plan.models.items() if m.pending)
             if provider is None and plan.total.pending:
                 provider = _providers(job, plan)
@@ -277,11 +296,20 @@ def run(job: Job, provider: SpeechProvider | None = None) -> RunResult:
             result.wall_s = time.monotonic() - started
             if result.exit_code == EXIT_OK and result.counters.failed + total.failed:
                 result.exit_code = EXIT_FAILED_ROWS
-            ledger.finish_run(run_id, result.exit_code, result.summary())
+            try:
+                ledger.finish_run(run_id, result.exit_code, result.summary())
+            except LedgerError as exc:
+                _halted(result, exc)
             log.info("summary", **result.summary())
             return result
         finally:
             ledger.close()
+
+
+def _output_checks(job: Job, folder: OutputFolder) -> OutputChecks:
+    if isinstance(job.out, str):
+        return OutputChecks(None, {})
+    return OutputChecks(job.out, owned_files(job.out, job.ledger_path, folder.lock_path))
 
 
 def _check_bucket(job: Job, ledger: Ledger) -> None:
@@ -345,33 +373,37 @@ async def _execute(
             pool.cancel()
 
     loop = asyncio.get_running_loop()
+
+    def commit() -> None:
+        try:
+            ledger.commit()
+        except LedgerError as exc:
+            pool.halt(HaltError(str(exc)))
+
+    # Group commit: rows that finish in the same turn of the event loop share one commit.
+    ledger.on_write = lambda: loop.call_soon(commit)
     # Publishing waits on fsync; with the default handful of threads the disk, not the provider,
     # would set the pace of a fast run.
     loop.set_default_executor(ThreadPoolExecutor(max_workers=min(64, 2 * job.concurrency), thread_name_prefix="publish"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     timer = _stop_at_max_runtime(job, pool, started)
-
-    async def commit_on_a_beat() -> None:
-        while True:
-            await asyncio.sleep(COMMIT_EVERY)
-            ledger.commit()
-
-    committer = asyncio.create_task(commit_on_a_beat())
     progress.start()
     try:
         await pool.run(_pending_work(job, folder, spending))
     finally:
         if timer is not None:
             timer.cancel()
-        committer.cancel()
-        ledger.commit()
+        ledger.on_write = None
+        commit()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         progress.close()
         await provider.aclose()
     result.counters = narrator.counters
-    if narrator.provider_stop is not None:
+    if pool.fault is not None:
+        _halted(result, pool.fault)
+    elif narrator.provider_stop is not None:
         result.exit_code = EXIT_PROVIDER_STOP
         result.stop_reason = str(narrator.provider_stop)
         result.advice = narrator.provider_stop.advice
@@ -386,6 +418,16 @@ async def _execute(
         result.stop_reason = spending.refused
         log.warning("budget_reached", reason=spending.refused, characters=spending.characters,
                     estimated_cost_usd=round(spending.cost, 6))
+
+
+def _halted(result: RunResult, fault: Exception) -> None:
+    """The run could not go on: say why, and that a rerun resumes once that is fixed."""
+    if result.exit_code == EXIT_HALTED:
+        return
+    result.exit_code = EXIT_HALTED
+    result.stop_reason = str(fault) if isinstance(fault, BatchTTSError) else f"{type(fault).__name__}: {fault}"
+    result.advice = "what finished is recorded: fix that, then run the same command again to resume"
+    log.error("halted", reason=result.stop_reason)
 
 
 def _stop_at_max_runtime(job: Job, pool: WorkerPool[WorkItem], started: float) -> asyncio.TimerHandle | None:

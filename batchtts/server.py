@@ -7,7 +7,9 @@ limits with Retry-After / X-RateLimit-* headers, connections cut after the heade
 stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice.
 
 Admin endpoints (not part of the API): `GET /_batchtts/stats` (`?log=0` for the counts alone), `POST /_batchtts/faults` (a JSON
-object of ServeConfig fields to change at runtime), `POST /_batchtts/reset`.
+object of ServeConfig fields to change at runtime), `POST /_batchtts/reset`. When the server has a key
+they take the same bearer key as the API. Every refusal, theirs and Starlette's, is the API's JSON
+error shape, and bodies are read up to `max_body_bytes` only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -22,6 +25,8 @@ import random
 import socket
 import sys
 import time
+import types
+import typing
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -29,7 +34,8 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -37,7 +43,10 @@ from starlette.types import Receive, Scope, Send
 from . import local
 from .chunking import limit_for
 from .engine import UnknownVoiceError, engine
+from .errors import UsageError
 from .tone import synthesize_tone
+
+Endpoint = typing.Callable[[Request], typing.Awaitable[JSONResponse]]
 
 ERROR_MESSAGES = {
     400: "Invalid request parameters",
@@ -81,9 +90,57 @@ class ServeConfig:
     reject_marker: str | None = "[[bad]]"
     seed: int | None = None
     engine: str = "espeak"
+    max_body_bytes: int = 1 << 20
 
     def public(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "api_key": None if self.api_key is None else "<set>"}
+
+
+FIXED_FIELDS = ("host", "port", "api_key")  # the socket, and the key that guards /_batchtts/faults itself
+RATE_FIELDS = ("fail_rate", "drop_rate", "truncate_rate")
+CHOICES = {"rate_limit_headers": ("retry-after", "reset", "both"), "engine": ("espeak", "tone")}
+
+
+def updated(config: ServeConfig, changes: object) -> ServeConfig:
+    """`config` with a /faults body applied. ValueError says what is wrong, so a bad value is refused
+    at once instead of failing every request after it."""
+    if not isinstance(changes, dict):
+        raise ValueError("the body must be a JSON object of ServeConfig fields")
+    fixed = sorted(set(changes) & set(FIXED_FIELDS))
+    if fixed:
+        raise ValueError(f"fixed when the server starts, not changeable: {fixed}")
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown fields: {unknown}")
+    hints = typing.get_type_hints(ServeConfig)
+    for name, value in changes.items():
+        if not _conforms(value, hints[name]):
+            raise ValueError(f"{name} must be {fields[name].type}, not {value!r}")
+        if isinstance(value, int | float) and value < 0 and name != "seed":
+            raise ValueError(f"{name} must not be negative")
+        if name in RATE_FIELDS and value > 1:
+            raise ValueError(f"{name} must be from 0 to 1")
+        if name == "fail_statuses" and not all(400 <= s <= 599 for s in value):
+            raise ValueError("fail_statuses must be numbers from 400 to 599")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {list(CHOICES[name])}")
+    if "fail_statuses" in changes:
+        changes = {**changes, "fail_statuses": tuple(changes["fail_statuses"])}
+    return dataclasses.replace(config, **changes)
+
+
+def _conforms(value: object, hint: Any) -> bool:
+    """Whether a decoded JSON value fits a ServeConfig field's type (a list stands for a tuple)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list) and all(_conforms(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 @dataclass
@@ -108,6 +165,55 @@ class _Answered(Exception):
     """Raised by a check that has already sent the whole answer."""
 
 
+class BodyTooLarge(Exception):
+    """A request body over `max_body_bytes`: refused before it is buffered."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body is larger than {limit} bytes")
+
+
+def error_json(status: int, message: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": status, "message": message or ERROR_MESSAGES.get(status, "Error")}}
+
+
+def error_response(status: int, message: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_json(status, message), status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or BodyTooLarge as soon as the declared or received size passes `limit`, so a
+    huge upload costs the server no memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+    return bytes(body)
+
+
+def parse_json(raw: bytes) -> Any:
+    """json.loads with nesting too deep for the parser's recursion as one more ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def key_problem(request: Request, api_key: str | None) -> str | None:
+    """Why the request's bearer key is refused, or None when it may pass."""
+    if api_key is None:
+        return None
+    auth = request.headers.get("authorization", "")
+    if not auth:
+        return ERROR_MESSAGES[401]
+    if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {api_key}".encode()):
+        return "Invalid API key"
+    return None
+
+
 class SpeechServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -129,6 +235,8 @@ class SpeechServer:
             await self._answer(request, entry, send)
         except _Answered:
             pass
+        except ClientDisconnect:
+            entry["outcome"] = "disconnected"
         finally:
             self.stats.in_flight -= 1
             if entry["status"] is not None:
@@ -137,7 +245,11 @@ class SpeechServer:
     async def _answer(self, request: Request, entry: dict[str, Any], send: Send) -> None:
         config = self.config
         try:
-            body = json.loads(await request.body())
+            raw = await read_body(request, config.max_body_bytes)
+        except BodyTooLarge as exc:
+            await self._error(send, entry, 413, str(exc), close=True)
+        try:
+            body = parse_json(raw)
         except ValueError:
             body = None
         text = body.get("input") if isinstance(body, dict) else None
@@ -147,12 +259,9 @@ class SpeechServer:
             entry["model"] = body.get("model")
             self.stats.by_input[entry["input_sha256"]] += 1
 
-        if config.api_key is not None:
-            auth = request.headers.get("authorization", "")
-            if not auth:
-                await self._error(send, entry, 401)
-            if auth != f"Bearer {config.api_key}":
-                await self._error(send, entry, 401, "Invalid API key")
+        refused = key_problem(request, config.api_key)
+        if refused:
+            await self._error(send, entry, 401, refused)
         if config.credits is not None and self.stats.successes >= config.credits:
             await self._error(send, entry, 402)
         if config.rate_limit > 0:
@@ -250,9 +359,11 @@ class SpeechServer:
         return request_format, float(speed)
 
     async def _error(self, send: Send, entry: dict[str, Any], status: int, message: str | None = None,
-                     reset_at: float | None = None) -> None:
+                     reset_at: float | None = None, close: bool = False) -> None:
         config = self.config
         headers = [(b"content-type", b"application/json")]
+        if close:
+            headers.append((b"connection", b"close"))
         if status == 429:
             wait = config.retry_after if config.retry_after is not None else (reset_at or time.time() + 1) - time.time()
             reset_at = reset_at if reset_at is not None else time.time() + wait
@@ -265,7 +376,7 @@ class SpeechServer:
                     (b"x-ratelimit-remaining", b"0"),
                     (b"x-ratelimit-reset", str(int(reset_at * 1000)).encode()),
                 ]
-        body = json.dumps({"error": {"code": status, "message": message or ERROR_MESSAGES.get(status, "Error")}}).encode()
+        body = json.dumps(error_json(status, message)).encode()
         headers.append((b"content-length", str(len(body)).encode()))
         entry["status"] = status
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -284,6 +395,14 @@ def create_app(config: ServeConfig) -> Starlette:
             for model_id, name, price in MODELS
         ]})
 
+    def admin(endpoint: Endpoint) -> Endpoint:
+        """Guard an admin endpoint with the server's key, when it has one: /faults could otherwise
+        switch off every fault a rehearsal relies on."""
+        async def guarded(request: Request) -> JSONResponse:
+            refused = key_problem(request, speech.config.api_key)
+            return error_response(401, refused) if refused else await endpoint(request)
+        return guarded
+
     async def stats(request: Request) -> JSONResponse:
         data = speech.stats.as_json()
         if request.query_params.get("log") == "0":
@@ -292,14 +411,11 @@ def create_app(config: ServeConfig) -> Starlette:
         return JSONResponse(data)
 
     async def faults(request: Request) -> JSONResponse:
-        changes = await request.json()
-        known = {f.name for f in dataclasses.fields(ServeConfig)} - {"host", "port"}
-        unknown = set(changes) - known
-        if unknown:
-            return JSONResponse({"error": {"code": 400, "message": f"unknown fields: {sorted(unknown)}"}}, status_code=400)
-        if "fail_statuses" in changes:
-            changes["fail_statuses"] = tuple(changes["fail_statuses"])
-        speech.config = dataclasses.replace(speech.config, **changes)
+        try:
+            changes = parse_json(await read_body(request, speech.config.max_body_bytes))
+            speech.config = updated(speech.config, changes)
+        except ValueError as exc:
+            return error_response(400, f"Invalid faults: {exc}")
         return JSONResponse(speech.config.public())
 
     async def reset(request: Request) -> JSONResponse:
@@ -310,10 +426,34 @@ def create_app(config: ServeConfig) -> Starlette:
     return Starlette(routes=[
         Route("/api/v1/audio/speech", speech, methods=["POST"]),
         Route("/api/v1/models", models),
-        Route("/_batchtts/stats", stats),
-        Route("/_batchtts/faults", faults, methods=["POST"]),
-        Route("/_batchtts/reset", reset, methods=["POST"]),
-    ])
+        Route("/_batchtts/stats", admin(stats)),
+        Route("/_batchtts/faults", admin(faults), methods=["POST"]),
+        Route("/_batchtts/reset", admin(reset), methods=["POST"]),
+    ], exception_handlers={
+        HTTPException: _refused,
+        BodyTooLarge: _too_large,
+        ClientDisconnect: _client_gone,
+        Exception: _internal_error,
+    })
+
+
+async def _refused(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals: no such route (404), or a method the route does not take (405)."""
+    return error_response(exc.status_code, ERROR_MESSAGES.get(exc.status_code, exc.detail), exc.headers)
+
+
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    """Closing the connection is what spares the server the rest of the body."""
+    return error_response(413, str(exc), {"connection": "close"})
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> None:
+    """A client that went away mid-body is nobody's error, and there is no one to answer."""
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the client gets the API's 500, and uvicorn logs the traceback for whoever fixes it."""
+    return error_response(500)
 
 
 class _QuietCuts(logging.Filter):
@@ -324,10 +464,16 @@ class _QuietCuts(logging.Filter):
 
 
 def run_server(config: ServeConfig) -> None:
-    """Bind (port 0 picks a free one), print the base URL on one line, serve until SIGINT/SIGTERM."""
+    """Bind (port 0 picks a free one), print the base URL on one line, serve until SIGINT/SIGTERM.
+    UsageError when the address cannot be bound."""
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        raise UsageError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"batchtts serve listening on http://{shown}:{port}/api/v1", flush=True)

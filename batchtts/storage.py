@@ -15,6 +15,7 @@ listing millions of keys to check them on every rerun would cost more than the n
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -94,7 +95,9 @@ class OutputFolder:
     def __init__(self, root: Path, ledger: Path) -> None:
         self.root = root
         self.partial_dir = root / PARTIAL_DIR / _ledger_tag(ledger)
-        self.lock_path = ledger.parent / f".batchtts-{ledger.name}.lock"
+        # By the ledger's real path: one ledger reached through a symbolic link is still one lock.
+        real = ledger.resolve()
+        self.lock_path = real.parent / f".batchtts-{real.name}.lock"
         self._made: set[Path] = set()
         self._partials = itertools.count()
 
@@ -137,6 +140,10 @@ class OutputFolder:
 
     def clean_partials(self) -> int:
         """Remove what interrupted runs left half-written; returns how many files."""
+        for folder in (self.partial_dir.parent, self.partial_dir):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise UsageError(f"{folder} is not a folder but a link or a file: batchtts keeps its half-written "
+                                 "files there and empties it; remove it")
         if not self.partial_dir.exists():
             return 0
         count = sum(1 for _ in self.partial_dir.iterdir())
@@ -179,14 +186,20 @@ class OutputFolder:
 
     @staticmethod
     def discard(partial: Path, f: BinaryIO) -> None:
-        f.close()
-        partial.unlink(missing_ok=True)
+        """Throw a partial file away. Closing flushes its buffer, which fails on a full disk: that data
+        is being thrown away anyway, and the file must go all the same."""
+        try:
+            with contextlib.suppress(OSError):
+                f.close()
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def _ledger_tag(ledger: Path) -> str:
-    """Names a ledger's partial folder: its name, and a hash of its full path so that two jobs with
-    ledgers of the same name elsewhere never share (and clean out) one partial folder."""
-    return f"{ledger.stem}-{hashlib.sha256(str(ledger.resolve()).encode()).hexdigest()[:8]}"
+    """Names a ledger's partial folder: its name, and a hash of its full real path so that two jobs
+    with ledgers of the same name elsewhere never share (and clean out) one partial folder."""
+    real = ledger.resolve()
+    return f"{real.stem}-{hashlib.sha256(str(real).encode()).hexdigest()[:8]}"
 
 
 def _store(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -126,8 +126,11 @@ def error_message(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def ledger_rows(path: Path) -> dict[str, dict[str, Any]]:
-    """The ledger's rows by key; none while a starting run has created the file but not its tables."""
-    db = sqlite3.connect(path)
+    """The ledger's rows by key; none before a starting run has created it. Read-only: a reader
+    never creates or changes the file a run is about to open."""
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rows'").fetchone() is None:

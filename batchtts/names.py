@@ -1,0 +1,144 @@
+"""Which files the rows of a manifest may write, checked before the first request.
+
+A row's file name is checked as text when the manifest is read (`storage.unsafe_reason`); here the
+whole set of names is checked against each other and against the real file system: a name too
+long for it, a file of one row that is a folder of another, a folder that leads out of the output
+folder through a symbolic link, a folder standing where a file must go, or one of the files
+batchtts itself keeps there (the ledger, its -wal and -shm, the lock). Each would fail only after
+the audio was bought, or worse, overwrite the ledger with audio.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import ManifestError, ManifestProblem
+from .manifest import Row
+
+_LEDGER_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def _hash64(value: str) -> int:
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def owned_files(root: Path, ledger: Path, lock: Path) -> dict[str, str]:
+    """The files batchtts keeps under `root`, by their casefolded relative name: what each one is."""
+    owned: dict[str, str] = {}
+    for path, what in [*((Path(f"{ledger}{s}"), "the ledger's own file") for s in _LEDGER_COMPANIONS),
+                       (lock, "the ledger's lock file")]:
+        for base in {os.path.abspath(root), os.path.realpath(root)}:
+            for candidate in {os.path.abspath(path), os.path.realpath(path)}:
+                if candidate.startswith(base + os.sep):
+                    owned[PurePosixPath(os.path.relpath(candidate, base)).as_posix().casefold()] = what
+    return owned
+
+
+class OutputChecks:
+    """Sees every row's file name in one pass (`see`), then says what is wrong (`raise_problems`).
+
+    Memory: 8 bytes a row for the file names, and a dictionary of the folders rows write into
+    (few, in practice); the file system is asked once per folder and once per row left to do."""
+
+    shown = ManifestError.shown
+
+    def __init__(self, root: Path | None, owned: dict[str, str]) -> None:
+        self.root = root  # None for object-store output: only the names are checked
+        self.owned = owned
+        self.problems: list[ManifestProblem] = []
+        self.total = 0
+        self._files = array.array("Q")
+        self._folders: dict[int, tuple[str, Row]] = {}  # hash -> (folder, first row writing into it)
+        self._folder_verdicts: dict[str, str | None] = {}
+        self._name_max = self._path_max = 0
+        if root is not None:
+            self._real_root = os.path.realpath(root)
+            self._name_max, self._path_max = _limits(root)
+
+    def _problem(self, row: Row, message: str) -> None:
+        self.total += 1
+        if len(self.problems) < self.shown:
+            self.problems.append(ManifestProblem(row.number, message, row.id))
+
+    def see(self, row: Row, pending: bool) -> None:
+        """Every row, done or not; `pending` rows (to be written this run) are also checked on disk."""
+        relpath = row.relpath
+        folded = relpath.casefold()
+        if (what := self.owned.get(folded)) is not None:
+            self._problem(row, f"output {relpath!r} is {what}: writing audio there would destroy it")
+            return
+        self._files.append(_hash64(folded))
+        parts = relpath.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            self._folders.setdefault(_hash64(folder.casefold()), (folder, row))
+        if self.root is None:
+            return
+        if too_long := self._too_long(relpath):
+            self._problem(row, too_long)
+        elif pending and (on_disk := self._on_disk(relpath)):
+            self._problem(row, on_disk)
+
+    def _too_long(self, relpath: str) -> str | None:
+        for part in relpath.split("/"):
+            if len(os.fsencode(part)) > self._name_max:
+                return (f"output name {part[:40]!r}… is {len(os.fsencode(part))} bytes long; this file system takes "
+                        f"at most {self._name_max}")
+        assert self.root is not None
+        if len(os.fsencode(self.root / relpath)) >= self._path_max:
+            return f"output path {relpath[:40]!r}… is too long for this file system (at most {self._path_max} bytes)"
+        return None
+
+    def _on_disk(self, relpath: str) -> str | None:
+        assert self.root is not None
+        parent = relpath.rpartition("/")[0]
+        if parent:
+            if parent not in self._folder_verdicts:
+                self._folder_verdicts[parent] = self._folder_problem(parent)
+            if (verdict := self._folder_verdicts[parent]) is not None:
+                return verdict
+        if os.path.isdir(self.root / relpath) and not os.path.islink(self.root / relpath):
+            return f"output {relpath!r} is a folder on disk: the audio file cannot take its place"
+        return None
+
+    def _folder_problem(self, folder: str) -> str | None:
+        assert self.root is not None
+        real = os.path.realpath(self.root / folder)
+        if real != self._real_root and not real.startswith(self._real_root + os.sep):
+            return f"folder {folder!r} leads out of the output folder through a symbolic link (to {real})"
+        here = self.root
+        for part in folder.split("/"):
+            here = here / part
+            if os.path.exists(here) and not os.path.isdir(here):
+                return f"{here.relative_to(self.root).as_posix()!r} is a file on disk, not a folder"
+        return None
+
+    def raise_problems(self, path: Path) -> None:
+        """Raise ManifestError for what `see` found, and for files of one row that are folders of another."""
+        if self._folders and self._files:
+            folders = pa.array(list(self._folders), pa.uint64())
+            files = pa.Array.from_buffers(pa.uint64(), len(self._files), [None, pa.py_buffer(self._files)])
+            clashes = pc.filter(folders, pc.is_in(folders, value_set=files))
+            for key in clashes.to_pylist():
+                folder, row = self._folders[key]
+                self._problem(row, f"writes into folder {folder!r}, which another row writes as a file")
+        if self.total:
+            self.problems.sort(key=lambda p: p.row or 0)
+            raise ManifestError(str(path), self.problems, self.total)
+
+
+def _limits(root: Path) -> tuple[int, int]:
+    """The longest file name and path the output folder's file system takes."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096

@@ -1,0 +1,36 @@
+"""Keeping secrets out of what batchtts writes: logs, the ledger, status and exports.
+
+A provider's error text is the provider's to word, and some echo the request's Authorization
+header back. Every text a provider returns passes through `redact` before it goes anywhere: the
+run's own key is replaced wherever it appears, and so is anything shaped like a key or a bearer
+token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+MASK = "[redacted]"
+_LOOKS_LIKE_A_KEY = re.compile(
+    r"(?i)\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"  # an Authorization header's value
+    r"|\bsk-[A-Za-z0-9_-]{8,}"  # OpenRouter's and OpenAI's key shape
+    r"|\b(?:api[_-]?key|token|secret|password)\b[\"']?\s*[:=]\s*[\"']?[^\s\"',;]{6,}"  # key=value pairs
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without the given secrets (each at least 4 characters) or anything shaped like a key."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, MASK)
+    return _LOOKS_LIKE_A_KEY.sub(_mask_value, text)
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    """Keep the name of what was masked (`Bearer`, `api_key=`), drop its value."""
+    found = match.group(0)
+    head = re.match(r"(?i)(bearer|basic)\s+|[^:=]*[:=]\s*[\"']?", found)
+    if found.lower().startswith("sk-") or head is None:
+        return MASK
+    return head.group(0) + MASK

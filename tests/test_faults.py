@@ -1,0 +1,420 @@
+"""Off the happy path: a full disk, kill -9, faults nobody foresaw, output names that would escape or
+destroy, ledgers that are not what they seem, and secrets a provider echoes back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import miniaudio
+import pytest
+from conftest import (
+    FAST_RETRY,
+    KEY,
+    ROOT,
+    batchtts,
+    cli_env,
+    error_message,
+    ledger_rows,
+    start_batchtts,
+    wait_for,
+    write_csv,
+)
+
+import batchtts as api
+from batchtts.errors import EXIT_FAILED_ROWS, EXIT_HALTED
+from batchtts.ledger import MIGRATIONS
+from batchtts.local import LocalSpeechProvider
+from batchtts.pool import WorkerPool
+from batchtts.providers import SpeechRequest
+
+MODEL = "openai/gpt-4o-mini-tts"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def rows(n: int, words: str = "for the fault tests") -> list[dict[str, str]]:
+    return [{"id": f"r{i:04d}", "text": f"Sentence number {i} {words}.", "voice": "alloy"} for i in range(n)]
+
+
+def run_args(manifest: Path, out: Path, server, *extra: str | Path) -> list[str | Path]:
+    return ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, *FAST_RETRY, *extra]
+
+
+def refused(result: subprocess.CompletedProcess[str], server=None) -> str:
+    """The run was refused before anything was sent: exit 2, a message, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if server is not None:
+        assert server.stats()["requests"] == 0
+    return error_message(result)
+
+
+def done_files(out: Path, ledger: Path | None = None) -> None:
+    """Every file the ledger says is done is there, whole; every audio file there is in the ledger."""
+    entries = ledger_rows(ledger or out / "ledger.sqlite")
+    done = {e["path"] for e in entries.values() if e["status"] == "done"}
+    for e in entries.values():
+        if e["status"] == "done":
+            data = (out / e["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == e["sha256"]
+    audio = {p.name for p in out.iterdir() if p.suffix in (".mp3", ".wav")}
+    assert audio == done
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+def _in_a_mount_namespace(script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `script` under sh as root of a private mount namespace: its tmpfs mounts are its own and
+    vanish with it, whoever runs the tests."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a small private tmpfs")
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine allows no private mount namespace: {probe.stderr.decode().strip()}")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env())
+
+
+def test_a_full_disk_halts_the_run_cleanly_and_a_rerun_with_room_finishes(serve, tmp_path):
+    server = serve("--latency", "0.01")
+    manifest = write_csv(tmp_path / "m.csv", rows(400, "long enough to fill a small disk quickly with audio"))
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    out.mkdir()
+    cli = f"{sys.executable} -m batchtts run {manifest} --out {out} --model {MODEL} --base-url {server.url} " \
+          f"--format wav --concurrency 8 --log-format json {' '.join(FAST_RETRY)}"
+    script = f"""
+        mount -t tmpfs -o size=3m tmpfs {out} || exit 90
+        date +%s.%N > {tmp_path}/first.start
+        {cli} > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
+        date +%s.%N > {tmp_path}/first.end
+        mkdir -p {saved}/first && cp -a {out}/. {saved}/first/
+        mount -o remount,size=200m {out}
+        {cli} > {tmp_path}/second.out 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc
+        mkdir -p {saved}/second && cp -a {out}/. {saved}/second/
+    """
+    result = _in_a_mount_namespace(script)
+    assert result.returncode != 90, result.stderr
+    first_err = (tmp_path / "first.err").read_text()
+    assert int((tmp_path / "first.rc").read_text()) == EXIT_HALTED, first_err
+    assert "Traceback" not in first_err
+    halted = [json.loads(line) for line in first_err.splitlines() if '"halted"' in line]
+    assert halted and "No space left on device" in halted[0]["reason"]
+    assert "what finished is recorded" in (tmp_path / "first.out").read_text()
+    seconds = float((tmp_path / "first.end").read_text()) - float((tmp_path / "first.start").read_text())
+    print(f"disk full: exit {EXIT_HALTED} after {seconds:.2f} s")
+    kept = [e for e in ledger_rows(saved / "first" / "ledger.sqlite").values() if e["status"] == "done"]
+    assert 0 < len(kept) < 400
+    done_files(saved / "first")
+    assert not list((saved / "first").glob(".batchtts-partial/*/*")), "half-written files left behind"
+
+    assert int((tmp_path / "second.rc").read_text()) == 0, (tmp_path / "second.err").read_text()
+    entries = ledger_rows(saved / "second" / "ledger.sqlite")
+    assert len(entries) == 400 and all(e["status"] == "done" for e in entries.values())
+    done_files(saved / "second")
+    # What the first run kept was not bought again: only rows in flight at the halt were.
+    successes = server.stats()["successes"]
+    assert successes <= 400 + 2 * 8, successes
+
+
+# --- kill -9 --------------------------------------------------------------------------------------
+
+def test_kill_9_pays_again_only_for_rows_in_flight(serve, tmp_path):
+    concurrency = 16
+    server = serve("--latency", "0.005")
+    manifest = write_csv(tmp_path / "m.csv", rows(1500))
+    out = tmp_path / "out"
+    args = run_args(manifest, out, server, "--concurrency", str(concurrency))
+    for kill in range(3):
+        proc = start_batchtts(*args)
+        try:
+            at_least = (kill + 1) * 300
+            wait_for(lambda: len(ledger_rows(out / "ledger.sqlite")) >= at_least, timeout=60, every=0.01)
+        finally:
+            proc.kill()
+            proc.communicate(timeout=20)
+    final = batchtts(*args, timeout=120)
+    assert final.returncode == 0, final.stderr
+    done_files(out)
+    paid_twice = sum(n - 1 for n in server.successes_by_input().values() if n > 1)
+    # A row is paid for twice only if its audio came back but the kill beat the ledger's record of
+    # it. Audio is in flight until it is recorded, and at most `concurrency` rows are: per kill, at
+    # most that many are bought again.
+    assert paid_twice <= 3 * concurrency, paid_twice
+    print(f"kill -9 three times at --concurrency {concurrency}: {paid_twice} rows paid twice")
+
+
+# --- one row's fault is that row's -----------------------------------------------------------------
+
+class _FaultyProvider(LocalSpeechProvider):
+    """The embedded engine, but one text makes it raise what no code path expects."""
+
+    @asynccontextmanager
+    async def speak(self, request: SpeechRequest) -> AsyncIterator[object]:
+        if "explode" in request.input:
+            raise ValueError("an exception nobody foresaw")
+        async with super().speak(request) as audio:
+            yield audio
+
+
+def test_an_unforeseen_exception_fails_its_row_only_and_the_run_goes_on(tmp_path):
+    manifest = write_csv(tmp_path / "m.csv", [
+        {"id": "a", "text": "Fine words."}, {"id": "b", "text": "These explode."}, {"id": "c", "text": "More words."},
+    ])
+    job = api.Job(manifest=manifest, out=tmp_path / "out", defaults=api.Defaults(model="local/espeak-ng", voice="alloy"),
+                  concurrency=2)
+    result = api.run(job, provider=_FaultyProvider())
+    assert result.exit_code == EXIT_FAILED_ROWS
+    assert (result.counters.done, result.counters.failed) == (2, 1)
+    entries = ledger_rows(tmp_path / "out" / "ledger.sqlite")
+    assert entries["b"]["status"] == "failed" and entries["b"]["retryable"] == 1
+    assert entries["b"]["error"] == "ValueError: an exception nobody foresaw"
+    again = api.run(job)
+    assert again.exit_code == 0 and again.counters.done == 1
+
+
+def test_the_pool_never_hangs_when_a_handler_or_the_feed_raises():
+    async def scenario(fail_on: int, feed_fails: bool) -> tuple[list[int], Exception | None]:
+        handled: list[int] = []
+
+        async def handle(item: int) -> None:
+            await asyncio.sleep(0)
+            if item == fail_on:
+                raise OSError(28, "No space left on device")
+            handled.append(item)
+
+        async def items() -> AsyncIterator[int]:
+            for i in range(1000):
+                if feed_fails and i == 50:
+                    raise RuntimeError("the manifest vanished")
+                yield i
+
+        pool: WorkerPool[int] = WorkerPool(4, handle)
+        await asyncio.wait_for(pool.run(items()), timeout=10)
+        return handled, pool.fault
+
+    handled, fault = asyncio.run(scenario(fail_on=10, feed_fails=False))
+    assert isinstance(fault, OSError) and len(handled) < 1000
+    handled, fault = asyncio.run(scenario(fail_on=-1, feed_fails=True))
+    assert isinstance(fault, RuntimeError) and len(handled) <= 50
+
+
+# --- output names ---------------------------------------------------------------------------------
+
+def test_a_row_cannot_write_over_the_ledger_or_its_companions(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    ledger = out / "state.db"
+    first = write_csv(tmp_path / "ok.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
+    assert batchtts(*run_args(first, out, server, "--ledger", ledger)).returncode == 0
+    before = ledger.read_bytes()
+    for name in ("state.db", "STATE.db-wal", "state.db-shm", ".batchtts-state.db.lock"):
+        bad = write_csv(tmp_path / "bad.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"},
+                                               {"id": "b", "text": "Oops.", "voice": "alloy", "output": name}])
+        message = refused(batchtts(*run_args(bad, out, server, "--ledger", ledger)))
+        assert "row 2 (id 'b')" in message, message
+        assert "destroy" in message or "a name batchtts uses itself" in message, message
+    assert ledger.read_bytes() == before
+    assert server.stats()["requests"] == 1
+
+
+def test_output_names_are_checked_against_the_disk_and_each_other_before_any_request(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    (out / "taken.mp3").mkdir()
+    (out / "plain").write_text("a file, not a folder")
+    cases = {
+        "sub/x.mp3": "leads out of the output folder through a symbolic link",
+        "taken.mp3": "is a folder on disk",
+        "plain/x.mp3": "'plain' is a file on disk",
+        "n" * 300 + ".mp3": "bytes long",
+    }
+    for output, expected in cases.items():
+        manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy", "output": output}])
+        assert expected in refused(batchtts(*run_args(manifest, out, server)), server)
+    clash = write_csv(tmp_path / "m.csv", [
+        {"id": "a", "text": "Hello.", "voice": "alloy", "output": "d.mp3"},
+        {"id": "b", "text": "World.", "voice": "alloy", "output": "d.mp3/inner.mp3"},
+    ])
+    message = refused(batchtts(*run_args(clash, out, server)), server)
+    assert "row 2 (id 'b'): writes into folder 'd.mp3', which another row writes as a file" in message
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_symlinked_partial_folder_is_refused_not_emptied(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious").write_text("mine")
+    out.mkdir()
+    (out / ".batchtts-partial").symlink_to(keep)
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
+    assert "not a folder but a link" in refused(batchtts(*run_args(manifest, out, server)), server)
+    assert (keep / "precious").read_text() == "mine"
+
+
+def test_identical_long_rows_without_ids_buy_each_chunk_once(serve, tmp_path):
+    server = serve()
+    text = " ".join(f"This is sentence {i} of a long chapter." for i in range(12))
+    manifest = write_csv(tmp_path / "m.csv", [{"text": text}, {"text": text}, {"text": "A short one."}])
+    result = batchtts(*run_args(manifest, tmp_path / "out", server, "--voice", "alloy", "--chunk-chars", "120"))
+    assert result.returncode == 0, result.stderr
+    by_input = server.stats()["by_input"]
+    assert by_input and max(by_input.values()) == 1, by_input
+    assert len(ledger_rows(tmp_path / "out" / "ledger.sqlite")) == 2
+
+
+# --- ledgers --------------------------------------------------------------------------------------
+
+def test_a_ledger_reached_through_a_symlink_is_locked_as_one(serve, tmp_path):
+    server = serve("--latency", "0.05")
+    manifest = write_csv(tmp_path / "m.csv", rows(200))
+    out = tmp_path / "out"
+    out.mkdir()
+    real = out / "ledger.sqlite"
+    (tmp_path / "alias.sqlite").symlink_to(real)
+    first = start_batchtts(*run_args(manifest, out, server, "--concurrency", "2"))
+    try:
+        wait_for(lambda: real.exists() and len(ledger_rows(real)) > 0)
+        second = batchtts(*run_args(manifest, out, server, "--ledger", tmp_path / "alias.sqlite"))
+        assert second.returncode == 75, second.stderr
+        assert "another batchtts run" in error_message(second)
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=30)
+
+
+def test_empty_foreign_and_damaged_ledgers_are_refused_and_left_as_they_are(serve, tmp_path):
+    server = serve()
+    manifest = write_csv(tmp_path / "m.csv", rows(3))
+    out = tmp_path / "out"
+    out.mkdir()
+    empty = out / "empty.sqlite"
+    empty.touch()
+    assert "empty file" in refused(batchtts(*run_args(manifest, out, server, "--ledger", empty)), server)
+    assert empty.stat().st_size == 0
+
+    foreign = out / "notes.db"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE notes (body TEXT)")
+    db.commit()
+    db.close()
+    before = foreign.read_bytes()
+    assert "another program's SQLite database" in refused(
+        batchtts(*run_args(manifest, out, server, "--ledger", foreign)), server)
+    assert foreign.read_bytes() == before
+
+    not_sqlite = out / "junk.sqlite"
+    not_sqlite.write_bytes(b"this is no database at all" * 100)
+    assert "not a database" in refused(batchtts(*run_args(manifest, out, server, "--ledger", not_sqlite)), server)
+
+    ledger = out / "ledger.sqlite"
+    assert batchtts(*run_args(write_csv(tmp_path / "big.csv", rows(400)), out, server)).returncode == 0
+    requests = server.stats()["requests"]
+    with open(ledger, "r+b") as f:  # damage pages past the header: the rows table's
+        f.seek(8192)
+        f.write(os.urandom(8192))
+    for command in (run_args(manifest, out, server), ["status", out], ["export", out, "--to", tmp_path / "x.csv"]):
+        result = batchtts(*command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert "ledger" in error_message(result)
+    assert server.stats()["requests"] == requests
+
+
+def test_a_read_only_ledger_is_refused_for_runs_and_read_by_status(tmp_path):
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
+    out = tmp_path / "out"
+    cli = f"{sys.executable} -m batchtts"
+    run = f"{cli} run {manifest} --out {out} --model local/espeak-ng"
+    script = f"""
+        {run} > /dev/null 2>&1 || exit 91
+        mount --bind {out} {out} && mount -o remount,ro,bind {out} || exit 90
+        {run} > {tmp_path}/run.out 2> {tmp_path}/run.err; echo $? > {tmp_path}/run.rc
+        {cli} status {out} > {tmp_path}/status.out 2> {tmp_path}/status.err; echo $? > {tmp_path}/status.rc
+    """
+    result = _in_a_mount_namespace(script)
+    assert result.returncode not in (90, 91), result.stderr
+    assert int((tmp_path / "run.rc").read_text()) == 2
+    err = (tmp_path / "run.err").read_text()
+    assert "read-only" in err.lower() and "Traceback" not in err
+    assert int((tmp_path / "status.rc").read_text()) == 0, (tmp_path / "status.err").read_text()
+    assert "done 1" in (tmp_path / "status.out").read_text()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_ledger_of_every_earlier_schema_is_upgraded_and_trusted(tmp_path, version):
+    out = tmp_path / "out"
+    shutil.copytree(FIXTURES / "ledgers" / version, out)
+    result = batchtts("run", FIXTURES / "ledgers" / "manifest.csv", "--out", out, "--model", "local/espeak-ng")
+    assert result.returncode == 0, result.stderr
+    assert "narrated 0 rows" in result.stdout and "2 already done" in result.stdout
+    db = sqlite3.connect(out / "ledger.sqlite")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert {r[0] for r in db.execute("SELECT key FROM rows WHERE status = 'done'")} == {"greeting", "farewell"}
+    finally:
+        db.close()
+    for name in ("greeting.mp3", "farewell.wav"):
+        decoded = miniaudio.decode_file(str(out / name))
+        assert decoded.num_frames > 0.2 * decoded.sample_rate
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+class _EchoingHandler(BaseHTTPRequestHandler):
+    """A provider that echoes the request's headers in its error body, as some gateways do."""
+
+    def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = json.dumps({"error": {"code": 400, "message": f"bad request from {self.headers.get('Authorization')} "
+                                     f"(api_key={KEY})"}}).encode()
+        self.send_response(400)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_key_the_provider_echoes_is_written_nowhere(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/v1"
+        manifest = write_csv(tmp_path / "m.csv", rows(3))
+        out = tmp_path / "out"
+        result = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", url, *FAST_RETRY)
+        assert result.returncode == EXIT_FAILED_ROWS, result.stderr
+        status = batchtts("status", out)
+        exported = tmp_path / "results.csv"
+        assert batchtts("export", out, "--to", exported).returncode == 0
+        texts = {"stdout": result.stdout, "stderr": result.stderr, "status": status.stdout,
+                 "export": exported.read_text(), "ledger": (out / "ledger.sqlite").read_bytes().decode("latin-1")}
+        assert "[redacted]" in texts["status"]
+        for name, text in texts.items():
+            assert KEY not in text, name
+            assert "0123456789abcdef" not in text, name
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,206 @@
+"""`batchtts serve` hardened: admin endpoints behind the key, bounded request bodies, every refusal in
+the API's JSON error shape, quiet client disconnects, start-up mistakes as usage errors."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from conftest import Server, batchtts, wait_for
+
+SPEECH = {"model": "openai/gpt-4o-mini-tts", "input": "hello", "voice": "alloy"}
+DEEP = b"[" * 5000 + b"]" * 5000
+MiB = 1 << 20
+
+
+def assert_json_error(response: httpx.Response, status: int) -> str:
+    """The API's error shape: {"error": {"code": N, "message": "..."}}; returns the message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == status and isinstance(error["message"], str) and error["message"]
+    return error["message"]
+
+
+def vm_kib(pid: int, field: str) -> int:
+    """A /proc/PID/status figure in KiB: VmRSS (resident now) or VmHWM (the peak so far)."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith(f"{field}:"))
+    return int(line.split()[1])
+
+
+def open_socket(server: Server, abortive: bool = False) -> socket.socket:
+    """A raw connection to the server; `abortive` makes close() a reset rather than a FIN."""
+    address = urlsplit(server.url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=5)
+    if abortive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
+
+
+def stderr_after_stop(server: Server) -> str:
+    server.process.terminate()
+    return server.process.communicate(timeout=10)[1]
+
+
+def test_admin_endpoints_take_the_servers_key(serve):
+    server = serve("--api-key", "k")
+    calls = [("GET", "stats", None), ("POST", "faults", {"latency": 0.01}), ("POST", "reset", None)]
+    for method, name, body in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
+            response = httpx.request(method, f"{server.admin}/{name}", json=body, headers=headers, timeout=5)
+            assert_json_error(response, 401)
+    assert httpx.get(f"{server.admin}/stats", timeout=5).json()["error"]["message"] == "Missing Authentication header"
+    assert httpx.get(f"{server.admin}/stats?log=0", timeout=5).json()["error"]["code"] == 401
+    assert server.process.poll() is None
+
+    key = {"Authorization": "Bearer k"}
+    assert httpx.post(f"{server.admin}/faults", json={"latency": 0.01}, headers=key, timeout=5).json()["latency"] == 0.01
+    assert httpx.post(f"{server.admin}/reset", headers=key, timeout=5).json() == {"reset": True}
+    assert httpx.get(f"{server.admin}/stats", headers=key, timeout=5).json()["requests"] == 0
+
+
+def test_admin_endpoints_stay_open_on_a_server_without_a_key(serve):
+    server = serve()
+    assert server.faults(latency=0.01)["latency"] == 0.01
+    assert httpx.post(f"{server.admin}/reset", timeout=5).json() == {"reset": True}
+    assert server.stats()["requests"] == 0
+
+
+def test_faults_cannot_change_the_key(serve):
+    server = serve("--api-key", "k")
+    key = {"Authorization": "Bearer k"}
+    for value in (None, "mine"):
+        response = httpx.post(f"{server.admin}/faults", json={"api_key": value}, headers=key, timeout=5)
+        assert "api_key" in assert_json_error(response, 400)
+    assert_json_error(httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 401)
+    assert httpx.post(f"{server.url}/audio/speech", json=SPEECH, headers=key, timeout=5).status_code == 200
+
+    keyless = serve()
+    assert "api_key" in assert_json_error(httpx.post(f"{keyless.admin}/faults", json={"api_key": "x"}, timeout=5), 400)
+    assert httpx.post(f"{keyless.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
+
+
+BAD_FAULTS = [
+    (b"[1, 2]", "JSON object"),
+    (b'"latency"', "JSON object"),
+    (b"{", "Expecting"),
+    (DEEP, "nested too deeply"),
+    (b'{"latency": "x"}', "latency must be float"),
+    (b'{"latency": NaN}', "latency must be float"),
+    (b'{"fail_first": 1.5}', "fail_first must be int"),
+    (b'{"fail_rate": 2}', "fail_rate must be from 0 to 1"),
+    (b'{"latency": -1}', "latency must not be negative"),
+    (b'{"fail_statuses": "503"}', "fail_statuses must be"),
+    (b'{"fail_statuses": [200]}', "from 400 to 599"),
+    (b'{"engine": "loud"}', "engine must be one of"),
+    (b'{"nope": 1}', "unknown fields: ['nope']"),
+    (b'{"port": 1}', "port"),
+]
+
+
+def test_faults_refuses_a_bad_body_with_a_json_400_and_changes_nothing(serve):
+    server = serve()
+    before = server.faults()
+    for body, says in BAD_FAULTS:
+        response = httpx.post(f"{server.admin}/faults", content=body, headers={"content-type": "application/json"}, timeout=5)
+        assert says in assert_json_error(response, 400), body[:40]
+    assert server.faults() == before
+    assert httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
+
+
+def test_unknown_paths_wrong_methods_and_bad_json_answer_json_errors(serve):
+    server = serve()
+    base = server.url.removesuffix("/api/v1")
+    assert assert_json_error(httpx.get(f"{server.url}/nope", timeout=5), 404) == "Resource not found"
+    assert_json_error(httpx.post(f"{base}/", timeout=5), 404)
+    wrong_method = httpx.get(f"{server.url}/audio/speech", timeout=5)
+    assert_json_error(wrong_method, 405)
+    assert wrong_method.headers["allow"] == "POST"
+    assert_json_error(httpx.get(f"{server.admin}/faults", timeout=5), 405)
+    assert_json_error(httpx.delete(f"{server.url}/models", timeout=5), 405)
+    for body in (DEEP, b"{", b"\xff"):
+        assert_json_error(httpx.post(f"{server.url}/audio/speech", content=body, timeout=5), 400)
+    assert server.stats()["by_status"] == {"400": 3}
+    assert server.process.poll() is None
+
+
+def test_an_oversized_body_gets_413_without_being_buffered(serve):
+    server = serve()
+    pid = server.process.pid
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield b"x" * MiB
+
+    assert httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
+    rss, peak = vm_kib(pid, "VmRSS"), vm_kib(pid, "VmHWM")
+    big = b"x" * (64 * MiB)
+    for target in (f"{server.url}/audio/speech", f"{server.admin}/faults"):
+        for content in (big, chunks()):  # declared by Content-Length, then streamed chunked
+            response = httpx.post(target, content=content, timeout=10)
+            assert "larger than 1048576 bytes" in assert_json_error(response, 413)
+            assert response.headers["connection"] == "close"
+    for _ in range(2):
+        assert_json_error(httpx.post(f"{server.url}/audio/speech", content=big, timeout=10), 413)
+
+    # Six 64 MiB bodies: buffering any one of them would pass these bounds.
+    assert vm_kib(pid, "VmRSS") < rss + 32 * 1024
+    assert vm_kib(pid, "VmHWM") < peak + 32 * 1024
+    assert server.stats()["by_status"] == {"200": 1, "413": 4}
+    just_under = {**SPEECH, "input": "hi", "pad": "x" * (MiB - 200)}
+    assert httpx.post(f"{server.url}/audio/speech", json=just_under, timeout=5).status_code == 200
+
+
+def test_client_disconnects_leave_stderr_clean(serve):
+    server = serve("--latency", "0.5", "--stall-first", "1", "--stall-seconds", "0.5")
+    impatient = httpx.Timeout(0.1, connect=5)
+    with pytest.raises(httpx.ReadTimeout):  # gone during the latency sleep
+        httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "a"}, timeout=impatient)
+    server.faults(latency=0)
+    with pytest.raises(httpx.ReadTimeout):  # gone mid-response, while the body stalls
+        with httpx.stream("POST", f"{server.url}/audio/speech", json={**SPEECH, "input": "b"}, timeout=impatient) as response:
+            assert response.status_code == 200
+            response.read()
+    for path in ("/api/v1/audio/speech", "/_batchtts/faults"):  # gone mid-body, politely then abruptly
+        for abortive, framing in ((False, b"Content-Length: 1000\r\n\r\n{"), (True, b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")):
+            with open_socket(server, abortive) as sock:
+                sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + framing)
+    wait_for(lambda: server.stats()["in_flight"] == 0 and server.stats()["requests"] == 4, timeout=5)
+
+    outcomes = [entry["outcome"] for entry in server.stats()["log"]]
+    stderr = stderr_after_stop(server)
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+    assert outcomes == ["stalled", "stalled", "disconnected", "disconnected"]
+
+
+def test_a_port_in_use_is_a_one_line_usage_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = batchtts("serve", "--port", str(port), "--engine", "tone", timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == f"batchtts: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--fail-status", "5xx"], "statuses are comma-separated numbers from 400 to 599"),
+    (["--fail-status", "503,200"], "statuses are comma-separated numbers from 400 to 599"),
+    (["--fail-rate", "2"], "'--fail-rate': 2.0 is not in the range 0<=x<=1"),
+    (["--latency", "-1"], "'--latency': -1.0 is not in the range x>=0"),
+    (["--stall-first", "-1"], "'--stall-first': -1 is not in the range x>=0"),
+])
+def test_bad_serve_options_are_usage_errors(args, says):
+    try:
+        result = batchtts("serve", "--port", "0", "--engine", "tone", *args, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"batchtts serve started despite {args}")
+    assert result.returncode == 2
+    assert says in result.stderr and "Traceback" not in result.stderr
