@@ -106,5 +106,8 @@ def book_to_manifest(book: Path, out: Path, pattern: str | None = None) -> list[
     chapters = split_chapters(source, markdown=book.suffix.lower() in (".md", ".markdown"), pattern=pattern)
     if not chapters:
         raise UsageError(f"{book}: no text found")
-    write_manifest(chapters, out)
+    try:
+        write_manifest(chapters, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return chapters

@@ -29,7 +29,7 @@ from .config import (
     parse_duration,
     redact_uri,
 )
-from .errors import EXIT_SIGINT, EXIT_USAGE, BatchTTSError
+from .errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, BatchTTSError
 from .budget import usd
 from .results import default_export, open_context
 from .results import export as export_results
@@ -58,7 +58,24 @@ def _say_error(message: str, exit_code: int) -> None:
         click.echo(f"batchtts: {message}", err=True)
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command ends in a message and an exit code. A fault that no code path expected is said in
+    one line, as a bug to report, not as a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except BatchTTSError as exc:
+            _fail(exc)
+        except Exception as exc:
+            _say_error(f"unexpected {type(exc).__name__}: {exc} (a fault in batchtts itself: please report it with "
+                       "the command that led to it)", EXIT_INTERNAL)
+            sys.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="batchtts")
 def main() -> None:
     """Narrate a manifest of texts into one audio file per row, resumably."""
@@ -106,7 +123,8 @@ def run(target: Path, **flags: Any) -> None:
     \b
     Exit codes: 0 all done; 1 some rows failed; 2 usage, config or manifest error (nothing sent);
     3 stopped by the provider (bad key, no credits), progress kept; 4 budget reached; 5 --max-runtime
-    reached; 75 another run holds the ledger; 130/143 interrupted, progress kept. Run the same
+    reached; 6 halted by a full disk or an unwritable ledger, progress kept; 75 another run holds the
+    ledger; 130/143 interrupted, progress kept. Run the same
     command again to resume.
     """
     logs.configure(flags.get("log_format") or "auto")
@@ -403,12 +421,23 @@ def voices(model: str) -> None:
 @click.option("--fail-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of requests answered with an error status.")
 @click.option("--fail-status", default="502,503,524,529", help="Statuses for --fail-rate / --fail-first, comma-separated.")
 @click.option("--fail-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input fail.")
-@click.option("--rate-limit", default=0.0, type=click.FloatRange(min=0), help="Requests per second before 429s (0: off).")
+@click.option("--limiter", default="fixed", show_default=True, type=click.Choice(["bucket", "fixed", "sliding"]),
+              help="How --rate-limit counts: a token bucket, windows aligned on the clock, or any --window-long span.")
+@click.option("--rate-limit", default=0.0, type=click.FloatRange(min=0),
+              help="Requests per --window (fixed, sliding), or tokens a second (bucket), before 429s (0: off).")
+@click.option("--window", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a fixed or sliding window spans.")
+@click.option("--burst", default=1, show_default=True, type=click.IntRange(min=1), help="The token bucket's size.")
+@click.option("--max-in-flight", default=0, type=click.IntRange(min=0),
+              help="Requests served at once before 429s with Retry-After: 1 (0: no cap).")
+@click.option("--quota", type=click.IntRange(min=0), help="Successful requests before 429s until --quota-reset.")
+@click.option("--quota-reset", default=86400.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds until a spent quota starts afresh (periods counted from the server's start).")
 @click.option("--rate-limit-headers", default="both", show_default=True,
-              type=click.Choice(["retry-after", "reset", "both"]),
-              help="Which headers a 429 carries: Retry-After, the X-RateLimit-* reset time, or both.")
+              type=click.Choice(["retry-after", "reset", "both", "none"]),
+              help="Which hints a 429 carries: Retry-After (whole seconds), X-RateLimit-* (Reset in epoch ms), both, or none.")
 @click.option("--retry-after", type=click.FloatRange(min=0),
-              help="Retry-After value to send with 429s (default: until the window resets).")
+              help="Retry-After value to send with 429s (default: until the limiter would admit, rounded up).")
 @click.option("--drop-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of answers cut after the headers.")
 @click.option("--truncate-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of answers cut half-way through the body.")
 @click.option("--drop-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input are cut after the headers.")
@@ -435,6 +464,10 @@ def serve(**options: Any) -> None:
         raise click.BadParameter("statuses are comma-separated numbers from 400 to 599, e.g. 502,503",
                                  param_hint="'--fail-status'")
     try:
-        run_server(ServeConfig(fail_statuses=statuses, **options))
+        config = ServeConfig(fail_statuses=statuses, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        run_server(config)
     except BatchTTSError as exc:
         _fail(exc)

@@ -31,6 +31,7 @@ from .suggest import did_you_mean
 OutputFormat = Literal["mp3", "pcm", "wav"]
 FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+SPEEDS = (0.25, 4.0)  # the speech API's range of speed multipliers
 DEFAULT_RETRY_STATUSES = (429, 502, 503, 524, 529)
 MAX_CONCURRENCY = 4096
 
@@ -97,7 +98,8 @@ def _base_url(value: str) -> str | None:
         return ("must not hold a user name or key (user:key@host): put the API key in its environment variable "
                 "(OPENROUTER_API_KEY, or the one api_key_env names) and give the URL without it")
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c <= " " for c in value):
-        return f"must be an http:// or https:// URL with a host, such as {DEFAULT_BASE_URL}, not {_shown(redact_uri(value))}"
+        return (f"must be an http:// or https:// URL with a host, such as {DEFAULT_BASE_URL}, "
+                f"not {_shown(redact_uri(value))}")
     return None
 
 
@@ -108,7 +110,7 @@ class Defaults:
     model: str | None = _setting(None, flag="--model", rule=_not_blank)
     voice: str | None = _setting(None, flag="--voice", rule=_not_blank)
     format: OutputFormat = _setting("mp3", flag="--format")
-    speed: float | None = _setting(None, flag="--speed", low=0.25, high=4.0)  # the speech API's range
+    speed: float | None = _setting(None, flag="--speed", low=SPEEDS[0], high=SPEEDS[1])
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ class Ledger:
             _check_writable(path)
         try:
             if readonly:
-                self.db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+                self.db = connect_readonly(path)
                 _check_ours(path, self.db)
             else:
                 if not path.exists():
@@ -297,6 +297,21 @@ class Ledger:
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open a ledger to read it, changing nothing. A ledger in WAL mode needs its -shm file, which a
+    read-only folder cannot hold: there, with no run writing (none could), it is read as immutable."""
+    uri = path.resolve().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        if os.access(path.parent, os.W_OK):
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+
+
 def _create(path: Path) -> None:
     """Make a new ledger beside `path` and rename it into place: a ledger file is never seen empty
     or half set up, even by a run killed while creating it."""
@@ -351,7 +366,7 @@ class Usage:
 def usage(path: Path) -> Usage | None:
     """What a file holds as a ledger; None when it is not one (another program's database, not SQLite)."""
     try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        db = connect_readonly(path)
     except sqlite3.Error:
         return None
     try:

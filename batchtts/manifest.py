@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import storage
-from .config import FORMATS, Defaults
+from .config import FORMATS, SPEEDS, Defaults
 from .errors import ManifestError, ManifestProblem
 
 BATCH_ROWS = 4096
@@ -115,13 +115,16 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
     except ManifestError:
         raise
     except Exception as exc:
-        where = f" after row {rows}" if rows else ""
-        reason = str(exc) or type(exc).__name__
-        raise ManifestError(str(path), [ManifestProblem(None, f"cannot read{where}: {reason}")]) from exc
+        raise ManifestError(str(path), [_cannot_read(rows, exc)]) from exc
 
 
-def _refuse(path: Path, message: str, row: int | None = None) -> ManifestError:
-    return ManifestError(str(path), [ManifestProblem(row, message)])
+def _cannot_read(rows: int, reason: object) -> ManifestProblem:
+    where = f" after row {rows}" if rows else ""
+    return ManifestProblem(None, f"cannot read{where}: {str(reason) or type(reason).__name__}")
+
+
+def _refuse(path: Path, message: str) -> ManifestError:
+    return ManifestError(str(path), [ManifestProblem(None, message)])
 
 
 def _open_bytes(path: Path, tail: bytes = b"") -> io.BufferedIOBase:
@@ -130,7 +133,7 @@ def _open_bytes(path: Path, tail: bytes = b"") -> io.BufferedIOBase:
     A text manifest must be UTF-8: one in UTF-16 or UTF-32 is refused at its first bytes, not read
     as noise.
     """
-    f = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    f = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
     try:
         head = f.peek(4)[:4]
         for bom, encoding in _WIDE_BOMS:
@@ -157,7 +160,8 @@ class _Followed(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = self._inner.readinto(buffer)
+        # One read of the inner stream, so the bytes before a fault (a gzip file cut short) come through.
+        n = self._inner.readinto1(buffer)
         if not n and self._tail:
             n = min(len(buffer), len(self._tail))
             buffer[:n] = self._tail[:n]
@@ -199,17 +203,17 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[list[dict[str, Any]]
                 continue
             fault = _csv_fault(path, delimiter, names, tail)
             if fault is None:
-                reason = f"a row is over {MAX_ROW_BYTES >> 20} MB" if "straddl" in str(exc) else str(exc)
-                fault = ManifestProblem(None, f"cannot read after row {done}: {reason}")
+                fault = _cannot_read(done, f"a row is over {MAX_ROW_BYTES >> 20} MB" if "straddl" in str(exc) else exc)
             raise ManifestError(str(path), [fault]) from exc
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
     with _open_bytes(path) as f:
         try:
-            names = next(_csv_records(f, delimiter), None)
+            # Strict: a quote left open in the header runs to the end of the file, and fails here.
+            names = next(_csv_records(f, delimiter, strict=True), None)
         except csv.Error as exc:
-            raise _refuse(path, f"the header cannot be read ({exc}): is a quote opened in it never closed?") from exc
+            raise _refuse(path, f"the header cannot be read ({exc}): check its quotes") from exc
     if names is None:
         raise _refuse(path, "the manifest is empty")
     if (bad := _bad_byte(names)) is not None:
@@ -247,11 +251,11 @@ def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, st
         yield records
 
 
-def _csv_records(stream: io.BufferedIOBase, delimiter: str) -> Iterator[list[str]]:
+def _csv_records(stream: io.BufferedIOBase, delimiter: str, strict: bool = False) -> Iterator[list[str]]:
     """Python's own reading of the bytes pyarrow reads, which counts rows where pyarrow cannot; bytes
     that are not UTF-8 stay in as surrogates (U+DC80-U+DCFF) to be found, not to stop the reading."""
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-    return (record for record in csv.reader(text, delimiter=delimiter) if record)
+    return (record for record in csv.reader(text, delimiter=delimiter, strict=strict) if record)
 
 
 def _csv_fault(path: Path, delimiter: str, names: list[str], tail: bytes) -> ManifestProblem | None:
@@ -268,7 +272,9 @@ def _csv_fault(path: Path, delimiter: str, names: list[str], tail: bytes) -> Man
                 if record[-1].endswith(swallowed):
                     return ManifestProblem(number, _UNCLOSED)
                 if len(record) != len(names):
-                    return ManifestProblem(number, f"{len(record)} fields where the header has {len(names)}")
+                    lines = any("\n" in field or "\r" in field for field in record)
+                    hint = " (a field runs over several lines: is a quote left open?)" if lines else ""
+                    return ManifestProblem(number, f"{len(record)} fields where the header has {len(names)}{hint}")
                 if (bad := _bad_byte(record)) is not None:
                     return ManifestProblem(number, f"{names[bad[0]]} is not valid UTF-8 (byte 0x{bad[1]:02X}): "
                                                    "save the manifest as UTF-8")
@@ -325,15 +331,17 @@ def _json_record(line: bytes) -> dict[str, Any]:
 
 
 class _Unfit(ValueError):
-    """JSON that parses, but not into what the file says."""
+    """JSON that parses but cannot be taken as written: a key given twice, a lone surrogate."""
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     record = dict(pairs)
     if len(record) < len(pairs):
         seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
-        raise _Unfit(f"key {twice!r} appears twice")
+        for key, _ in pairs:
+            if key in seen:
+                raise _Unfit(f"key {key!r} appears twice")
+            seen.add(key)
     return record
 
 
@@ -489,10 +497,10 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
                 if isinstance(raw_speed, bool):
                     raise TypeError
                 speed = float(raw_speed)
-                if not math.isfinite(speed) or speed <= 0:
+                if not SPEEDS[0] <= speed <= SPEEDS[1]:
                     raise ValueError
             except (TypeError, ValueError, OverflowError):
-                problems.append(f"speed {raw_speed!r} is not a positive number")
+                problems.append(f"speed {raw_speed!r} is not a number from {SPEEDS[0]:g} to {SPEEDS[1]:g}")
         options = record.get("provider_options")
         if isinstance(options, str):
             try:
@@ -508,7 +516,8 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
                 problems.append(f"output {reason}")
             else:
                 output = storage.normalise_relpath(output)
-        tags = {name: value for name in TAG_COLUMNS if (value := _text(record, name, problems)) is not None}
+        tags = {name: value for name in TAG_COLUMNS
+                if name in record and (value := _text(record, name, problems)) is not None}
     except Exception as exc:  # a value no check above foresaw: still this row's problem
         problems.append(f"cannot be read: {exc!r}")
     if problems:

@@ -181,12 +181,15 @@ def export(ctx: JobContext, to: Path | str) -> int:
     suffix = os.path.splitext(name)[1].lower()
     if suffix not in (".parquet", ".csv"):
         raise UsageError("export writes .parquet or .csv: name the file accordingly")
-    if isinstance(to, Path):
-        to.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=to.parent, prefix=".export-", suffix=suffix, delete=False) as f:
-            aside = Path(f.name)
-    else:
-        aside = Path(tempfile.mkstemp(prefix="batchtts-export-", suffix=suffix)[1])
+    try:
+        if isinstance(to, Path):
+            to.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=to.parent, prefix=".export-", suffix=suffix, delete=False) as f:
+                aside = Path(f.name)
+        else:
+            aside = Path(tempfile.mkstemp(prefix="batchtts-export-", suffix=suffix)[1])
+    except OSError as exc:
+        raise UsageError(f"cannot write {to}: {exc.strerror or exc}") from exc
     try:
         rows = _write_export(ctx, aside, suffix)
         if isinstance(to, Path):
@@ -194,6 +197,8 @@ def export(ctx: JobContext, to: Path | str) -> int:
             os.replace(aside, to)
         else:
             publish_file(aside, to)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"cannot write {to}: {getattr(exc, 'strerror', None) or exc}") from exc
     finally:
         aside.unlink(missing_ok=True)
     return rows

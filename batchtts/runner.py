@@ -120,8 +120,8 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
               owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
               checks: OutputChecks | None = None) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
-    rows `owns` accepts (default: the job's shard, or every row); `budget` is run as the feed runs it;
-    `checks` sees every row's file name."""
+    rows `owns` accepts (default: the job's shard, or every row); `budget` is run as the feed runs it.
+    For a run, `checks` sees every row's file name, and local rows no run could narrate are refused."""
     plan = Plan(budget=budget)
     pending = 0
     limits: dict[str, int] = {}
@@ -162,9 +162,11 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
         else:
             model.done += 1
 
+    if checks is None:  # counting what a ledger holds (status): rows are counted as they are
+        manifest.validate(job.manifest, job.defaults, on_row=count)
+        return plan
     validate_manifest(job.manifest, job.defaults, on_row=count)
-    if checks is not None:
-        checks.raise_problems(job.manifest)
+    checks.raise_problems(job.manifest)
     return plan
 
 

@@ -2,14 +2,16 @@
 
 Tests and rehearsals point the real CLI at it. It validates requests like the API, answers with
 audio from the embedded eSpeak NG engine (or, with `engine="tone"`, a cheap synthetic tone for
-load tests), and injects what production does to a batch job: latency, error statuses, rate
-limits with Retry-After / X-RateLimit-* headers, connections cut after the headers or mid-body,
-stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice.
+load tests), and injects what production does to a batch job: latency, error statuses, the
+limiters API gateways use (a token bucket, fixed or sliding windows, a cap on requests in flight, a
+quota: limiters.py) with the 429 headers they send, connections cut after the headers or mid-body,
+stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice,
+and, per limiter, what a benchmark needs to set goodput against capacity.
 
 Admin endpoints (not part of the API): `GET /_batchtts/stats` (`?log=0` for the counts alone), `POST /_batchtts/faults` (a JSON
 object of ServeConfig fields to change at runtime), `POST /_batchtts/reset`. When the server has a key
-they take the same bearer key as the API. Every refusal, theirs and Starlette's, is the API's JSON
-error shape, and bodies are read up to `max_body_bytes` only.
+they take the same bearer key as the API. Every refusal under /api/v1 and /_batchtts, theirs and
+Starlette's, is the API's JSON error shape; bodies are read up to a limit only (`max_body_bytes`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import time
 import types
 import typing
 import uuid
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +39,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -44,6 +47,7 @@ from . import local
 from .chunking import limit_for
 from .engine import UnknownVoiceError, engine
 from .errors import UsageError
+from .limiters import SLACK, FixedWindow, InFlightCap, Limiter, Quota, Refusal, SlidingWindow, TokenBucket
 from .tone import synthesize_tone
 
 Endpoint = typing.Callable[[Request], typing.Awaitable[JSONResponse]]
@@ -76,7 +80,13 @@ class ServeConfig:
     fail_rate: float = 0.0
     fail_statuses: tuple[int, ...] = (502, 503, 524, 529)
     fail_first: int = 0
-    rate_limit: float = 0.0
+    limiter: str = "fixed"
+    rate_limit: float = 0.0  # requests per window (fixed, sliding), or tokens a second (bucket); 0: off
+    window: float = 1.0
+    burst: int = 1
+    max_in_flight: int = 0
+    quota: int | None = None
+    quota_reset: float = 86400.0
     rate_limit_headers: str = "both"
     retry_after: float | None = None
     drop_rate: float = 0.0
@@ -92,13 +102,27 @@ class ServeConfig:
     engine: str = "espeak"
     max_body_bytes: int = 1 << 20
 
+    def __post_init__(self) -> None:
+        """Limiter settings no limiter can work with are refused whether they come from flags or /faults."""
+        if not self.window > 0 or not self.quota_reset > 0:
+            raise ValueError("window and quota_reset must be more than 0 seconds")
+        if self.burst < 1:
+            raise ValueError("burst must be at least 1")
+        if self.limiter in ("fixed", "sliding") and not float(self.rate_limit).is_integer():
+            raise ValueError(f"a {self.limiter} window counts whole requests: the rate limit must be a whole "
+                             f"number, not {self.rate_limit:g}")
+
     def public(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "api_key": None if self.api_key is None else "<set>"}
 
 
 FIXED_FIELDS = ("host", "port", "api_key")  # the socket, and the key that guards /_batchtts/faults itself
 RATE_FIELDS = ("fail_rate", "drop_rate", "truncate_rate")
-CHOICES = {"rate_limit_headers": ("retry-after", "reset", "both"), "engine": ("espeak", "tone")}
+CHOICES = {"rate_limit_headers": ("retry-after", "reset", "both", "none"), "engine": ("espeak", "tone"),
+           "limiter": ("bucket", "fixed", "sliding")}
+RATE_SETTINGS = ("limiter", "rate_limit", "window", "burst")
+QUOTA_SETTINGS = ("quota", "quota_reset")
+ADMIN_MAX_BODY_BYTES = 1 << 16  # fixed, so no max_body_bytes sent to /faults can lock /faults out
 
 
 def updated(config: ServeConfig, changes: object) -> ServeConfig:
@@ -130,6 +154,38 @@ def updated(config: ServeConfig, changes: object) -> ServeConfig:
     return dataclasses.replace(config, **changes)
 
 
+def rate_limiter_for(config: ServeConfig) -> Limiter | None:
+    if config.rate_limit <= 0:
+        return None
+    if config.limiter == "bucket":
+        return TokenBucket(config.rate_limit, config.burst)
+    window = SlidingWindow if config.limiter == "sliding" else FixedWindow
+    return window(int(config.rate_limit), config.window)
+
+
+def quota_for(config: ServeConfig, origin: float) -> Quota | None:
+    return None if config.quota is None else Quota(config.quota, config.quota_reset, origin)
+
+
+def rate_limit_headers(config: ServeConfig, refusal: Refusal, now: float) -> list[tuple[bytes, bytes]]:
+    """A 429's hints as `rate_limit_headers` asks. Retry-After is whole seconds rounded up, as gateways
+    send it, unless `retry_after` overrides it; X-RateLimit-Reset is the exact instant in epoch ms."""
+    headers = []
+    if config.rate_limit_headers in ("retry-after", "both"):
+        if config.retry_after is not None:
+            value = f"{config.retry_after:g}"
+        else:
+            value = str(max(1, math.ceil(refusal.retry_at - now - SLACK)))
+        headers.append((b"retry-after", value.encode()))
+    if config.rate_limit_headers in ("reset", "both"):
+        headers += [
+            (b"x-ratelimit-limit", str(refusal.limit).encode()),
+            (b"x-ratelimit-remaining", b"0"),
+            (b"x-ratelimit-reset", str(math.ceil((refusal.retry_at - SLACK) * 1000)).encode()),
+        ]
+    return headers
+
+
 def _conforms(value: object, hint: Any) -> bool:
     """Whether a decoded JSON value fits a ServeConfig field's type (a list stands for a tuple)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -144,6 +200,18 @@ def _conforms(value: object, hint: Any) -> bool:
 
 
 @dataclass
+class LimiterStats:
+    """What one limiter saw: goodput over its capacity is successes over the span from the first
+    success to the last (time.time()), and refused are its 429s."""
+
+    requests: int = 0
+    successes: int = 0
+    refused: int = 0
+    first_success: float | None = None
+    last_success: float | None = None
+
+
+@dataclass
 class Stats:
     requests: int = 0
     successes: int = 0
@@ -152,11 +220,14 @@ class Stats:
     by_status: Counter[int] = field(default_factory=Counter)
     by_input: Counter[str] = field(default_factory=Counter)
     log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200_000))
+    limiters: defaultdict[str, LimiterStats] = field(default_factory=lambda: defaultdict(LimiterStats))
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, limiters: Iterable[Limiter]) -> dict[str, Any]:
         return {
             "requests": self.requests, "successes": self.successes, "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight, "by_status": {str(k): v for k, v in self.by_status.items()},
+            "limiters": {limiter.name: {**dataclasses.asdict(self.limiters[limiter.name]), **limiter.nominal()}
+                         for limiter in limiters},
             "by_input": dict(self.by_input), "log": list(self.log),
         }
 
@@ -166,18 +237,42 @@ class _Answered(Exception):
 
 
 class BodyTooLarge(Exception):
-    """A request body over `max_body_bytes`: refused before it is buffered."""
+    """A request body over the server's limit: refused before it is buffered."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"Request body is larger than {limit} bytes")
 
 
 def error_json(status: int, message: str | None = None) -> dict[str, Any]:
+    """The API's error body, so a client parses the server's refusals as it parses OpenRouter's."""
     return {"error": {"code": status, "message": message or ERROR_MESSAGES.get(status, "Error")}}
 
 
 def error_response(status: int, message: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_json(status, message), status_code=status, headers=headers)
+
+
+async def _refused(request: Request, exc: HTTPException) -> JSONResponse | PlainTextResponse:
+    """Starlette's own refusals: no such route (404), or a method the route does not take (405).
+    Outside the API the server plays the website, whose 404 is no JSON error: that is how a client
+    tells a wrong base URL from the API's own "not found"."""
+    if not request.url.path.startswith(("/api/v1/", "/_batchtts/")):
+        return PlainTextResponse(exc.detail, exc.status_code, exc.headers)
+    return error_response(exc.status_code, ERROR_MESSAGES.get(exc.status_code, exc.detail), exc.headers)
+
+
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    """Closing the connection is what spares the server the rest of the body."""
+    return error_response(413, str(exc), {"connection": "close"})
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> None:
+    """A client that went away mid-body is nobody's error, and there is no one to answer."""
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the client gets the API's 500, and uvicorn logs the traceback for whoever fixes it."""
+    return error_response(500)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -217,22 +312,52 @@ def key_problem(request: Request, api_key: str | None) -> str | None:
 class SpeechServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self.started = time.time()
         self.stats = Stats()
         self.random = random.Random(config.seed)
         self.attempts: Counter[str] = Counter()
-        self.window = (0, 0)
+        self.in_flight = InFlightCap(config.max_in_flight)
+        self.rate = rate_limiter_for(config)
+        self.quota = quota_for(config, self.started)
+        self.limiters = self._chain()
+
+    def _chain(self) -> tuple[Limiter, ...]:
+        """The limiters a request passes, in order: those that can give an admission back (in flight,
+        quota) first, so a request the rate limiter refuses holds no place in them."""
+        return tuple(limiter for limiter in (self.in_flight, self.quota, self.rate) if limiter is not None)
+
+    def active_limiters(self) -> list[Limiter]:
+        """The limiters in use: the in-flight cap always counts, but caps nothing at 0."""
+        return [limiter for limiter in self.limiters if limiter is not self.in_flight or self.in_flight.limit]
+
+    def reconfigure(self, config: ServeConfig) -> None:
+        """Take /faults settings. A limiter whose settings change starts afresh, its counts with it; the
+        in-flight cap only takes its new limit, since a new one would not know of the requests running."""
+        old, self.config = self.config, config
+        if [getattr(old, name) for name in RATE_SETTINGS] != [getattr(config, name) for name in RATE_SETTINGS]:
+            for name in {old.limiter, config.limiter}:
+                self.stats.limiters.pop(name, None)
+            self.rate = rate_limiter_for(config)
+        if [getattr(old, name) for name in QUOTA_SETTINGS] != [getattr(config, name) for name in QUOTA_SETTINGS]:
+            self.stats.limiters.pop(Quota.name, None)
+            self.quota = quota_for(config, self.started)
+        if old.max_in_flight != config.max_in_flight:
+            self.stats.limiters.pop(InFlightCap.name, None)
+            self.in_flight.limit = config.max_in_flight
+        self.limiters = self._chain()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The speech endpoint as a raw ASGI app, so a fault can cut the response where it likes."""
         request = Request(scope, receive)
         arrived = time.time()
         entry: dict[str, Any] = {"t": arrived, "status": None, "outcome": "error", "input_sha256": None}
+        admitted: list[Limiter] = []
         self.stats.requests += 1
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         self.stats.log.append(entry)
         try:
-            await self._answer(request, entry, send)
+            await self._answer(request, entry, send, admitted)
         except _Answered:
             pass
         except ClientDisconnect:
@@ -241,8 +366,37 @@ class SpeechServer:
             self.stats.in_flight -= 1
             if entry["status"] is not None:
                 self.stats.by_status[entry["status"]] += 1
+            if admitted:
+                self._release(admitted, entry["outcome"] == "ok")
 
-    async def _answer(self, request: Request, entry: dict[str, Any], send: Send) -> None:
+    async def _admit(self, send: Send, entry: dict[str, Any], admitted: list[Limiter]) -> None:
+        """Pass the request through each limiter, or answer the first refusal with its 429."""
+        now = time.time()
+        tallies = self.stats.limiters
+        for limiter in self.limiters:
+            tally = tallies[limiter.name]
+            tally.requests += 1
+            refusal = limiter.admit(now)
+            if refusal is not None:
+                tally.refused += 1
+                await self._error(send, entry, 429, refusal.message, refusal=refusal)
+            admitted.append(limiter)
+
+    def _release(self, admitted: list[Limiter], ok: bool) -> None:
+        """However the response ended (answered, refused, cut, or the client gone), the limiters that
+        admitted it hear of it, so no place in flight is held forever."""
+        now = time.time()
+        tallies = self.stats.limiters
+        for limiter in admitted:
+            limiter.release(ok)
+            if ok:
+                tally = tallies[limiter.name]
+                tally.successes += 1
+                if tally.first_success is None:
+                    tally.first_success = now
+                tally.last_success = now
+
+    async def _answer(self, request: Request, entry: dict[str, Any], send: Send, admitted: list[Limiter]) -> None:
         config = self.config
         try:
             raw = await read_body(request, config.max_body_bytes)
@@ -264,8 +418,7 @@ class SpeechServer:
             await self._error(send, entry, 401, refused)
         if config.credits is not None and self.stats.successes >= config.credits:
             await self._error(send, entry, 402)
-        if config.rate_limit > 0:
-            await self._rate_limit(send, entry)
+        await self._admit(send, entry, admitted)
         request_format, speed = await self._validate(body, send, entry)
         assert isinstance(text, str)
 
@@ -320,17 +473,6 @@ class SpeechServer:
         entry["outcome"] = "ok"
         await send({"type": "http.response.body", "body": audio})
 
-    async def _rate_limit(self, send: Send, entry: dict[str, Any]) -> None:
-        now = time.time()
-        second = math.floor(now)
-        start, count = self.window
-        if start != second:
-            start, count = second, 0
-        count += 1
-        self.window = (start, count)
-        if count > self.config.rate_limit:
-            await self._error(send, entry, 429, reset_at=start + 1.0)
-
     async def _validate(self, body: Any, send: Send, entry: dict[str, Any]) -> tuple[str, float]:
         if not isinstance(body, dict):
             await self._error(send, entry, 400, "Request body must be a JSON object")
@@ -359,23 +501,19 @@ class SpeechServer:
         return request_format, float(speed)
 
     async def _error(self, send: Send, entry: dict[str, Any], status: int, message: str | None = None,
-                     reset_at: float | None = None, close: bool = False) -> None:
+                     close: bool = False, refusal: Refusal | None = None) -> None:
+        """Answer with the API's JSON error. A 429 carries its hints: a limiter's refusal, or for an
+        injected 429 a wait of `retry_after` (1 s when unset)."""
         config = self.config
         headers = [(b"content-type", b"application/json")]
         if close:
             headers.append((b"connection", b"close"))
         if status == 429:
-            wait = config.retry_after if config.retry_after is not None else (reset_at or time.time() + 1) - time.time()
-            reset_at = reset_at if reset_at is not None else time.time() + wait
-            if config.rate_limit_headers in ("retry-after", "both"):
-                value = f"{wait:g}" if config.retry_after is not None else str(max(1, math.ceil(wait)))
-                headers.append((b"retry-after", value.encode()))
-            if config.rate_limit_headers in ("reset", "both"):
-                headers += [
-                    (b"x-ratelimit-limit", str(int(config.rate_limit)).encode()),
-                    (b"x-ratelimit-remaining", b"0"),
-                    (b"x-ratelimit-reset", str(int(reset_at * 1000)).encode()),
-                ]
+            now = time.time()
+            if refusal is None:
+                wait = config.retry_after if config.retry_after is not None else 1.0
+                refusal = Refusal(now + wait, int(config.rate_limit))
+            headers += rate_limit_headers(config, refusal, now)
         body = json.dumps(error_json(status, message)).encode()
         headers.append((b"content-length", str(len(body)).encode()))
         entry["status"] = status
@@ -404,7 +542,7 @@ def create_app(config: ServeConfig) -> Starlette:
         return guarded
 
     async def stats(request: Request) -> JSONResponse:
-        data = speech.stats.as_json()
+        data = speech.stats.as_json(speech.active_limiters())
         if request.query_params.get("log") == "0":
             data.pop("log")
             data.pop("by_input")
@@ -412,14 +550,14 @@ def create_app(config: ServeConfig) -> Starlette:
 
     async def faults(request: Request) -> JSONResponse:
         try:
-            changes = parse_json(await read_body(request, speech.config.max_body_bytes))
-            speech.config = updated(speech.config, changes)
+            changes = parse_json(await read_body(request, ADMIN_MAX_BODY_BYTES))
+            speech.reconfigure(updated(speech.config, changes))
         except ValueError as exc:
             return error_response(400, f"Invalid faults: {exc}")
         return JSONResponse(speech.config.public())
 
     async def reset(request: Request) -> JSONResponse:
-        speech.stats = Stats()
+        speech.stats = Stats(in_flight=speech.stats.in_flight)  # those still running end after the reset
         speech.attempts.clear()
         return JSONResponse({"reset": True})
 
@@ -435,25 +573,6 @@ def create_app(config: ServeConfig) -> Starlette:
         ClientDisconnect: _client_gone,
         Exception: _internal_error,
     })
-
-
-async def _refused(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own refusals: no such route (404), or a method the route does not take (405)."""
-    return error_response(exc.status_code, ERROR_MESSAGES.get(exc.status_code, exc.detail), exc.headers)
-
-
-async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-    """Closing the connection is what spares the server the rest of the body."""
-    return error_response(413, str(exc), {"connection": "close"})
-
-
-async def _client_gone(request: Request, exc: ClientDisconnect) -> None:
-    """A client that went away mid-body is nobody's error, and there is no one to answer."""
-
-
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A bug: the client gets the API's 500, and uvicorn logs the traceback for whoever fixes it."""
-    return error_response(500)
 
 
 class _QuietCuts(logging.Filter):
@@ -476,10 +595,11 @@ def run_server(config: ServeConfig) -> None:
         raise UsageError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    app = create_app(config)  # first, so a quota's periods have begun by the time the URL is out
     print(f"batchtts serve listening on http://{shown}:{port}/api/v1", flush=True)
     logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
     server = uvicorn.Server(uvicorn.Config(
-        create_app(config), log_level="warning", access_log=False, timeout_keep_alive=30, backlog=2048,
+        app, log_level="warning", access_log=False, timeout_keep_alive=30, backlog=2048,
     ))
     # Server.run sets up uvloop and httptools when installed (the serve extra brings them), so the
     # test server is not what limits a benchmark.

@@ -33,16 +33,21 @@ def sha(text: str) -> str:
 class Server:
     process: subprocess.Popen[str]
     url: str
+    key: str | None = None  # the server's --api-key, which its admin endpoints take too
 
     @property
     def admin(self) -> str:
         return self.url.rsplit("/api/v1", 1)[0] + "/_batchtts"
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {} if self.key is None else {"Authorization": f"Bearer {self.key}"}
+
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.admin}/stats", timeout=5).json()
+        return httpx.get(f"{self.admin}/stats", headers=self.admin_headers, timeout=5).json()
 
     def faults(self, **changes: Any) -> dict[str, Any]:
-        return httpx.post(f"{self.admin}/faults", json=changes, timeout=5).json()
+        return httpx.post(f"{self.admin}/faults", json=changes, headers=self.admin_headers, timeout=5).json()
 
     def requests_for(self, text: str) -> int:
         return self.stats()["by_input"].get(sha(text), 0)
@@ -69,7 +74,8 @@ def serve():
         if "listening on" not in line:
             proc.kill()
             raise RuntimeError(f"batchtts serve did not start: {line!r} {proc.stderr.read()}")
-        return Server(proc, line.rsplit(" ", 1)[1].strip())
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+        return Server(proc, line.rsplit(" ", 1)[1].strip(), key)
 
     yield start
     for proc in started:

@@ -35,7 +35,7 @@ from conftest import (
 )
 
 import batchtts as api
-from batchtts.errors import EXIT_FAILED_ROWS, EXIT_HALTED
+from batchtts.errors import EXIT_FAILED_ROWS, EXIT_HALTED, EXIT_INTERNAL
 from batchtts.ledger import MIGRATIONS
 from batchtts.local import LocalSpeechProvider
 from batchtts.pool import WorkerPool
@@ -418,3 +418,19 @@ def test_a_key_the_provider_echoes_is_written_nowhere(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_fault_in_batchtts_itself_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import batchtts.cli
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a fault nobody wrote a message for")
+
+    monkeypatch.setattr(batchtts.cli, "open_context", broken)
+    result = CliRunner().invoke(batchtts.cli.main, ["status", str(tmp_path)])
+    assert result.exit_code == EXIT_INTERNAL
+    assert "Traceback" not in result.output
+    assert "unexpected RuntimeError: a fault nobody wrote a message for" in result.output
+    assert "please report it" in result.output

@@ -80,7 +80,7 @@ def test_bad_jsonl_lines_are_named(tmp_path, serve):
     message = refused(tmp_path, manifest, serve, "--model", "m", "--voice", "v")
     assert "row 2: not valid JSON" in message
     assert "row 3: each line must be a JSON object" in message
-    assert "row 4: speed 'fast' is not a positive number" in message
+    assert "row 4: speed 'fast' is not a number from 0.25 to 4" in message
     assert "row 5: provider_options must be a JSON object" in message
 
 

@@ -60,6 +60,7 @@ def test_admin_endpoints_take_the_servers_key(serve):
     assert server.process.poll() is None
 
     key = {"Authorization": "Bearer k"}
+    assert httpx.post(f"{server.admin}/faults", json={}, headers=key, timeout=5).json()["latency"] == 0.0
     assert httpx.post(f"{server.admin}/faults", json={"latency": 0.01}, headers=key, timeout=5).json()["latency"] == 0.01
     assert httpx.post(f"{server.admin}/reset", headers=key, timeout=5).json() == {"reset": True}
     assert httpx.get(f"{server.admin}/stats", headers=key, timeout=5).json()["requests"] == 0
@@ -118,7 +119,9 @@ def test_unknown_paths_wrong_methods_and_bad_json_answer_json_errors(serve):
     server = serve()
     base = server.url.removesuffix("/api/v1")
     assert assert_json_error(httpx.get(f"{server.url}/nope", timeout=5), 404) == "Resource not found"
-    assert_json_error(httpx.post(f"{base}/", timeout=5), 404)
+    assert_json_error(httpx.post(f"{server.admin}/nope", timeout=5), 404)
+    outside = httpx.post(f"{base}/audio/speech", json=SPEECH, timeout=5)  # a base URL without /api/v1
+    assert outside.status_code == 404 and not outside.headers["content-type"].startswith("application/json")
     wrong_method = httpx.get(f"{server.url}/audio/speech", timeout=5)
     assert_json_error(wrong_method, 405)
     assert wrong_method.headers["allow"] == "POST"
@@ -144,7 +147,7 @@ def test_an_oversized_body_gets_413_without_being_buffered(serve):
     for target in (f"{server.url}/audio/speech", f"{server.admin}/faults"):
         for content in (big, chunks()):  # declared by Content-Length, then streamed chunked
             response = httpx.post(target, content=content, timeout=10)
-            assert "larger than 1048576 bytes" in assert_json_error(response, 413)
+            assert "Request body is larger than" in assert_json_error(response, 413)
             assert response.headers["connection"] == "close"
     for _ in range(2):
         assert_json_error(httpx.post(f"{server.url}/audio/speech", content=big, timeout=10), 413)
@@ -155,6 +158,10 @@ def test_an_oversized_body_gets_413_without_being_buffered(serve):
     assert server.stats()["by_status"] == {"200": 1, "413": 4}
     just_under = {**SPEECH, "input": "hi", "pad": "x" * (MiB - 200)}
     assert httpx.post(f"{server.url}/audio/speech", json=just_under, timeout=5).status_code == 200
+
+    assert server.faults(max_body_bytes=10)["max_body_bytes"] == 10  # /faults keeps its own limit
+    assert_json_error(httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 413)
+    assert server.faults(max_body_bytes=MiB)["max_body_bytes"] == MiB
 
 
 def test_client_disconnects_leave_stderr_clean(serve):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 from click.testing import CliRunner
 from conftest import batchtts, error_message, ledger_rows, write_csv
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +31,14 @@ from batchtts.runner import run
 
 SECRET = "sk-or-v1-0123456789abcdef"
 LOCAL = "local/espeak-ng"
+
+
+@pytest.fixture(autouse=True)
+def logging_as_found():
+    """The CLI run in-process configures logging for the whole process: restore it for later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def refusal(tmp_path: Path, text: str | bytes) -> str:
