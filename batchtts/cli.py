@@ -107,6 +107,8 @@ def main() -> None:
 @click.option("--max-cost", type=_ranged(Budget, "max_cost"), help="Budget in USD for this run: stop taking rows before passing it.")
 @click.option("--max-chars", type=_ranged(Budget, "max_chars"), help="Budget in characters sent for this run.")
 @click.option("--max-runtime", help="End cleanly within this time: 3600, 50m, 2h, 1h30m.")
+@click.option("--max-wait", help="Longest wait a rate limit may ask for before the run stops with exit 3 "
+              "(default 5m): 90, 10m, 1h.")
 @click.option("--shard", help="Take only shard I of N: --shard 3/8.")
 @click.option("--shards", type=click.IntRange(min=1),
               help="Number of shards, the index coming from JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID.")
@@ -132,6 +134,7 @@ def run(target: Path, **flags: Any) -> None:
     try:
         shard = sharding.detect(flags["shard"], flags["shards"])
         max_runtime = parse_duration(flags["max_runtime"]) if flags["max_runtime"] is not None else None
+        max_wait = parse_duration(flags["max_wait"]) if flags["max_wait"] is not None else None
     except BatchTTSError as exc:
         _fail(exc)
     overrides = {
@@ -158,6 +161,7 @@ def run(target: Path, **flags: Any) -> None:
         "budget.max_cost": flags["max_cost"],
         "budget.max_chars": flags["max_chars"],
         "max_runtime": max_runtime,
+        "retry.max_wait": max_wait,
         "shard": shard,
         "dry_run": flags["dry_run"],
         "grace_seconds": flags["grace_seconds"],

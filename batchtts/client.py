@@ -7,6 +7,7 @@ the CPU per request at high concurrency (encode/httpx#3215), which caps throughp
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from httpx_aiohttp import AiohttpTransport
 from . import __version__
 from .audio import is_audio
 from .config import Provider, Timeouts
-from .errors import HTTPStatusError, ProviderStopError, TransportError
+from .errors import HTTPStatusError, NoAnswerError, ProviderStopError, RateHint, TransportError
 from .providers import SpeechRequest
 from .redact import redact
 
@@ -26,27 +27,39 @@ _MAX_ERROR_BODY = 64 * 1024
 
 
 def retry_after_seconds(headers: httpx.Headers, now: float | None = None) -> float | None:
-    """The wait a provider asked for: Retry-After (seconds or HTTP date) or X-RateLimit-Reset (epoch ms)."""
+    """The wait a provider asked for: X-RateLimit-Reset (epoch ms) or Retry-After (seconds or HTTP date)."""
+    return rate_hint(headers, now).wait
+
+
+def rate_hint(headers: httpx.Headers, now: float | None = None) -> RateHint:
+    """What the answer said of its rate limit. X-RateLimit-Reset is to the millisecond, so it beats a
+    Retry-After, which is rounded up to whole seconds (a limit that refills in 20 ms says "1")."""
     now = time.time() if now is None else now
-    waits: list[float] = []
-    value = headers.get("retry-after")
-    if value:
-        try:
-            waits.append(float(value))
-        except ValueError:
+    reset = _number(headers.get("x-ratelimit-reset"))
+    if reset is not None:
+        # Epoch milliseconds per OpenRouter; tolerate providers that send epoch seconds.
+        wait: float | None = max(0.0, (reset / 1000 if reset > 1e11 else reset) - now)
+        exact = True
+    else:
+        value = headers.get("retry-after", "")
+        wait = _number(value)
+        exact = wait is not None and not wait.is_integer()
+        if wait is None and value:
             try:
-                waits.append(parsedate_to_datetime(value).timestamp() - now)
+                wait = parsedate_to_datetime(value).timestamp() - now
             except (TypeError, ValueError):
-                pass
-    reset = headers.get("x-ratelimit-reset")
-    if reset:
-        try:
-            at = float(reset)
-            # Epoch milliseconds per OpenRouter; tolerate providers that send epoch seconds.
-            waits.append((at / 1000 if at > 1e11 else at) - now)
-        except ValueError:
-            pass
-    return max(0.0, max(waits)) if waits else None
+                wait = None
+        wait = None if wait is None else max(0.0, wait)
+    limit, remaining = _number(headers.get("x-ratelimit-limit")), _number(headers.get("x-ratelimit-remaining"))
+    return RateHint(wait, exact, None if limit is None else int(limit), None if remaining is None else int(remaining))
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def error_message(body: bytes, status: int) -> str:
@@ -132,8 +145,10 @@ class HTTPSpeechClient:
 
     @asynccontextmanager
     async def speak(self, request: SpeechRequest) -> AsyncIterator[_HTTPAudio]:
+        answered = False
         try:
             async with self._client.stream("POST", "audio/speech", json=request.to_json()) as response:
+                answered = True
                 if response.status_code != 200:
                     raise await self._status_error(response)
                 audio = _HTTPAudio(response)
@@ -145,7 +160,9 @@ class HTTPSpeechClient:
                     )
                 yield audio
         except httpx.TransportError as exc:
-            raise TransportError(self._redact(describe_transport_error(exc))) from exc
+            if answered:
+                raise TransportError(self._redact(describe_transport_error(exc))) from exc
+            raise NoAnswerError(self._redact(f"{describe_transport_error(exc)} ({self._client.base_url})")) from exc
 
     async def _status_error(self, response: httpx.Response) -> HTTPStatusError:
         body = await _read_bounded(response)
@@ -155,7 +172,7 @@ class HTTPSpeechClient:
         if response.status_code == 404 and not _is_error_object(body):
             # Not the API's own "not found" (a JSON error object) but no API there at all: a wrong base URL.
             return ProviderStopError(f"no speech API at {response.request.url}: {message}", 404)
-        return HTTPStatusError(message, response.status_code, retry_after_seconds(response.headers))
+        return HTTPStatusError(message, response.status_code, hint=rate_hint(response.headers))
 
     def _redact(self, text: str) -> str:
         """The provider's words, without the key should it echo the request's headers."""

@@ -130,6 +130,9 @@ class RetryPolicy:
     backoff_initial: float = _setting(1.0, flag="--backoff-initial", low=0)
     backoff_max: float = _setting(60.0, flag="--backoff-max", low=0)
     max_row_seconds: float = _setting(900.0, flag="--max-row-seconds", low=0, above=True)
+    # The longest wait a provider may ask for (a rate limit's reset, a spent quota) before the run
+    # stops with exit 3 and leaves the rows for a later run, instead of sleeping through cron slots.
+    max_wait: float = _setting(300.0, flag="--max-wait", low=0)
 
 
 @dataclass(frozen=True)
@@ -469,6 +472,11 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     stray = sorted(sections.keys() - _SECTIONS.keys())
     if stray:
         raise UsageError(f"unknown section [{stray[0]}]{did_you_mean(stray[0], _SECTIONS)}")
+    if isinstance(sections.get("retry", {}).get("max_wait"), str):
+        try:
+            sections["retry"]["max_wait"] = parse_duration(sections["retry"]["max_wait"])
+        except UsageError as exc:
+            raise UsageError(f"{where}[retry] max_wait: {exc}") from None
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         values = sections.get(name, {})

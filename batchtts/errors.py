@@ -11,7 +11,10 @@
     │                               rows in flight settle, what finished is recorded, rerun resumes
     └── SpeechError                 one attempt at one row went wrong (carries status and message)
         ├── TransportError          no usable answer: connection refused, dropped or timed out,
-        │                           a body cut short, a 200 that is not audio
+        │   │                       a body cut short, a 200 that is not audio
+        │   ├── NoAnswerError       not even a status line: refused, no such host, timed out
+        │   └── UnreachableError    no answer at all, again and again across rows (refused, no
+        │                           such host, every request timing out): exit 3, check the URL
         ├── RejectedError           the row can never succeed as asked, though no HTTP status
         │                           said so: an unknown local voice, audio of the wrong kind
         ├── StorageError            the audio was made but could not be stored (an object store
@@ -22,7 +25,9 @@
         │                           row with its type, the run goes on, the next run retries it
         └── HTTPStatusError         the provider answered with an error status (and maybe a wait)
             └── ProviderStopError   401, 402, or a 404 from no API at all (a wrong base URL): no row
-                                    can succeed until the user acts, exit 3
+                │                   can succeed until the user acts, exit 3
+                └── RateLimitStopError  a 429 whose wait is longer than --max-wait, or a spent
+                                    quota: the rows are left for a run after the reset, exit 3
 
 Whether a SpeechError is worth another attempt is the retry policy's call (`retry.py`), not the
 error's. Budget caps and `--max-runtime` are not errors: they end a run early with their own exit
@@ -33,6 +38,7 @@ any exception in one row's work, expected or not, is recorded against that row a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 EXIT_OK = 0
 EXIT_FAILED_ROWS = 1
@@ -123,6 +129,10 @@ class TransportError(SpeechError):
     pass
 
 
+class NoAnswerError(TransportError):
+    pass
+
+
 class RejectedError(SpeechError):
     pass
 
@@ -135,15 +145,36 @@ class UnexpectedError(SpeechError):
     pass
 
 
+@dataclass(frozen=True)
+class RateHint:
+    """What a rate-limited answer said of when to come back. `exact` when the wait came from
+    X-RateLimit-Reset (epoch milliseconds) rather than a Retry-After rounded up to whole seconds."""
+
+    wait: float | None = None
+    exact: bool = False
+    limit: int | None = None
+    remaining: int | None = None
+
+
 class HTTPStatusError(SpeechError):
-    """`retry_after` is the wait in seconds the provider asked for, if it named one."""
+    """`retry_after` is the wait in seconds the provider asked for, if it named one; `hint`, all it
+    said of its rate limit."""
 
-    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, status: int, retry_after: float | None = None,
+                 hint: RateHint | None = None) -> None:
         super().__init__(message, status)
-        self.retry_after = retry_after
+        self.hint = hint if hint is not None else RateHint(wait=retry_after)
+        self.retry_after = self.hint.wait
 
 
-class ProviderStopError(HTTPStatusError):
+class RunStop:
+    """A fault that no row can get past until the user acts, or time passes: the run stops taking
+    rows, keeps what it has, and exits 3 with `advice`."""
+
+    advice: str
+
+
+class ProviderStopError(HTTPStatusError, RunStop):
     exit_code = EXIT_PROVIDER_STOP
 
     @property
@@ -154,3 +185,27 @@ class ProviderStopError(HTTPStatusError):
             return ("check the base URL (--base-url, or base_url under [provider]): it ends in /api/v1 for "
                     "OpenRouter; then run the same command again to resume")
         return "the provider refused the API key: check the key, then run the same command again to resume"
+
+
+class RateLimitStopError(ProviderStopError):
+    """`resets_at` is when the provider said the limit resets (epoch seconds), if it said."""
+
+    def __init__(self, message: str, resets_at: float | None) -> None:
+        super().__init__(message, 429)
+        self.resets_at = resets_at
+
+    @property
+    def advice(self) -> str:
+        if self.resets_at is None:
+            return "the rows left are pending: run the same command again once the provider's limit resets"
+        when = datetime.fromtimestamp(self.resets_at).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+        return f"the rows left are pending: run the same command again after {when}, when the limit resets"
+
+
+class UnreachableError(TransportError, RunStop):
+    exit_code = EXIT_PROVIDER_STOP
+
+    @property
+    def advice(self) -> str:
+        return ("check the base URL (--base-url, or base_url under [provider]) and the network, then run the same "
+                "command again to resume")

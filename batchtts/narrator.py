@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -32,12 +33,15 @@ from .errors import (
     HaltError,
     HTTPStatusError,
     LedgerError,
-    ProviderStopError,
+    NoAnswerError,
+    RateLimitStopError,
     RejectedError,
+    RunStop,
     SpeechError,
     StorageError,
     TransportError,
     UnexpectedError,
+    UnreachableError,
 )
 from .ledger import Ledger
 from .manifest import Row
@@ -48,9 +52,14 @@ from .retry import build_retrying, is_transient, retried_next_run
 from .stitch import Part, stitch
 from .storage import OutputFolder, Published, chunk_path
 from .tags import write_tags
-from .throttle import Throttle
+from .throttle import Throttle, Ticket
 
 log = structlog.get_logger("batchtts")
+
+_UNREACHABLE_AFTER = 8  # requests in a row with no answer at all ...
+_UNREACHABLE_SECONDS = 2.0  # ... over at least this long, before the provider counts as unreachable
+# A 429 that says a quota is spent rather than a rate passed: waiting a moment will not help.
+_QUOTA = re.compile(r"quota|per[ -]?day|daily|per[ -]?month|monthly", re.IGNORECASE)
 
 # What a file system says when no file at all can be written there: no row can succeed either.
 _MACHINE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
@@ -162,9 +171,11 @@ class Narrator:
         self.prices = prices
         self.counters = Counters()
         self.pool: WorkerPool[WorkItem] | None = None
-        self.provider_stop: ProviderStopError | None = None
+        self.provider_stop: RunStop | None = None
         self._in_flight: set[str] = set()
         self._assemblies: dict[str, Assembly] = {}
+        self._no_answers = 0
+        self._no_answer_since: float | None = None
 
     @property
     def stopping(self) -> bool:
@@ -267,7 +278,7 @@ class Narrator:
         """A chunk that failed: recorded, and its row fails once every chunk has settled."""
         assembly, chunk, row = job.assembly, job.assembly.chunks[job.index], job.assembly.row
         assembly.attempts += attempts
-        if isinstance(exc, ProviderStopError) or (self.stopping and is_transient(exc, self.policy.statuses)):
+        if isinstance(exc, RunStop) or (self.stopping and is_transient(exc, self.policy.statuses)):
             assembly.abandoned = True
             self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
             return
@@ -352,24 +363,61 @@ class Narrator:
                 # The throttle's slot covers the request, its body and its landing on disk: audio paid
                 # for is in flight until the ledger can record it, so a kill -9 pays again for at most
                 # `concurrency` rows, however fast the answers come.
-                async with self.throttle.slot() if remote else contextlib.nullcontext():
+                async with self.throttle.slot() if remote else contextlib.nullcontext() as ticket:
                     if self.stopping:
                         raise _Stopped
                     self.counters.requests += 1
                     try:
                         body = await self._receive(request, fmt)
+                    except HTTPStatusError as exc:
+                        self._answered()
+                        if ticket is not None and exc.status == 429:
+                            self._rate_limited(exc, ticket)
+                        raise
+                    except NoAnswerError as exc:
+                        self._not_answered(exc)
+                        raise
                     except (SpeechError, _Stopped):
                         raise
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
-                    if remote:
-                        self.throttle.succeeded()
+                    if ticket is not None:
+                        self._answered()
+                        self.throttle.succeeded(ticket)
                     self._spent(request)
                     try:
                         info, published = await asyncio.to_thread(self._publish, body, relpath, fmt, tags)
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
         return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
+
+    def _rate_limited(self, exc: HTTPStatusError, ticket: Ticket) -> None:
+        """A 429: the throttle holds or slows down, unless the wait is longer than the run should
+        sleep (a reset hours away, a spent quota): then the run stops and the rows stay pending."""
+        hint = exc.hint
+        quota = _QUOTA.search(exc.message) is not None
+        if (hint.wait is not None and hint.wait > self.policy.max_wait) or (quota and hint.wait is None):
+            resets_at = None if hint.wait is None else time.time() + hint.wait
+            when = "at a time it did not say" if hint.wait is None else f"in {_duration(hint.wait)}"
+            raise RateLimitStopError(
+                f"{exc.message}: the provider's limit resets {when}, later than the run waits "
+                f"(--max-wait {_duration(self.policy.max_wait)})", resets_at,
+            ) from exc
+        self.throttle.rate_limited(ticket, hint)
+
+    def _answered(self) -> None:
+        self._no_answers, self._no_answer_since = 0, None
+
+    def _not_answered(self, exc: NoAnswerError) -> None:
+        """No answer at all: after a handful in a row, across rows and seconds, the provider is not
+        there (a wrong URL, no network), and every row would spend its attempts finding that out."""
+        now = time.monotonic()
+        if self._no_answer_since is None:
+            self._no_answer_since = now
+        self._no_answers += 1
+        if self._no_answers >= _UNREACHABLE_AFTER and now - self._no_answer_since >= _UNREACHABLE_SECONDS:
+            raise UnreachableError(f"cannot reach the provider after {self._no_answers} tries in "
+                                   f"{now - self._no_answer_since:.0f} s: {exc.message}") from exc
 
     def _spent(self, request: SpeechRequest) -> None:
         """A request answered with audio: its characters count toward the running estimate."""
@@ -419,8 +467,6 @@ class Narrator:
         def hook(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
-            if isinstance(exc, HTTPStatusError) and exc.status == 429:
-                self.throttle.rate_limited(wait)
             self.counters.retries += 1
             self.progress.retried()
             log.warning(
@@ -446,12 +492,12 @@ class Narrator:
 
     def _row_failed(self, row: Row, exc: SpeechError, attempts: int, retryable: bool, chunks: int | None = None,
                     where: str = "") -> None:
-        if isinstance(exc, ProviderStopError):
+        if isinstance(exc, RunStop):
             if self.provider_stop is None:
                 self.provider_stop = exc
                 log.error("abort", row=row.number, id=row.id, status=exc.status, error=exc.message, advice=exc.advice)
                 if self.pool is not None:
-                    self.pool.stop(f"HTTP {exc.status}: {exc.message}")
+                    self.pool.stop(str(exc))
             return
         if retryable and self.stopping:
             return  # interrupted mid-retry: the next run picks the row up as if never tried
@@ -474,3 +520,14 @@ def _row_of(item: WorkItem) -> Row:
     if isinstance(item, (Assembly, PassedOver)):
         return item.row
     return item
+
+
+def _duration(seconds: float) -> str:
+    """90 s, 12 min, 2 h 5 min: how long a wait is, as a person reads it."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min"
