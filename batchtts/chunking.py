@@ -5,6 +5,10 @@ knows "Mr.", "U.S." and "3.14" are not sentence ends), then clause punctuation, 
 never inside a word. Each level is used only where the one above leaves a piece too long, and
 pieces are packed greedily up to the limit. Every chunk is a slice of the original text, so the
 chunks joined back give the text again, but for whitespace at the seams.
+
+pysbd's time grows with the square of what it is given (it looks each sentence up from the start
+of its text), so a paragraph is given to it a window of two limits at a time: splitting is linear
+in the text's length even for a chapter with no blank line.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ KNOWN_LIMITS = {
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _CLAUSE = re.compile(r"(?<=[,;:\u2014\u2013)\]])\s+|\s+(?=[(\[\u2014\u2013])")
 _SPACE = re.compile(r"\s+")
+# pysbd is given two limits of text at a time, and at least _MIN_WINDOW characters: a sentence that
+# runs past half a window is then longer than a request. pysbd's time per character grows with the
+# window, so it is kept that small.
+_WINDOW_LIMITS = 2
+_MIN_WINDOW = 4096
 
 
 def limit_for(model: str, overrides: dict[str, int] | None = None, chunk_chars: int | None = None) -> int:
@@ -61,7 +70,35 @@ def _spans(text: str, start: int, end: int, pattern: re.Pattern[str]) -> Iterato
         yield at, end
 
 
-def _sentences(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+def _sentences(text: str, start: int, end: int, limit: int) -> Iterator[tuple[int, int]]:
+    """Sentences of text[start:end], found a window at a time. A window ends at a line break (pysbd
+    ends a sentence at each), else at a space; its last sentence, which the window may have cut
+    short, is found again at the start of the next one, unless it starts in the window's first half:
+    then it is whole (ended by a line break), or it runs past half a window, is longer than a
+    request and is cut at clauses anyway."""
+    window = max(_WINDOW_LIMITS * limit, _MIN_WINDOW)
+    while end - start > window:
+        cut = _window_end(text, start + window // 2, start + window)
+        found = list(_segment(text, start, cut))
+        if found and found[-1][0] - start >= window // 2:
+            yield from found[:-1]
+            start = found[-1][0]
+        else:
+            yield from found
+            start = cut
+    yield from _segment(text, start, end)
+
+
+def _window_end(text: str, low: int, high: int) -> int:
+    """Just after the last line break in text[low:high], else the last space, else `high`."""
+    for separator in ("\n", " "):
+        at = text.rfind(separator, low, high)
+        if at >= 0:
+            return at + 1
+    return high
+
+
+def _segment(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
     for span in _segmenter().segment(text[start:end]):
         yield start + span.start, start + span.end
 
@@ -84,7 +121,7 @@ def split_text(text: str, limit: int) -> list[Chunk]:
         return [Chunk(stripped, offset, False)]
     levels: list[Callable[[str, int, int], Iterator[tuple[int, int]]]] = [
         lambda t, a, b: _spans(t, a, b, _PARAGRAPH),
-        _sentences,
+        lambda t, a, b: _sentences(t, a, b, limit),
         lambda t, a, b: _spans(t, a, b, _CLAUSE),
         lambda t, a, b: _words_and_parts(t, a, b, limit),
     ]

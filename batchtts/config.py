@@ -87,8 +87,9 @@ def _variable_name(value: str) -> str | None:
 
 
 def _base_url(value: str) -> str | None:
-    """http(s)://host[:port][/path], holding no credentials. A user:key@ part would be sent, logged,
-    recorded in the ledger and named in the models cache; it is refused without being echoed."""
+    """http(s)://host[:port][/path], holding no credentials. A user:key@ part or a query string
+    (?key=...) would be sent, logged, recorded in the ledger and named in the models cache; they are
+    refused without being echoed. An API base URL has no query or fragment: paths are added to it."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - parsing the port is what raises ValueError for a bad one
@@ -97,6 +98,10 @@ def _base_url(value: str) -> str | None:
     if "@" in parts.netloc:
         return ("must not hold a user name or key (user:key@host): put the API key in its environment variable "
                 "(OPENROUTER_API_KEY, or the one api_key_env names) and give the URL without it")
+    if "?" in value or "#" in value:
+        return ("must not hold a query string or fragment (?... or #...): an API base URL has neither, and a key "
+                "there would be sent and recorded; put the API key in its environment variable (OPENROUTER_API_KEY, "
+                "or the one api_key_env names) and give the URL without it")
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c <= " " for c in value):
         return (f"must be an http:// or https:// URL with a host, such as {DEFAULT_BASE_URL}, "
                 f"not {_shown(redact_uri(value))}")

@@ -341,11 +341,15 @@ def _check_writable(path: Path) -> None:
     except OSError as exc:
         raise LedgerError(f"cannot open ledger {path}: {exc.strerror}") from exc
     if size == 0:
-        raise LedgerError(f"ledger {path} is an empty file, not a ledger batchtts wrote: remove it to start "
-                          "afresh, or name the right --ledger file")
+        raise _empty_file(path)
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
         raise LedgerError(f"ledger {path} is read-only here: status and export can read it; make it (and its "
                           "folder) writable to run")
+
+
+def _empty_file(path: Path) -> LedgerError:
+    return LedgerError(f"ledger {path} is an empty file, not a ledger batchtts wrote: remove it to start "
+                       "afresh, or name the right --ledger file")
 
 
 def _check_ours(path: Path, db: sqlite3.Connection) -> None:
@@ -364,23 +368,27 @@ class Usage:
 
 
 def usage(path: Path) -> Usage | None:
-    """What a file holds as a ledger; None when it is not one (another program's database, not SQLite)."""
+    """What a file holds as a ledger; None when it is not one (not SQLite, another program's database).
+    An empty, damaged or unreadable file raises LedgerError: called "no ledger", it would send the
+    user looking for another one instead of restoring this one."""
+    if path.stat().st_size == 0:
+        raise _empty_file(path)
     try:
         db = connect_readonly(path)
-    except sqlite3.Error:
-        return None
-    try:
-        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables:
-            return Usage(runs=False, rows=False)  # created, not yet set up
-        if not {"runs", "rows"} <= tables:
+        try:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return Usage(runs=False, rows=False)  # created, not yet set up
+            if not {"runs", "rows"} <= tables:
+                return None
+            return Usage(runs=db.execute("SELECT EXISTS (SELECT 1 FROM runs)").fetchone()[0] == 1,
+                         rows=db.execute("SELECT EXISTS (SELECT 1 FROM rows)").fetchone()[0] == 1)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB":
             return None
-        return Usage(runs=db.execute("SELECT EXISTS (SELECT 1 FROM runs)").fetchone()[0] == 1,
-                     rows=db.execute("SELECT EXISTS (SELECT 1 FROM rows)").fetchone()[0] == 1)
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
+        raise LedgerError(describe(path, exc)) from exc
 
 
 def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
@@ -389,7 +397,9 @@ def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
     pattern = f"{glob.escape(named.stem)}-shard-*-of-*{glob.escape(named.suffix)}"
     for path in sorted(named.parent.glob(pattern)):
         parent, shard = named_ledger(path)
-        if shard is not None and parent == named and ledger_for(named, shard) == path:
+        # An empty shard's file holds nothing to speak for: it is passed over here, and refused by
+        # whatever names it (its shard's run, status or export given the file).
+        if shard is not None and parent == named and ledger_for(named, shard) == path and path.stat().st_size:
             candidates[path] = shard
     found = {path: (shard, usage(path)) for path, shard in candidates.items()}
     return {path: (shard, used) for path, (shard, used) in found.items() if used is not None and used.runs}

@@ -139,11 +139,18 @@ class OutputFolder:
             os.close(fd)
 
     def clean_partials(self) -> int:
-        """Remove what interrupted runs left half-written; returns how many files."""
-        for folder in (self.partial_dir.parent, self.partial_dir):
+        """Remove what interrupted runs left half-written; returns how many files. Before that, refuse
+        batchtts's own folders when they are links or files: audio written through a link lands
+        outside the output folder, and emptying one deletes what is not batchtts's."""
+        chunks = self.root / CHUNK_DIR
+        kept = {self.partial_dir.parent: "its half-written files there and empties it",
+                self.partial_dir: "its half-written files there and empties it",
+                chunks: "the chunks of long rows there"}
+        if chunks.is_dir() and not chunks.is_symlink():
+            kept.update((sub, "the chunks of long rows there") for sub in chunks.iterdir() if sub.is_symlink())
+        for folder, use in kept.items():
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-                raise UsageError(f"{folder} is not a folder but a link or a file: batchtts keeps its half-written "
-                                 "files there and empties it; remove it")
+                raise UsageError(f"{folder} is not a folder but a link or a file: batchtts keeps {use}; remove it")
         if not self.partial_dir.exists():
             return 0
         count = sum(1 for _ in self.partial_dir.iterdir())
@@ -164,7 +171,11 @@ class OutputFolder:
         self._makedirs(self.partial_dir)
         path = self.partial_dir / f"{os.getpid()}-{next(self._partials)}"
         # A buffer the size of a typical short row: one write call per file instead of one per chunk.
-        return path, open(path, "w+b", buffering=256 * 1024)
+        try:
+            return path, open(path, "w+b", buffering=256 * 1024)
+        except FileNotFoundError:
+            self._remake(self.partial_dir)
+            return path, open(path, "w+b", buffering=256 * 1024)
 
     def publish(self, partial: Path, f: BinaryIO, relpath: str) -> Published:
         """fsync, hash and rename into place. Blocking: call it from a worker thread."""
@@ -173,16 +184,40 @@ class OutputFolder:
         f.seek(0)
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         size = f.tell()
-        f.close()
         final = self.root / relpath
-        self._makedirs(final.parent)
-        os.replace(partial, final)
+        try:
+            self._makedirs(final.parent)
+            try:
+                os.replace(partial, final)
+            except FileNotFoundError:
+                if not partial.exists():
+                    self._restage(partial, f)
+                self._remake(final.parent)
+                os.replace(partial, final)
+        finally:
+            f.close()
         return Published(final, size, digest)
 
     def _makedirs(self, folder: Path) -> None:
         if folder not in self._made:
             folder.mkdir(parents=True, exist_ok=True)
             self._made.add(folder)
+
+    def _remake(self, folder: Path) -> None:
+        """Make again a folder this run made and something removed since (a cleanup, an `rm -rf`):
+        without it, every row left in the run would be bought and then thrown away."""
+        self._made.discard(folder)
+        self._makedirs(folder)
+
+    def _restage(self, partial: Path, f: BinaryIO) -> None:
+        """Write the audio again where its partial file was, from the file still open: the partial
+        folder was removed with the file in it, and the audio is paid for."""
+        self._remake(partial.parent)
+        f.seek(0)
+        with open(partial, "wb") as copy:
+            shutil.copyfileobj(f, copy, _COPY_BUFFER)
+            copy.flush()
+            os.fsync(copy.fileno())
 
     @staticmethod
     def discard(partial: Path, f: BinaryIO) -> None:

@@ -21,9 +21,10 @@ A 429's hint says when the next request may go. An exact X-RateLimit-Reset holds
 until then. A Retry-After in whole seconds is rounded up (a bucket that refills in 20 ms says "1"),
 so it holds requests only while single probes, sent after a short and then doubling wait, are
 refused; a bare 429 is probed the same way. A cold start opens the pool gradually, one more request
-in flight per success (TCP's slow start), so a run at --concurrency 256 does not open with 256
-requests against a burst of 5. `requests_per_minute` caps the rate whatever is learned. Only
-requests to remote providers pass through here; the embedded engine has no limit.
+in flight per two successes (half again per round trip, as TCP's slow start grows), so a run at
+--concurrency 256 does not open with 256 requests against a burst of 5. `requests_per_minute`
+caps the rate whatever is learned. Only requests to remote providers pass through here; the
+embedded engine has no limit.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .errors import RateHint
 
 log = structlog.get_logger("batchtts")
 
-_SLOW_START = 8  # requests in flight at the start; one more per success until the first 429
+_SLOW_START = 8  # requests in flight at the start; one more per two successes until the first 429
 _WINDOW = 2.0  # seconds of successes that measure goodput and the levels in flight that succeed
 _MIN_SPAN = 0.5  # the shortest stretch of successes a goodput is measured over
 _MARGIN = 0.95  # the first learned rate: this share of the goodput that got through
@@ -201,9 +202,12 @@ class Throttle:
             self._probe_wait = _FIRST_PROBE
             self._wake_all()
         if self.slow_start:
-            self.limit += 1
-            self.slow_start = self.limit < self.maximum
-            self._wake()
+            self._grown += 1
+            if self._grown >= 2:  # half again per round trip: a window's burst ends with fewer on their way
+                self._grown = 0
+                self.limit += 1
+                self.slow_start = self.limit < self.maximum
+                self._wake()
             return
         if self.learned is not None and self._rate_slow_start:
             if now - self._last_growth >= 0.5 and now - self._last_429 >= 0.5:

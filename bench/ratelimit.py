@@ -69,9 +69,9 @@ def manifest(path: Path, rows: int, tag: str) -> Path:
     return path
 
 
-def run(manifest_path: Path, out: Path, url: str, *extra: str) -> subprocess.Popen[str]:
+def run(manifest_path: Path, out: Path, url: str, *extra: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "batchtts", "run", str(manifest_path), "--out", str(out), "--model", MODEL,
+        [*prefix, sys.executable, "-m", "batchtts", "run", str(manifest_path), "--out", str(out), "--model", MODEL,
          "--voice", "alloy", "--format", "pcm", "--base-url", url, "--log-format", "json", *extra],
         env={**os.environ, "OPENROUTER_API_KEY": "bench"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -84,10 +84,11 @@ def goodput(stats: dict) -> tuple[float, float]:
     return rate, stats["by_status"].get("429", 0) / max(1, stats["requests"])
 
 
-def timed_exit(cmd_extra: list[str], url: str, work: Path, tag: str) -> tuple[int, float, str]:
+def timed_exit(cmd_extra: list[str], url: str, work: Path, tag: str,
+               prefix: tuple[str, ...] = ()) -> tuple[int, float, str]:
     """Exit code, seconds to exit, and the stop reason, of a run that should stop by itself."""
     started = time.monotonic()
-    proc = run(manifest(work / f"{tag}.parquet", 200, tag), work / tag, url, *cmd_extra)
+    proc = run(manifest(work / f"{tag}.parquet", 200, tag), work / tag, url, *cmd_extra, prefix=prefix)
     _, stderr = proc.communicate(timeout=600)
     reason = ""
     for line in stderr.splitlines():
@@ -100,6 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every row count by this")
     parser.add_argument("--only", choices=[*LIMITERS, "extras"], help="one group of scenarios")
+    parser.add_argument("--headers", choices=HEADERS, action="append", help="only these header modes")
     args = parser.parse_args()
     rows = max(200, int(1500 * args.scale))
     table: list[tuple[str, ...]] = []
@@ -118,7 +120,7 @@ def main() -> None:
                     capacity = (len(log) - 1) / (log[-1] - log[0])
                 table.append((f"reference: --concurrency 12, no cap, 200 ms, {rows:,} rows", f"{capacity:.1f}/s", "", "",
                               str(proc.returncode)))
-            for headers in HEADERS:
+            for headers in args.headers or HEADERS:
                 with Server(*flags, "--rate-limit-headers", headers) as server:
                     tag = f"{name}-{headers}"
                     proc = run(manifest(work / f"{tag}.parquet", rows, tag), work / tag, server.url,
@@ -154,7 +156,9 @@ def main() -> None:
                 port = sock.getsockname()[1]  # bound, never listening: connections are refused
                 code, seconds, reason = timed_exit([], f"http://127.0.0.1:{port}/api/v1", work, "refused")
             table.append(("nothing listening", f"exit {code} after {seconds:.1f} s", "", "", reason[:60]))
-            code, seconds, reason = timed_exit([], "http://no-such-host.invalid/api/v1", work, "dns")
+            # In a network namespace of its own, with no network: no name resolves, no query leaves.
+            code, seconds, reason = timed_exit([], "http://speech.example.invalid/api/v1", work, "dns",
+                                               prefix=("unshare", "-rn"))
             table.append(("a host that does not resolve", f"exit {code} after {seconds:.1f} s", "", "", reason[:60]))
 
     header = ("scenario", "goodput ÷ capacity", "ratio", "429s ÷ all", "exit")

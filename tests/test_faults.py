@@ -434,3 +434,80 @@ def test_a_fault_in_batchtts_itself_is_one_line_not_a_traceback(tmp_path, monkey
     assert "Traceback" not in result.output
     assert "unexpected RuntimeError: a fault nobody wrote a message for" in result.output
     assert "please report it" in result.output
+
+
+# --- folders removed under a run -------------------------------------------------------------------
+
+@pytest.mark.parametrize("removed", ["staging folder", "output folder"])
+def test_a_folder_removed_during_the_run_is_made_again_and_nothing_is_bought_twice(serve, tmp_path, removed):
+    server = serve("--latency", "0.01")
+    manifest = write_csv(tmp_path / "m.csv", rows(300))
+    out, ledger = tmp_path / "out", tmp_path / "state" / "ledger.sqlite"
+    target = out / ".batchtts-partial" if removed == "staging folder" else out
+    proc = start_batchtts(*run_args(manifest, out, server, "--ledger", ledger, "--concurrency", "4"))
+    try:
+        wait_for(lambda: len(list(out.glob("*.mp3"))) >= 5, every=0.01)
+        wait_for(lambda: _removed(target), every=0.001)
+        assert len(ledger_rows(ledger)) < 300, "the run ended before the folder was removed"
+    finally:
+        stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    entries = ledger_rows(ledger)
+    assert len(entries) == 300 and all(e["status"] == "done" for e in entries.values())
+    assert server.stats()["successes"] == 300
+    if removed == "staging folder":
+        done_files(out, ledger)
+    else:  # what was published before the folder went went with it; the rest is there, whole
+        published = {p.name for p in out.glob("*.mp3")}
+        assert 0 < len(published) < 300
+        for e in entries.values():
+            if e["path"] in published:
+                assert hashlib.sha256((out / e["path"]).read_bytes()).hexdigest() == e["sha256"]
+    assert not list(out.glob(".batchtts-partial/*/*")), "half-written files left behind"
+
+
+def _removed(folder: Path) -> bool:
+    """Remove a folder a run is writing into; False when a file landed in it meanwhile."""
+    try:
+        shutil.rmtree(folder)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_symlinked_chunk_folder_is_refused_before_any_request(serve, tmp_path):
+    server = serve()
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    text = " ".join(f"This is sentence {i} of a long chapter." for i in range(12))
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "ch", "text": text, "voice": "alloy"}])
+    for link in (out / ".batchtts-chunks", out / ".batchtts-chunks" / "00"):
+        shutil.rmtree(out, ignore_errors=True)
+        link.parent.mkdir(parents=True)
+        elsewhere.mkdir(exist_ok=True)
+        link.symlink_to(elsewhere)
+        message = refused(batchtts(*run_args(manifest, out, server, "--chunk-chars", "100")), server)
+        assert f"{link} is not a folder but a link" in message, message
+        assert not list(elsewhere.iterdir())
+
+
+def test_status_and_export_call_a_damaged_ledger_damaged_and_an_empty_one_empty(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    assert batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(300)), out, server)).returncode == 0
+    requests = server.stats()["requests"]
+    good = (out / "ledger.sqlite").read_bytes()
+    for offset, expected in ((16384, "damaged"), (8192, "damaged"), (None, "empty file")):
+        damaged = bytearray(good)
+        if offset is None:
+            damaged.clear()
+        else:
+            damaged[offset:offset + 4096] = os.urandom(4096)
+        (out / "ledger.sqlite").write_bytes(damaged)
+        for command in (["status", out / "ledger.sqlite"], ["status", out], ["export", out, "--to", tmp_path / "x.csv"],
+                        run_args(tmp_path / "m.csv", out, server)):
+            result = batchtts(*command)
+            assert result.returncode == 2, (offset, command, result.stdout + result.stderr)
+            assert "Traceback" not in result.stderr
+            assert expected in error_message(result), (offset, command, error_message(result))
+    assert server.stats()["requests"] == requests
+    assert not (tmp_path / "x.csv").exists()

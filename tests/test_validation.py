@@ -162,6 +162,18 @@ def test_a_base_url_holding_a_key_is_refused_without_echoing_it(tmp_path, url):
     assert SECRET not in message and "me:" not in message
 
 
+@pytest.mark.parametrize("url", [
+    f"http://127.0.0.1:8787/api/v1?key={SECRET}", f"https://openrouter.ai/api/v1?x=1&api_key={SECRET}",
+    f"https://openrouter.ai/api/v1?{SECRET}", f"https://openrouter.ai/api/v1#{SECRET}", f"ftp://example.com/v1?{SECRET}",
+])
+def test_a_base_url_with_a_query_or_fragment_is_refused_without_echoing_it(tmp_path, url):
+    with pytest.raises(UsageError, match="must not hold a query string or fragment") as caught:
+        Job(manifest=tmp_path / "m.csv", out=tmp_path / "out", provider=Provider(base_url=url)).validate()
+    assert SECRET not in str(caught.value)
+    message = refusal(tmp_path, f'[provider]\nbase_url = "{url}"')
+    assert "must not hold a query string or fragment" in message and SECRET not in message
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com/api/v1", "openrouter.ai/api/v1", "https://", "http://:80/v1",
                                  "https://host:port/v1", "https://open router.ai/api/v1", ""])
 def test_a_base_url_must_be_http_or_https_with_a_host(tmp_path, url):
