@@ -457,7 +457,7 @@ def test_a_folder_removed_during_the_run_is_made_again_and_nothing_is_bought_twi
     assert server.stats()["successes"] == 300
     if removed == "staging folder":
         done_files(out, ledger)
-    else:  # what was published before the folder went went with it; the rest is there, whole
+    else:  # files published before the folder was removed are gone with it; the rest are there, whole
         published = {p.name for p in out.glob("*.mp3")}
         assert 0 < len(published) < 300
         for e in entries.values():

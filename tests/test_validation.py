@@ -118,7 +118,7 @@ def test_paths_must_be_text_and_an_unreadable_file_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize(("text", "expected"), [
     ("concurency = 3", "unknown job setting: concurency (did you mean concurrency?)"),
     ("[retyr]\nmax_attempts = 3", "unknown job setting: retyr (did you mean retry?)"),
-    ("[retry]\nmax_attemps = 3", "unknown key in [retry]: max_attemps (did you mean max_attempts?); [retry] takes "),
+    ("[retry]\nmax_attemps = 3", "unknown key in [retry]: max_attemps (did you mean max_attempts or max_wait?); [retry] takes "),
     ("[retry]\ntries = 3", "unknown key in [retry]: tries; [retry] takes statuses, max_attempts, backoff_initial"),
     ("[defaults]\nconcurrency = 3", "unknown key in [defaults]: concurrency (it goes at the top of the job file"),
     ("[defaults]\nread = 3", "unknown key in [defaults]: read (it goes under [timeouts])"),
