@@ -32,41 +32,19 @@ import time
 from pathlib import Path
 
 import httpx
-import pyarrow as pa
-import pyarrow.parquet as pq
+from throughput import MODEL, Server, manifest
 
-MODEL = "openai/gpt-4o-mini-tts"
+LATENCY = ("--latency", "0.03")
 LIMITERS = {
-    "bucket": (["--limiter", "bucket", "--rate-limit", "50", "--burst", "5"], 50.0, "token bucket 50/s, burst 5"),
-    "fixed": (["--limiter", "fixed", "--rate-limit", "100", "--window", "2"], 50.0, "fixed window 100 / 2 s"),
-    "sliding": (["--limiter", "sliding", "--rate-limit", "100", "--window", "2"], 50.0, "sliding window 100 / 2 s"),
+    "bucket": (["--limiter", "bucket", "--rate-limit", "50", "--burst", "5", *LATENCY], 50.0,
+               "token bucket 50/s, burst 5"),
+    "fixed": (["--limiter", "fixed", "--rate-limit", "100", "--window", "2", *LATENCY], 50.0,
+              "fixed window 100 / 2 s"),
+    "sliding": (["--limiter", "sliding", "--rate-limit", "100", "--window", "2", *LATENCY], 50.0,
+                "sliding window 100 / 2 s"),
     "in-flight": (["--max-in-flight", "12", "--latency", "0.2"], 60.0, "12 in flight, 200 ms"),
 }
 HEADERS = ("retry-after", "reset", "both", "none")
-
-
-class Server:
-    def __init__(self, *args: str) -> None:
-        latency = [] if "--latency" in args else ["--latency", "0.03"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "batchtts", "serve", "--port", "0", "--engine", "tone",
-                                      *latency, *args], stdout=subprocess.PIPE, text=True)
-        self.url = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
-
-    def stats(self) -> dict:
-        return httpx.get(self.url.replace("/api/v1", "/_batchtts/stats"), params={"log": "0"}, timeout=30).json()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait()
-
-
-def manifest(path: Path, rows: int, tag: str) -> Path:
-    pq.write_table(pa.table({"id": [f"{tag}-{i:06d}" for i in range(rows)],
-                             "text": [f"Row {i} of {tag}." for i in range(rows)]}), path)
-    return path
 
 
 def run(manifest_path: Path, out: Path, url: str, *extra: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
@@ -147,7 +125,7 @@ def main() -> None:
                 rate, rejected = goodput(server.stats())
                 table.append((f"4 shards x C=64, one bucket 50/s, {rows * 2:,} rows", f"{rate:.1f}/s ÷ 50/s",
                               f"{rate / 50:.2f}", f"{rejected:.3f}", ",".join(map(str, codes))))
-            with Server("--quota", "50", "--quota-reset", "7200", "--rate-limit-headers", "both") as server:
+            with Server("--quota", "50", "--quota-reset", "7200", "--rate-limit-headers", "both", *LATENCY) as server:
                 code, seconds, reason = timed_exit(["--concurrency", "64"], server.url, work, "quota")
                 table.append(("quota of 50 spent, reset in 2 h", f"exit {code} after {seconds:.1f} s", "", "",
                               reason[:60]))

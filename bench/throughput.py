@@ -8,13 +8,12 @@ Scenarios and references:
   1. latency 200 ms, concurrency 64: rows/s against the C/L limit of the server;
   2. latency 0: client CPU per 1,000 rows against bench/bare_client.py (aiohttp, a semaphore, one
      file per row, no ledger) doing the same rows;
-  3. a server limit of 50 requests/s answered with 429 + Retry-After, concurrency 256: goodput
-     against 50/s, and the share of requests that were 429s;
-  4. the same with X-RateLimit-Reset alone;
-  5. 10% of answers 502/503/524/529 and 2% dropped connections: rows done, and goodput against
+  3. 10% of answers 502/503/524/529 and 2% dropped connections: rows done, and goodput against
      scenario 1's fault-free goodput;
-  6. a 1,000,000-row Parquet manifest, run for 30 s then SIGINT: peak RSS, beside 100,000 rows;
-  7. the rerun of a completed 200,000-row job: wall time and requests sent.
+  4. a 1,000,000-row Parquet manifest, run for 30 s then SIGINT: peak RSS, beside 100,000 rows;
+  5. the rerun of a completed 200,000-row job: wall time and requests sent.
+
+Rate limits of every kind are bench/ratelimit.py's.
 """
 
 from __future__ import annotations
@@ -124,18 +123,6 @@ def main() -> None:
                                         str(m), str(work / "s2-bare"), "64"])
             table.append((f"latency 0, C=64, {rows:,} rows", "client CPU s / 1,000 rows ÷ bare script",
                           f"{cpu / rows * 1000:.2f} / {cpu_ref / rows * 1000:.2f}", f"{cpu / cpu_ref:.2f}", "≤ 2.5"))
-
-        for headers in ("retry-after", "reset"):
-            with Server("--rate-limit", "50", "--rate-limit-headers", headers) as server:
-                rows = n(3000)
-                _, wall, _, _ = batchtts_run(manifest(work / f"s3{headers}.parquet", rows, "s3"), work / f"s3{headers}",
-                                             server.url, "--concurrency", "256")
-                stats = server.stats()
-                goodput = stats["successes"] / wall
-                rejected = stats["by_status"].get("429", 0) / stats["requests"]
-                table.append((f"limit 50/s, 429 + {headers}, C=256, {rows:,} rows", "goodput ÷ 50/s; 429s ÷ all",
-                              f"{goodput:.1f}/s; {rejected:.3f}", f"{goodput / 50:.2f}; {rejected:.3f}",
-                              "≥ 0.90; ≤ 0.10"))
 
         with Server("--latency", "0.2", "--fail-rate", "0.10", "--drop-rate", "0.02", "--seed", "7") as server:
             rows = n(5000)

@@ -114,9 +114,9 @@ def test_a_full_disk_halts_the_run_cleanly_and_a_rerun_with_room_finishes(serve,
     assert halted and "No space left on device" in halted[0]["reason"]
     assert "what finished is recorded" in (tmp_path / "first.out").read_text()
     seconds = float((tmp_path / "first.end").read_text()) - float((tmp_path / "first.start").read_text())
-    print(f"disk full: exit {EXIT_HALTED} after {seconds:.2f} s")
     kept = [e for e in ledger_rows(saved / "first" / "ledger.sqlite").values() if e["status"] == "done"]
     assert 0 < len(kept) < 400
+    print(f"disk full: exit {EXIT_HALTED} after {seconds:.2f} s, {len(kept)} rows kept, each with its whole file")
     done_files(saved / "first")
     assert not list((saved / "first").glob(".batchtts-partial/*/*")), "half-written files left behind"
 
