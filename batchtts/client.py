@@ -26,11 +26,6 @@ from .redact import redact
 _MAX_ERROR_BODY = 64 * 1024
 
 
-def retry_after_seconds(headers: httpx.Headers, now: float | None = None) -> float | None:
-    """The wait a provider asked for: X-RateLimit-Reset (epoch ms) or Retry-After (seconds or HTTP date)."""
-    return rate_hint(headers, now).wait
-
-
 def rate_hint(headers: httpx.Headers, now: float | None = None) -> RateHint:
     """What the answer said of its rate limit. X-RateLimit-Reset is to the millisecond, so it beats a
     Retry-After, which is rounded up to whole seconds (a limit that refills in 20 ms says "1")."""

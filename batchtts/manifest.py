@@ -539,7 +539,8 @@ class ManifestSummary:
     characters: int
 
 
-def _hash64(value: str) -> int:
+def hash64(value: str) -> int:
+    """An 8-byte hash of a key or a file name: enough to find repeats among millions in little memory."""
     return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
@@ -575,19 +576,19 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
             result = make_row(rows, record, defaults)
             if isinstance(result, list):
                 if result[0].id is not None:
-                    ids.append(_hash64(result[0].id))
+                    ids.append(hash64(result[0].id))
                 total_problems += len(result)
                 if len(problems) < ManifestError.shown:
                     problems.extend(result)
                 continue
             if result.id is not None:
-                ids.append(_hash64(result.id))
+                ids.append(hash64(result.id))
             characters += len(result.text)
             if on_row is not None:
                 on_row(result)
             if result.id is not None or result.output is not None:
                 # Rows with neither are keyed by their content: identical ones share one file.
-                paths.append(_hash64(result.relpath.casefold()))
+                paths.append(hash64(result.relpath.casefold()))
     if not rows:
         raise ManifestError(str(path), [ManifestProblem(None, "the manifest has no rows")])
     (dup_ids, id_count), (dup_paths, path_count) = _duplicates(ids), _duplicates(paths)
@@ -613,7 +614,7 @@ def _report_duplicates(path: Path, defaults: Defaults, dup_ids: set[int], dup_pa
             number += 1
             result = make_row(number, record, defaults)
             row_id = result[0].id if isinstance(result, list) else result.id
-            if row_id is not None and _hash64(row_id) in dup_ids:
+            if row_id is not None and hash64(row_id) in dup_ids:
                 if row_id in first_id:
                     problems.append(ManifestProblem(number, f"duplicate id (first at row {first_id[row_id]})", row_id))
                 else:
@@ -621,7 +622,7 @@ def _report_duplicates(path: Path, defaults: Defaults, dup_ids: set[int], dup_pa
             if isinstance(result, list) or (result.id is None and result.output is None):
                 continue
             folded = result.relpath.casefold()
-            if _hash64(folded) in dup_paths:
+            if hash64(folded) in dup_paths:
                 if folded in first_path:
                     problems.append(ManifestProblem(
                         number, f"output file {result.relpath!r} is also written by row {first_path[folded]}", row_id

@@ -11,7 +11,6 @@ the audio was bought, or worse, overwrite the ledger with audio.
 from __future__ import annotations
 
 import array
-import hashlib
 import os
 from pathlib import Path, PurePosixPath
 
@@ -19,13 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import ManifestError, ManifestProblem
-from .manifest import Row
+from .manifest import Row, hash64
 
 _LEDGER_COMPANIONS = ("", "-wal", "-shm", "-journal")
-
-
-def _hash64(value: str) -> int:
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def owned_files(root: Path, ledger: Path, lock: Path) -> dict[str, str]:
@@ -73,11 +68,11 @@ class OutputChecks:
         if (what := self.owned.get(folded)) is not None:
             self._problem(row, f"output {relpath!r} is {what}: writing audio there would destroy it")
             return
-        self._files.append(_hash64(folded))
+        self._files.append(hash64(folded))
         parts = relpath.split("/")
         for depth in range(1, len(parts)):
             folder = "/".join(parts[:depth])
-            self._folders.setdefault(_hash64(folder.casefold()), (folder, row))
+            self._folders.setdefault(hash64(folder.casefold()), (folder, row))
         if self.root is None:
             return
         if too_long := self._too_long(relpath):

@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +23,6 @@ import pytest
 from conftest import (
     FAST_RETRY,
     KEY,
-    ROOT,
     batchtts,
     cli_env,
     error_message,

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchtts.client import HTTPSpeechClient, error_message, retry_after_seconds
+from batchtts.client import HTTPSpeechClient, error_message, rate_hint
 from batchtts.config import Provider, RetryPolicy, Timeouts, load_job
 from batchtts.errors import (
     FolderLockedError,
@@ -28,17 +28,17 @@ from batchtts.storage import OutputFolder, safe_name, unsafe_reason
 
 def test_retry_after_in_seconds_dates_and_reset_milliseconds():
     now = 1_700_000_000.0
-    assert retry_after_seconds(httpx.Headers({"Retry-After": "7"}), now) == 7
-    assert retry_after_seconds(httpx.Headers({"Retry-After": "0.25"}), now) == 0.25
+    assert rate_hint(httpx.Headers({"Retry-After": "7"}), now).wait == 7
+    assert rate_hint(httpx.Headers({"Retry-After": "0.25"}), now).wait == 0.25
     date = formatdate(now + 30, usegmt=True)
-    assert retry_after_seconds(httpx.Headers({"Retry-After": date}), now) == pytest.approx(30, abs=1)
+    assert rate_hint(httpx.Headers({"Retry-After": date}), now).wait == pytest.approx(30, abs=1)
     reset_ms = str(int((now + 2.5) * 1000))
-    assert retry_after_seconds(httpx.Headers({"X-RateLimit-Reset": reset_ms}), now) == pytest.approx(2.5)
+    assert rate_hint(httpx.Headers({"X-RateLimit-Reset": reset_ms}), now).wait == pytest.approx(2.5)
     both = httpx.Headers({"Retry-After": "1", "X-RateLimit-Reset": reset_ms})
-    assert retry_after_seconds(both, now) == pytest.approx(2.5)
-    assert retry_after_seconds(httpx.Headers({"X-RateLimit-Reset": str(int((now - 5) * 1000))}), now) == 0
-    assert retry_after_seconds(httpx.Headers({"Retry-After": "soon"}), now) is None
-    assert retry_after_seconds(httpx.Headers(), now) is None
+    assert rate_hint(both, now).wait == pytest.approx(2.5)
+    assert rate_hint(httpx.Headers({"X-RateLimit-Reset": str(int((now - 5) * 1000))}), now).wait == 0
+    assert rate_hint(httpx.Headers({"Retry-After": "soon"}), now).wait is None
+    assert rate_hint(httpx.Headers(), now).wait is None
 
 
 def test_error_message_takes_the_providers_words():

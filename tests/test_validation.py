@@ -449,7 +449,7 @@ def toml_value(value: object) -> str:
 
 @st.composite
 def job_documents(draw) -> str:
-    lines = [f'manifest = "m.csv"' if draw(st.booleans()) else f"manifest = {toml_value(draw(values))}",
+    lines = ['manifest = "m.csv"' if draw(st.booleans()) else f"manifest = {toml_value(draw(values))}",
              'out = "out"' if draw(st.booleans()) else f"out = {toml_value(draw(values))}"]
     for key in draw(st.lists(st.sampled_from(TOP_KEYS + TABLES), unique=True, max_size=5)):
         if key not in ("manifest", "out"):
