@@ -60,8 +60,9 @@ def refused(result: subprocess.CompletedProcess[str], server=None) -> str:
     return error_message(result)
 
 
-def done_files(out: Path, ledger: Path | None = None) -> None:
-    """Every file the ledger says is done is there, whole; every audio file there is in the ledger."""
+def done_files(out: Path, ledger: Path | None = None, unrecorded: int = 0) -> None:
+    """Every file the ledger says is done is there, whole; every audio file there is in the ledger,
+    but for at most `unrecorded` that landed while the ledger itself could not be written."""
     entries = ledger_rows(ledger or out / "ledger.sqlite")
     done = {e["path"] for e in entries.values() if e["status"] == "done"}
     for e in entries.values():
@@ -69,7 +70,7 @@ def done_files(out: Path, ledger: Path | None = None) -> None:
             data = (out / e["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == e["sha256"]
     audio = {p.name for p in out.iterdir() if p.suffix in (".mp3", ".wav")}
-    assert audio == done
+    assert done <= audio and len(audio - done) <= unrecorded, sorted(audio - done)
 
 
 # --- a full disk ----------------------------------------------------------------------------------
@@ -109,13 +110,15 @@ def test_a_full_disk_halts_the_run_cleanly_and_a_rerun_with_room_finishes(serve,
     assert int((tmp_path / "first.rc").read_text()) == EXIT_HALTED, first_err
     assert "Traceback" not in first_err
     halted = [json.loads(line) for line in first_err.splitlines() if '"halted"' in line]
-    assert halted and "No space left on device" in halted[0]["reason"]
+    assert halted and any(full in halted[0]["reason"] for full in ("No space left on device", "disk is full"))
     assert "what finished is recorded" in (tmp_path / "first.out").read_text()
     seconds = float((tmp_path / "first.end").read_text()) - float((tmp_path / "first.start").read_text())
     kept = [e for e in ledger_rows(saved / "first" / "ledger.sqlite").values() if e["status"] == "done"]
     assert 0 < len(kept) < 400
     print(f"disk full: exit {EXIT_HALTED} after {seconds:.2f} s, {len(kept)} rows kept, each with its whole file")
-    done_files(saved / "first")
+    # The ledger shares the full disk: when its own write is what fails, the files that landed just
+    # before are not recorded (and are bought again): at most the rows in flight, 8 here.
+    done_files(saved / "first", unrecorded=8)
     assert not list((saved / "first").glob(".batchtts-partial/*/*")), "half-written files left behind"
 
     assert int((tmp_path / "second.rc").read_text()) == 0, (tmp_path / "second.err").read_text()
