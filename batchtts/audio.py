@@ -76,13 +76,17 @@ class AudioWriter:
         kind = content_type.split(";", 1)[0].strip().lower()
         if fmt in ("pcm", "wav") and kind in ("audio/mpeg", "audio/mp3", "audio/wav", "audio/x-wav", "audio/ogg"):
             raise RejectedError(f"asked for raw pcm, the provider sent {kind}: this model may not offer pcm")
-        self.rate, self.channels = pcm_params(content_type) if fmt in ("pcm", "wav") else (None, None)
+        self.rate: int | None = None
+        self.channels: int | None = None
         self._wave: wave.Wave_write | None = None
-        if fmt == "wav":
-            self._wave = wave.open(f, "wb")
-            self._wave.setnchannels(self.channels)
-            self._wave.setsampwidth(SAMPLE_WIDTH)
-            self._wave.setframerate(self.rate)
+        if fmt in ("pcm", "wav"):
+            rate, channels = pcm_params(content_type)
+            self.rate, self.channels = rate, channels
+            if fmt == "wav":
+                self._wave = wave.open(f, "wb")
+                self._wave.setnchannels(channels)
+                self._wave.setsampwidth(SAMPLE_WIDTH)
+                self._wave.setframerate(rate)
 
     def write(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -104,7 +108,9 @@ class AudioWriter:
                 raise TransportError(f"the body is not valid mp3: {exc}") from exc
             finally:
                 self.f.seek(0, 2)
-            return AudioInfo(info.sample_rate, info.channels, round(info.length, 3))
+            # mutagen declares FileType.info as None (an MP3 that loads holds its MPEGInfo there), and
+            # MPEGInfo sets these in code mypy cannot read.
+            return AudioInfo(info.sample_rate, info.channels, round(info.length, 3))  # type: ignore[attr-defined]
         assert self.rate is not None and self.channels is not None
         frame = SAMPLE_WIDTH * self.channels
         if self.received % frame:

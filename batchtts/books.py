@@ -61,7 +61,8 @@ def split_chapters(source: str, markdown: bool, pattern: str | None = None) -> l
         is_start = [bool(_TEXT_CHAPTER.match(line)) for line in lines]
 
     chapters: list[Chapter] = []
-    title, body = "", []
+    title = ""
+    body: list[str] = []
     for line, starts_chapter in zip(lines, is_start, strict=True):
         if starts_chapter:
             _close(chapters, title, body, markdown)

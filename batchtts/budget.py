@@ -14,15 +14,13 @@ import threading
 from collections.abc import Callable, Iterable
 from enum import Enum
 
-import structlog
-
 from .config import Budget, Job
 from .errors import UsageError
+from .log import log
 from .manifest import Row
 from .models import ModelInfo, ModelList, speech_models
+from .money import usd
 from .providers import is_local
-
-log = structlog.get_logger("batchtts")
 
 
 class Prices:
@@ -178,12 +176,3 @@ class Spending:
 
 
 _EPSILON = 1e-12
-
-
-def usd(value: float, exact: bool = False) -> str:
-    """Dollars: to the cent from $1, else to a hundredth of a cent; `exact` adds the digits that tell
-    small amounts apart ($0.019995 taken on, the next row needs $0.000009)."""
-    if value >= 1:
-        return f"${value:,.2f}"
-    digits = f"{value:.6f}".rstrip("0")
-    return "$" + (digits if exact and len(digits.split(".")[1]) > 4 else f"{value:.4f}")

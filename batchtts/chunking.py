@@ -153,7 +153,8 @@ def _trim(text: str, a: int, b: int) -> tuple[int, int]:
 def _pack(text: str, pieces: list[tuple[int, int, bool]], limit: int) -> list[Chunk]:
     """Greedy packing; a chunk prefers to end where a paragraph does once it is half full."""
     chunks: list[Chunk] = []
-    start = end = None
+    start: int | None = None
+    end = 0
     paragraph_before = False
     for a, b, new_paragraph in pieces:
         if start is not None and (b - start > limit or (new_paragraph and end - start >= limit // 2)):

@@ -8,13 +8,11 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import structlog
 
 from . import __version__, sharding
-from . import log as logs
 from .config import (
     FORMATS,
     Budget,
@@ -24,18 +22,15 @@ from .config import (
     RetryPolicy,
     Timeouts,
     bounds_of,
-    is_uri,
     load_job,
     parse_duration,
-    redact_uri,
 )
 from .errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, BatchTTSError
-from .budget import usd
-from .results import default_export, open_context
-from .results import export as export_results
-from .results import status as status_report
-from .runner import RunResult
-from .runner import run as run_job
+from .money import usd
+from .redact import redact_uri
+
+if TYPE_CHECKING:
+    from .runner import RunResult
 
 
 def _fail(exc: BatchTTSError) -> None:
@@ -43,17 +38,21 @@ def _fail(exc: BatchTTSError) -> None:
     sys.exit(exc.exit_code)
 
 
-def _ranged(settings: type, name: str) -> click.ParamType:
+def _ranged(settings: type, name: str) -> click.IntRange | click.FloatRange:
     """The range the setting takes, so a flag refuses what the job file would."""
     number, bounds = bounds_of(settings, name)
-    kind = click.IntRange if number is int else click.FloatRange
-    return kind(bounds.low, bounds.high, min_open=bounds.above)
+    if number is int:
+        low, high = (None if b is None else int(b) for b in (bounds.low, bounds.high))
+        return click.IntRange(low, high, min_open=bounds.above)
+    return click.FloatRange(bounds.low, bounds.high, min_open=bounds.above)
 
 
 def _say_error(message: str, exit_code: int) -> None:
     """An expected fault: one line saying what to do, as a JSON event when the logs are JSON lines."""
+    from . import log as logs
+
     if logs.chosen() == "json":
-        structlog.get_logger("batchtts").error("error", exit_code=exit_code, message=message)
+        logs.log.error("error", exit_code=exit_code, message=message)
     else:
         click.echo(f"batchtts: {message}", err=True)
 
@@ -129,6 +128,8 @@ def run(target: Path, **flags: Any) -> None:
     ledger; 130/143 interrupted, progress kept. Run the same
     command again to resume.
     """
+    from . import log as logs
+
     logs.configure(flags.get("log_format") or "auto")
     is_job = target.suffix.lower() == ".toml"
     try:
@@ -173,7 +174,9 @@ def run(target: Path, **flags: Any) -> None:
         job = load_job(target if is_job else None, **overrides)
         if job.log_format != (flags.get("log_format") or "auto"):
             logs.configure(job.log_format)
-        result = run_job(job)
+        from .runner import run as run_job
+
+        result = run_job(job, signals=True)
     except BatchTTSError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -184,13 +187,6 @@ def run(target: Path, **flags: Any) -> None:
     else:
         _print_summary(result, job)
     sys.exit(result.exit_code)
-
-
-def _usd(value: float | None, cents: bool = False) -> str:
-    """Dollars, '?' where the price is unknown; prices per million characters to the cent."""
-    if value is None:
-        return "?"
-    return f"${value:,.2f}" if cents else usd(value)
 
 
 def _print_plan(result: RunResult, job: Job) -> None:
@@ -205,10 +201,10 @@ def _print_plan(result: RunResult, job: Job) -> None:
     for name, m in sorted(plan.models.items()):
         price = prices.of(name)
         click.echo(f"{name:<30} {m.rows:>8,} {m.done:>8,} {m.failed:>6,} {m.pending:>8,} {m.requests:>8,} "
-                   f"{m.pending_characters:>13,} {_usd(None if price is None else price * 1e6, cents=True):>10} "
-                   f"{_usd(estimates[name]):>9}")
+                   f"{m.pending_characters:>13,} {usd(None if price is None else price * 1e6, cents=True):>10} "
+                   f"{usd(estimates[name]):>9}")
     click.echo(f"{'total':<30} {total.rows:>8,} {total.done:>8,} {total.failed:>6,} {total.pending:>8,} "
-               f"{total.requests:>8,} {total.pending_characters:>13,} {'':>10} {_usd(plan.estimate(prices)):>9}")
+               f"{total.requests:>8,} {total.pending_characters:>13,} {'':>10} {usd(plan.estimate(prices)):>9}")
     unknown = None in estimates.values()
     click.echo(f"prices: {prices.source}" + (
         f"; '?' = no known price{f' ({prices.list_error})' if prices.list_error else ''}: "
@@ -217,13 +213,13 @@ def _print_plan(result: RunResult, job: Job) -> None:
     if result.stop_reason:
         _say_error(result.stop_reason, result.exit_code)
     elif spending is not None:
-        caps = [_usd(budget.max_cost) if budget.max_cost is not None else None,
+        caps = [usd(budget.max_cost) if budget.max_cost is not None else None,
                 f"{budget.max_chars:,} characters" if budget.max_chars is not None else None]
         unpriced = (f" ({spending.unpriced_characters:,} of the characters to models without a known price)"
                     if spending.unpriced_characters else "")
         click.echo(f"budget per run: {' and '.join(c for c in caps if c)}\n"
                    f"  this run takes {spending.rows:,} of the {_count(total.pending, 'row')} to do: "
-                   f"{spending.characters:,} characters sent, {_usd(spending.cost)}{unpriced}")
+                   f"{spending.characters:,} characters sent, {usd(spending.cost)}{unpriced}")
         for reason in (f"then {spending.refused}" if spending.refused else None, spending.passed_over):
             if reason:
                 click.echo(f"  {reason}")
@@ -250,7 +246,7 @@ def _spent(result: RunResult) -> str:
     c, unpriced = result.counters, result.counters.unpriced_characters
     if unpriced and not c.cost_usd:
         return f"estimated cost unknown ({unpriced:,} characters to models without a known price)"
-    return f"estimated cost {_usd(c.cost_usd)} ({result.prices.source})" + (
+    return f"estimated cost {usd(c.cost_usd)} ({result.prices.source})" + (
         f", plus {unpriced:,} characters to models without a known price" if unpriced else "")
 
 
@@ -285,13 +281,10 @@ def _print_summary(result: RunResult, job: Job) -> None:
 def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
     """Show what output folders or ledger files hold: done, failed, pending. Several ledgers (the
     shards of a job, or a folder of them) are merged."""
+    from .results import status as status_report
+
     try:
-        job = load_job(job_file) if job_file else None
-        ctx = open_context(list(targets), manifest, job)
-        try:
-            report = status_report(ctx)
-        finally:
-            ctx.ledger.close()
+        report = status_report(targets, manifest, load_job(job_file) if job_file else None)
     except BatchTTSError as exc:
         _fail(exc)
     if as_json:
@@ -324,14 +317,10 @@ def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | Non
 def export(targets: tuple[str, ...], to: str | None, manifest: Path | None, job_file: Path | None) -> None:
     """Write one row per manifest row with its audio file, status and carried columns. Several
     ledgers (the shards of a job, or a folder of them) are merged."""
+    from .results import export as export_results
+
     try:
-        job = load_job(job_file) if job_file else None
-        ctx = open_context(list(targets), manifest, job)
-        destination: Path | str = default_export(ctx.out) if to is None else to if is_uri(to) else Path(to)
-        try:
-            rows = export_results(ctx, destination)
-        finally:
-            ctx.ledger.close()
+        destination, rows = export_results(targets, to, manifest, load_job(job_file) if job_file else None)
     except BatchTTSError as exc:
         _fail(exc)
     click.echo(f"wrote {rows} rows to {_where(destination)}")
@@ -388,7 +377,7 @@ def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: 
     click.echo(f"  {'model':<36} {'$/1M chars':>10} {'input limit':>12}  name")
     for m in listing.models:
         limit = f"{m.max_input_chars:,}" if m.max_input_chars else "?"
-        click.echo(f"  {m.id:<36} {_usd(m.usd_per_million, cents=True):>10} {limit:>12}  {m.name}")
+        click.echo(f"  {m.id:<36} {usd(m.usd_per_million, cents=True):>10} {limit:>12}  {m.name}")
 
 
 @main.command()

@@ -20,13 +20,17 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from . import sharding
 from .errors import MissingKeyError, UsageError
+from .redact import redact_uri
 from .sharding import Shard
 from .suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 OutputFormat = Literal["mp3", "pcm", "wav"]
 FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
@@ -218,9 +222,11 @@ class Job:
     @property
     def named_ledger(self) -> Path:
         """The ledger the job names (default OUT/ledger.sqlite); shards keep theirs beside it."""
-        if isinstance(self.out, str) and self.ledger is None:
+        if self.ledger is not None:
+            return self.ledger
+        if isinstance(self.out, str):
             raise UsageError(f"output to {redact_uri(self.out)} needs a local ledger: pass --ledger PATH")
-        return self.ledger if self.ledger is not None else self.out / "ledger.sqlite"
+        return self.out / "ledger.sqlite"
 
     @property
     def ledger_path(self) -> Path:
@@ -239,7 +245,7 @@ class Job:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
 
-_SECTIONS: dict[str, type] = {
+_SECTIONS: dict[str, type[DataclassInstance]] = {
     "defaults": Defaults,
     "provider": Provider,
     "timeouts": Timeouts,
@@ -262,11 +268,11 @@ _NOUNS: dict[Any, tuple[str, str]] = {  # a value of this type, in a message: on
 }
 
 
-def check_settings(settings: object, section: str | None = None) -> None:
+def check_settings(settings: DataclassInstance, section: str | None = None) -> None:
     """Check each field of a Job or of one of its sections against its type annotation, its range and
     its rule; raise UsageError naming the first one that fails."""
     hints = _hints(type(settings))
-    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+    for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
         if section is None and f.name in _SECTIONS:
             if not isinstance(value, _SECTIONS[f.name]):
@@ -409,23 +415,6 @@ def parse_duration(value: str | float) -> float:
 
 def is_uri(value: object) -> bool:
     return isinstance(value, str) and "://" in value
-
-
-_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-
-
-def redact_uri(uri: str) -> str:
-    """An object-store URI fit for logs and the ledger: credentials in it (`s3://KEY:SECRET@bucket`,
-    `access_key`, `secret_key`, `session_token`, ... options) are dropped; a user name alone
-    (`gs://anonymous@bucket`) and the other options (region, endpoint) are kept."""
-    base, _, query = uri.partition("?")
-    scheme, sep, rest = base.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if at and ":" in userinfo:
-        base = f"{scheme}{sep}{host}{slash}{path}"
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
-    return f"{base}?{urlencode(kept)}" if kept else base
 
 
 def load_job(path: Path | None, **overrides: Any) -> Job:

@@ -70,7 +70,7 @@ class EspeakEngine:
         self.variants = self._list_variants()
         self._variants = {v.lower(): v for v in self.variants}
 
-    def _collect(self, wav: ctypes.POINTER(ctypes.c_short), count: int, events: int) -> int:
+    def _collect(self, wav: ctypes._Pointer[ctypes.c_short], count: int, events: int) -> int:
         if wav and count > 0:
             self._chunks.append(ctypes.string_at(wav, count * 2))
         return 0
@@ -182,9 +182,11 @@ class EspeakEngine:
 
 def _languages(packed: int | None) -> Iterator[tuple[int, str]]:
     """espeak_VOICE.languages: a priority byte, then a language code ending in NUL, until a zero byte."""
+    if not packed:
+        return
     data = ctypes.cast(packed, ctypes.POINTER(ctypes.c_ubyte))
     i = 0
-    while packed and data[i]:
+    while data[i]:
         priority, start = data[i], i + 1
         i = start
         while data[i]:

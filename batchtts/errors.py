@@ -171,7 +171,10 @@ class RunStop:
     """A fault that no row can get past until the user acts, or time passes: the run stops taking
     rows, keeps what it has, and exits 3 with `advice`."""
 
-    advice: str
+    @property
+    def advice(self) -> str:
+        """What the user should do; each kind of stop says."""
+        raise NotImplementedError
 
 
 class ProviderStopError(HTTPStatusError, RunStop):

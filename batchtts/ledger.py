@@ -19,89 +19,93 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from .errors import LedgerError, UsageError
+from .config import Defaults
+from .errors import LedgerError, SpeechError, UsageError
+from .manifest import Row
 from .sharding import Shard, ledger_for, named_ledger, shard_of
 
-# Each entry upgrades the schema by one version; PRAGMA user_version records how far a file is.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE rows (
-        key           TEXT PRIMARY KEY,
-        row_number    INTEGER,
-        fingerprint   TEXT NOT NULL,
-        status        TEXT NOT NULL CHECK (status IN ('done', 'failed')),
-        retryable     INTEGER NOT NULL DEFAULT 0,
-        path          TEXT,
-        bytes         INTEGER,
-        sha256        TEXT,
-        sample_rate   INTEGER,
-        channels      INTEGER,
-        duration_s    REAL,
-        model         TEXT,
-        voice         TEXT,
-        format        TEXT,
-        characters    INTEGER,
-        attempts      INTEGER NOT NULL DEFAULT 0,
-        http_status   INTEGER,
-        error         TEXT,
-        generation_id TEXT,
-        latency_s     REAL,
-        created_at    TEXT NOT NULL,
-        updated_at    TEXT NOT NULL
-    );
-    CREATE INDEX rows_status ON rows (status);
-    CREATE TABLE runs (
-        id          INTEGER PRIMARY KEY,
-        started_at  TEXT NOT NULL,
-        finished_at TEXT,
-        manifest    TEXT,
-        config      TEXT,
-        exit_code   INTEGER,
-        summary     TEXT
-    );
-    """,
-    """
-    ALTER TABLE rows ADD COLUMN chunks INTEGER;
-    CREATE TABLE chunks (
-        fingerprint   TEXT PRIMARY KEY,
-        row_key       TEXT NOT NULL,
-        chunk_index   INTEGER NOT NULL,
-        status        TEXT NOT NULL CHECK (status IN ('done', 'failed')),
-        retryable     INTEGER NOT NULL DEFAULT 0,
-        path          TEXT,
-        bytes         INTEGER,
-        sha256        TEXT,
-        sample_rate   INTEGER,
-        channels      INTEGER,
-        duration_s    REAL,
-        characters    INTEGER,
-        attempts      INTEGER NOT NULL DEFAULT 0,
-        http_status   INTEGER,
-        error         TEXT,
-        generation_id TEXT,
-        latency_s     REAL,
-        created_at    TEXT NOT NULL,
-        updated_at    TEXT NOT NULL
-    );
-    CREATE INDEX chunks_row ON chunks (row_key);
-    """,
-)
 
-COLUMNS = (
-    "key", "row_number", "fingerprint", "status", "retryable", "path", "bytes", "sha256", "sample_rate",
-    "channels", "duration_s", "model", "voice", "format", "characters", "attempts", "http_status", "error",
-    "generation_id", "latency_s", "chunks", "created_at", "updated_at",
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql: str  # type and constraints
+    since: int = 1  # the schema version that added it
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table as code: the DDL of every schema version, the upserts and the readers come from it."""
+
+    name: str
+    key: str
+    columns: tuple[Column, ...]
+    since: int = 1
+    index: tuple[str, str] | None = None  # an index's name and column
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def upgrade(self, version: int) -> str:
+        """The SQL that takes this table from schema `version - 1` to `version`."""
+        if version < self.since:
+            return ""
+        if version == self.since:
+            body = ",\n    ".join(f"{c.name} {c.sql}" for c in self.columns if c.since <= version)
+            index = f"CREATE INDEX {self.index[0]} ON {self.name} ({self.index[1]});" if self.index else ""
+            return f"CREATE TABLE {self.name} (\n    {body}\n);\n{index}\n"
+        return "".join(f"ALTER TABLE {self.name} ADD COLUMN {c.name} {c.sql};\n"
+                       for c in self.columns if c.since == version)
+
+
+_STATUS = "TEXT NOT NULL CHECK (status IN ('done', 'failed'))"
+_AUDIO = (  # what a file holds, for a row and for a chunk alike
+    Column("path", "TEXT"), Column("bytes", "INTEGER"), Column("sha256", "TEXT"), Column("sample_rate", "INTEGER"),
+    Column("channels", "INTEGER"), Column("duration_s", "REAL"),
 )
-CHUNK_COLUMNS = (
-    "fingerprint", "row_key", "chunk_index", "status", "retryable", "path", "bytes", "sha256", "sample_rate",
-    "channels", "duration_s", "characters", "attempts", "http_status", "error", "generation_id", "latency_s",
-    "created_at", "updated_at",
+_REQUEST = (  # how it was asked for
+    Column("attempts", "INTEGER NOT NULL DEFAULT 0"), Column("http_status", "INTEGER"), Column("error", "TEXT"),
+    Column("generation_id", "TEXT"), Column("latency_s", "REAL"),
 )
+_STAMPS = (Column("created_at", "TEXT NOT NULL"), Column("updated_at", "TEXT NOT NULL"))
+
+ROWS = Table("rows", "key", (
+    Column("key", "TEXT PRIMARY KEY"), Column("row_number", "INTEGER"), Column("fingerprint", "TEXT NOT NULL"),
+    Column("status", _STATUS), Column("retryable", "INTEGER NOT NULL DEFAULT 0"), *_AUDIO,
+    Column("model", "TEXT"), Column("voice", "TEXT"), Column("format", "TEXT"), Column("characters", "INTEGER"),
+    *_REQUEST, *_STAMPS, Column("chunks", "INTEGER", since=2),
+), index=("rows_status", "status"))
+CHUNKS = Table("chunks", "fingerprint", (
+    Column("fingerprint", "TEXT PRIMARY KEY"), Column("row_key", "TEXT NOT NULL"),
+    Column("chunk_index", "INTEGER NOT NULL"), Column("status", _STATUS),
+    Column("retryable", "INTEGER NOT NULL DEFAULT 0"), *_AUDIO, Column("characters", "INTEGER"), *_REQUEST, *_STAMPS,
+), since=2, index=("chunks_row", "row_key"))
+RUNS = Table("runs", "id", (
+    Column("id", "INTEGER PRIMARY KEY"), Column("started_at", "TEXT NOT NULL"), Column("finished_at", "TEXT"),
+    Column("manifest", "TEXT"), Column("config", "TEXT"), Column("exit_code", "INTEGER"), Column("summary", "TEXT"),
+    # The settings later commands read back (status, export, the next run's checks); `config` keeps
+    # the whole configuration as it was, for people.
+    Column("out", "TEXT", since=3), Column("model", "TEXT", since=3), Column("voice", "TEXT", since=3),
+    Column("format", "TEXT", since=3), Column("speed", "REAL", since=3), Column("shard", "TEXT", since=3),
+))
+TABLES = (ROWS, RUNS, CHUNKS)
+VERSION = 3  # PRAGMA user_version records how far a file is
+_BACKFILL = {  # data each upgrade carries over, after its DDL
+    3: "UPDATE runs SET out = json_extract(config, '$.out'), model = json_extract(config, '$.defaults.model'), "
+       "voice = json_extract(config, '$.defaults.voice'), format = json_extract(config, '$.defaults.format'), "
+       "speed = json_extract(config, '$.defaults.speed'), shard = json_extract(config, '$.shard');",
+}
+
+
+def upgrade(version: int) -> str:
+    """The SQL that takes a ledger from schema `version - 1` to `version`: new ledgers are made by the
+    same steps, so an upgraded ledger and a new one have the same tables."""
+    return "".join(table.upgrade(version) for table in TABLES) + _BACKFILL.get(version, "")
 
 
 def now() -> str:
@@ -110,11 +114,39 @@ def now() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """What the resume rule needs of a row's record."""
+
     fingerprint: str
     status: str
     retryable: bool
     path: str | None
     bytes: int | None
+
+
+_ENTRY = ", ".join(f.name for f in fields(Entry))
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An audio file as it landed: what the ledger keeps of it."""
+
+    path: str  # relative to the output folder
+    bytes: int
+    sha256: str
+    sample_rate: int | None
+    channels: int | None
+    duration_s: float | None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run was of: read back by status and export, and checked by the next run."""
+
+    manifest: str | None
+    out: str | None  # a local folder, or a store URI without its secrets
+    defaults: Defaults
+    shard: str | None = None
+    started_at: str | None = None
 
 
 P = ParamSpec("P")
@@ -187,41 +219,70 @@ class Ledger:
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
+        if version > VERSION:
             raise LedgerError(f"ledger {self.path} was written by a newer batchtts (schema {version})")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        for number in range(version + 1, VERSION + 1):
+            self.db.executescript(f"BEGIN; {upgrade(number)} PRAGMA user_version={number}; COMMIT;")
 
     @_guarded
     def lookup(self, key: str) -> Entry | None:
-        found = self.db.execute(
-            "SELECT fingerprint, status, retryable, path, bytes FROM rows WHERE key = ?", (key,)
-        ).fetchone()
+        found = self.db.execute(f"SELECT {_ENTRY} FROM rows WHERE key = ?", (key,)).fetchone()
         return Entry(found[0], found[1], bool(found[2]), found[3], found[4]) if found else None
 
-    @_guarded
-    def record(self, **values: Any) -> None:
-        """Insert or replace one key's row; attempts add up while the fingerprint stays the same."""
-        self._upsert("rows", "key", COLUMNS, values)
+    def record_done(self, row: Row, audio: Stored, attempts: int, latency_s: float | None,
+                    generation_id: str | None, chunks: int | None = None) -> None:
+        """The row's file is in place: the record that lets every later run skip it."""
+        self._record_row(row, "done", audio, attempts=attempts, http_status=200, latency_s=latency_s,
+                         generation_id=generation_id, chunks=chunks)
+
+    def record_failed(self, row: Row, error: SpeechError, attempts: int, retryable: bool,
+                      chunks: int | None = None, where: str = "") -> None:
+        """Why the row has no file; `retryable` rows are tried again by the next run."""
+        self._record_row(row, "failed", None, retryable=int(retryable), attempts=attempts, http_status=error.status,
+                         error=where + error.message, chunks=chunks)
+
+    def record_chunk_done(self, row: Row, index: int, text: str, audio: Stored, attempts: int,
+                          latency_s: float | None, generation_id: str | None) -> None:
+        self._record_chunk(row, index, text, "done", audio, attempts=attempts, http_status=200, latency_s=latency_s,
+                           generation_id=generation_id)
+
+    def record_chunk_failed(self, row: Row, index: int, text: str, error: SpeechError, attempts: int,
+                            retryable: bool) -> None:
+        self._record_chunk(row, index, text, "failed", None, retryable=int(retryable), attempts=attempts,
+                           http_status=error.status, error=error.message)
+
+    def _record_row(self, row: Row, status: str, audio: Stored | None, **values: Any) -> None:
+        self._upsert(ROWS, {
+            "key": row.key, "row_number": row.number, "fingerprint": row.fingerprint, "status": status,
+            "model": row.model, "voice": row.voice, "format": row.format, "characters": len(row.text),
+            **_audio(audio), **values,
+        })
+
+    def _record_chunk(self, row: Row, index: int, text: str, status: str, audio: Stored | None,
+                      **values: Any) -> None:
+        self._upsert(CHUNKS, {
+            "fingerprint": row.chunk_fingerprint(text), "row_key": row.key, "chunk_index": index, "status": status,
+            "characters": len(text), **_audio(audio), **values,
+        })
 
     @_guarded
-    def record_chunk(self, **values: Any) -> None:
-        self._upsert("chunks", "fingerprint", CHUNK_COLUMNS, values)
-
-    def _upsert(self, table: str, key: str, columns: tuple[str, ...], values: dict[str, Any]) -> None:
+    def _upsert(self, table: Table, values: dict[str, Any]) -> None:
+        """Insert or replace one record; attempts add up while the fingerprint stays the same, and
+        columns not given are reset to their defaults."""
         if not self._in_transaction:
             self.db.execute("BEGIN")
             self._in_transaction = True
             if self.on_write is not None:
                 self.on_write()
         stamp = now()
-        values = {**values, "created_at": stamp, "updated_at": stamp}
-        names = [c for c in columns if c in values]
-        updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in (key, "created_at", "attempts"))
+        values = {**dict.fromkeys(table.names), "retryable": 0, "attempts": 0, **values,
+                  "created_at": stamp, "updated_at": stamp}
+        names = table.names
+        updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in (table.key, "created_at", "attempts"))
         self.db.execute(
-            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT({key}) DO UPDATE SET {updates}, attempts = CASE "
-            f"WHEN {table}.fingerprint = excluded.fingerprint THEN {table}.attempts + excluded.attempts "
+            f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT({table.key}) DO UPDATE SET {updates}, attempts = CASE "
+            f"WHEN {table.name}.fingerprint = excluded.fingerprint THEN {table.name}.attempts + excluded.attempts "
             f"ELSE excluded.attempts END",
             [values[c] for c in names],
         )
@@ -234,19 +295,29 @@ class Ledger:
 
     @_guarded
     def chunk(self, fingerprint: str) -> dict[str, Any] | None:
-        found = self.db.execute(
-            f"SELECT {', '.join(CHUNK_COLUMNS)} FROM chunks WHERE fingerprint = ?", (fingerprint,)
-        ).fetchone()
-        return dict(zip(CHUNK_COLUMNS, found, strict=True)) if found else None
+        return self._get(CHUNKS, fingerprint)
 
     @_guarded
-    def start_run(self, manifest: Path, config: dict[str, Any]) -> int:
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._get(ROWS, key)
+
+    def _get(self, table: Table, key: str) -> dict[str, Any] | None:
+        found = self.db.execute(f"SELECT {', '.join(table.names)} FROM {table.name} WHERE {table.key} = ?",
+                                (key,)).fetchone()
+        return dict(zip(table.names, found, strict=True)) if found else None
+
+    @_guarded
+    def start_run(self, settings: RunSettings, config: dict[str, Any]) -> int:
         self.commit()
+        defaults = settings.defaults
         cur = self.db.execute(
-            "INSERT INTO runs (started_at, manifest, config) VALUES (?, ?, ?)",
-            (now(), str(manifest), json.dumps(config, default=str)),
+            "INSERT INTO runs (started_at, manifest, config, out, model, voice, format, speed, shard) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now(), settings.manifest, json.dumps(config, default=str), settings.out, defaults.model, defaults.voice,
+             defaults.format, defaults.speed, settings.shard),
         )
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
     @_guarded
     def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
@@ -257,9 +328,13 @@ class Ledger:
         )
 
     @_guarded
-    def last_run(self) -> dict[str, Any] | None:
-        found = self.db.execute("SELECT manifest, config, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        return {"manifest": found[0], "config": json.loads(found[1] or "{}"), "started_at": found[2]} if found else None
+    def last_run(self) -> RunSettings | None:
+        found = self.db.execute("SELECT manifest, out, model, voice, format, speed, shard, started_at FROM runs "
+                                "ORDER BY id DESC LIMIT 1").fetchone()
+        if found is None:
+            return None
+        manifest, out, model, voice, fmt, speed, shard, started_at = found
+        return RunSettings(manifest, out, Defaults(model, voice, fmt or Defaults.format, speed), shard, started_at)
 
     @_guarded
     def totals(self) -> dict[str, dict[str, float]]:
@@ -279,11 +354,6 @@ class Ledger:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur]
 
-    @_guarded
-    def get(self, key: str) -> dict[str, Any] | None:
-        found = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM rows WHERE key = ?", (key,)).fetchone()
-        return dict(zip(COLUMNS, found, strict=True)) if found else None
-
     def close(self) -> None:
         """Commit what is pending and close; the connection is closed even when the commit fails."""
         try:
@@ -295,6 +365,10 @@ class Ledger:
         """Delete the closed ledger's files."""
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+def _audio(audio: Stored | None) -> dict[str, Any]:
+    return asdict(audio) if audio is not None else {}
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -321,8 +395,8 @@ def _create(path: Path) -> None:
     db = sqlite3.connect(new, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
-        for number, script in enumerate(MIGRATIONS, start=1):
-            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        for number in range(1, VERSION + 1):
+            db.executescript(f"BEGIN; {upgrade(number)} PRAGMA user_version={number}; COMMIT;")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
@@ -483,10 +557,10 @@ class LedgerSet:
     def chunk(self, fingerprint: str) -> dict[str, Any] | None:
         return next((c for ledger in self.ledgers if (c := ledger.chunk(fingerprint)) is not None), None)
 
-    def last_run(self) -> dict[str, Any] | None:
+    def last_run(self) -> RunSettings | None:
         """The newest run any of the ledgers recorded: it names the manifest and defaults."""
         runs = [r for ledger in self.ledgers if (r := ledger.last_run()) is not None]
-        return max(runs, key=lambda r: r["started_at"] or "", default=None)
+        return max(runs, key=lambda r: r.started_at or "", default=None)
 
     def totals(self) -> dict[str, dict[str, float]]:
         merged: dict[str, dict[str, float]] = {}

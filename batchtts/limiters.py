@@ -39,7 +39,7 @@ class Limiter(ABC):
     def admit(self, now: float) -> Refusal | None:
         """None lets the request through, and counts it."""
 
-    def release(self, ok: bool) -> None:
+    def release(self, ok: bool) -> None:  # noqa: B027 - a hook, a no-op by default
         """A request this limiter admitted has ended, successfully when `ok`."""
 
     @abstractmethod

@@ -107,8 +107,8 @@ class _LocalAudio:
     def __init__(self, body: bytes, content_type: str) -> None:
         self.body = body
         self.content_type = content_type
-        self.content_length = len(body)
-        self.generation_id = None
+        self.content_length: int | None = len(body)
+        self.generation_id: str | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         yield self.body

@@ -1,13 +1,17 @@
-"""Log rendering: readable lines on a terminal, JSON lines for cron and log collectors."""
+"""The package's log: readable lines on a terminal, JSON lines for cron and log collectors.
+
+The library logs through `log`. The CLI configures structlog (`configure`); an application that
+configured structlog itself gets the events its way; one that did not gets them through the
+standard library's "batchtts" logger, which shows nothing until the application's logging does.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
-from tqdm import tqdm
 
 
 class _BarSafeStream:
@@ -17,6 +21,8 @@ class _BarSafeStream:
         self.stream = stream
 
     def write(self, text: str) -> None:
+        from tqdm import tqdm  # loaded with the bar it writes above
+
         if text.strip():  # print() sends the newline as a write of its own
             tqdm.write(text.rstrip("\n"), file=self.stream)
 
@@ -37,6 +43,24 @@ def _for_people(hidden_events: frozenset[str]) -> structlog.types.Processor:
     return processor
 
 
+logging.getLogger("batchtts").addHandler(logging.NullHandler())
+_UNCONFIGURED = structlog.wrap_logger(
+    logging.getLogger("batchtts"),
+    processors=[structlog.stdlib.filter_by_level, structlog.processors.KeyValueRenderer(key_order=["event"])],
+    wrapper_class=structlog.stdlib.BoundLogger,
+)
+
+
+class _Log:
+    """Decides at each event, so configuring structlog after import still takes effect."""
+
+    def __getattr__(self, name: str) -> Any:
+        if structlog.is_configured():
+            return getattr(structlog.get_logger("batchtts"), name)
+        return getattr(_UNCONFIGURED, name)
+
+
+log = _Log()
 _chosen = "console"
 
 

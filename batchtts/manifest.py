@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import codecs
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -26,9 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import storage
+from . import names
 from .config import FORMATS, SPEEDS, Defaults
 from .errors import ManifestError, ManifestProblem
+from .names import hash64
 
 BATCH_ROWS = 4096
 KNOWN_COLUMNS = ("id", "text", "voice", "model", "response_format", "speed", "provider_options", "output")
@@ -43,9 +45,10 @@ _WIDE_BOMS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Row:
-    """One manifest row with the job's defaults applied: everything needed to narrate it."""
+    """One manifest row with the job's defaults applied: everything needed to narrate it. Its
+    fingerprint, key and file name are worked out once, when first asked for."""
 
     number: int
     id: str | None
@@ -62,7 +65,7 @@ class Row:
         shape = [self.model, self.voice, text, fmt, self.speed, self.provider_options]
         return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Hash of everything that shapes the audio: a change here means the file must be redone."""
         return self._hash(self.text, self.format)
@@ -71,16 +74,16 @@ class Row:
         """The same for one piece of a long row, as it is requested (wav rows ask for pcm)."""
         return self._hash(text, "pcm" if self.format == "wav" else self.format)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The ledger key: the id when given, else a content key that stays put while the row does."""
         return self.id if self.id is not None else "k-" + self.fingerprint[:24]
 
-    @property
+    @functools.cached_property
     def relpath(self) -> str:
         if self.output is not None:
             return self.output if Path(self.output).suffix else f"{self.output}.{self.format}"
-        return f"{storage.safe_name(self.key)}.{self.format}"
+        return f"{names.safe_name(self.key)}.{self.format}"
 
 
 def detect_format(path: Path) -> str:
@@ -127,7 +130,10 @@ def _refuse(path: Path, message: str) -> ManifestError:
     return ManifestError(str(path), [ManifestProblem(None, message)])
 
 
-def _open_bytes(path: Path, tail: bytes = b"") -> io.BufferedIOBase:
+_ByteStream = gzip.GzipFile | io.BufferedReader
+
+
+def _open_bytes(path: Path, tail: bytes = b"") -> _ByteStream:
     """The bytes of a text manifest, unzipped, past a UTF-8 BOM (Excel writes one), then `tail`.
 
     A text manifest must be UTF-8: one in UTF-16 or UTF-32 is refused at its first bytes, not read
@@ -232,7 +238,8 @@ def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, st
     )
     records: list[dict[str, Any]] = []
     with _open_bytes(path, tail) as f:
-        reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert,
+        # pyarrow reads any binary file object; its stubs name only IO, which GzipFile is not declared as.
+        reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert,  # type: ignore[arg-type]
                                 read_options=pacsv.ReadOptions(block_size=block))
         if reader.schema.names != names:
             raise _refuse(path, f"the header reads as {reader.schema.names} or as {names}: quote it plainly")
@@ -251,7 +258,7 @@ def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, st
         yield records
 
 
-def _csv_records(stream: io.BufferedIOBase, delimiter: str, strict: bool = False) -> Iterator[list[str]]:
+def _csv_records(stream: _ByteStream, delimiter: str, strict: bool = False) -> Iterator[list[str]]:
     """Python's own reading of the bytes pyarrow reads, which counts rows where pyarrow cannot; bytes
     that are not UTF-8 stay in as surrogates (U+DC80-U+DCFF) to be found, not to stop the reading."""
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
@@ -375,7 +382,7 @@ def _lone_surrogate(value: Any) -> str | None:
             if not _encodes(key):
                 return "a key"
             if not _encodes(item):
-                return key
+                return str(key)
     return "the value"
 
 
@@ -423,7 +430,7 @@ def _batch_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 
 def _record(batch: pa.RecordBatch, index: int) -> dict[str, Any]:
     record: dict[str, Any] = {}
-    for name, column in zip(batch.schema.names, batch.columns):
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
         try:
             record[name] = column[index].as_py()
         except UnicodeDecodeError:
@@ -474,7 +481,7 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
     row_id = None
     try:
         row_id = _text(record, "id", problems)
-        if row_id is not None and (reason := storage.unsafe_reason(row_id)):
+        if row_id is not None and (reason := names.unsafe_reason(row_id)):
             problems.append(f"id {reason}")
         text = record.get("text")
         if not isinstance(text, str):
@@ -512,10 +519,10 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
             problems.append("provider_options must be a JSON object")
         output = _text(record, "output", problems)
         if output is not None:
-            if reason := storage.unsafe_reason(output, allow_folders=True):
+            if reason := names.unsafe_reason(output, allow_folders=True):
                 problems.append(f"output {reason}")
             else:
-                output = storage.normalise_relpath(output)
+                output = names.normalise_relpath(output)
         tags = {name: value for name in TAG_COLUMNS
                 if name in record and (value := _text(record, name, problems)) is not None}
     except Exception as exc:  # a value no check above foresaw: still this row's problem
@@ -525,12 +532,15 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
     return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags)  # type: ignore[arg-type]
 
 
-def iter_rows(path: Path, defaults: Defaults) -> Iterator[Row | list[ManifestProblem]]:
+def iter_rows(path: Path, defaults: Defaults,
+              only: Callable[[int], bool] | None = None) -> Iterator[Row | list[ManifestProblem]]:
+    """Every row in order; with `only`, just the rows whose numbers it accepts (others are not built)."""
     number = 0
     for batch in read_records(path):
         for record in batch:
             number += 1
-            yield make_row(number, record, defaults)
+            if only is None or only(number):
+                yield make_row(number, record, defaults)
 
 
 @dataclass
@@ -539,12 +549,7 @@ class ManifestSummary:
     characters: int
 
 
-def hash64(value: str) -> int:
-    """An 8-byte hash of a key or a file name: enough to find repeats among millions in little memory."""
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
-def _duplicates(hashes: array.array, keep: int = 10_000) -> tuple[set[int], int]:
+def _duplicates(hashes: array.array[int], keep: int = 10_000) -> tuple[set[int], int]:
     """How many rows repeat an earlier hash, and (some of) the repeated hashes, to name them."""
     if not hashes:
         return set(), 0
@@ -552,7 +557,7 @@ def _duplicates(hashes: array.array, keep: int = 10_000) -> tuple[set[int], int]
     values = pa.Array.from_buffers(pa.uint64(), len(hashes), [None, pa.py_buffer(hashes)])
     ordered = values.take(pc.array_sort_indices(values))
     repeated = pc.filter(ordered.slice(1), pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))
-    return set(repeated.slice(0, keep).to_pylist()), len(repeated)
+    return {h for h in repeated.slice(0, keep).to_pylist() if h is not None}, len(repeated)
 
 
 def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None) -> ManifestSummary:

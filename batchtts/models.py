@@ -21,14 +21,13 @@ from typing import Any
 
 import httpx
 import platformdirs
-import structlog
 
 from .config import Job, Provider, Timeouts, check_settings
 from .errors import UsageError
+from .log import log
 from .providers import is_local
 from .suggest import did_you_mean
 
-log = structlog.get_logger("batchtts")
 CACHE_SECONDS = 24 * 3600
 UNREACHABLE_SECONDS = 60  # a provider that could not be asked is not asked again in the same minute
 _unreachable: dict[str, tuple[float, UsageError]] = {}
@@ -65,7 +64,9 @@ def parse(body: Any) -> tuple[ModelInfo, ...]:
     for item in body["data"]:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             continue
-        pricing = item.get("pricing") if isinstance(item.get("pricing"), dict) else {}
+        pricing = item.get("pricing")
+        if not isinstance(pricing, dict):
+            pricing = {}
         limit = item.get("context_length")
         models.append(ModelInfo(
             id=item["id"],

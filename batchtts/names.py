@@ -1,7 +1,8 @@
-"""Which files the rows of a manifest may write, checked before the first request.
+"""File names: which files the rows of a manifest may write, checked before the first request.
 
-A row's file name is checked as text when the manifest is read (`storage.unsafe_reason`); here the
-whole set of names is checked against each other and against the real file system: a name too
+A row's id or `output` is checked as text when the manifest is read (`unsafe_reason`), and a key
+that cannot name a file as it is gets a safe name (`safe_name`). `OutputChecks` then checks the
+whole set of names against each other and against the real file system: a name too
 long for it, a file of one row that is a folder of another, a folder that leads out of the output
 folder through a symbolic link, a folder standing where a file must go, or one of the files
 batchtts itself keeps there (the ledger, its -wal and -shm, the lock). Each would fail only after
@@ -11,14 +12,71 @@ the audio was bought, or worse, overwrite the ledger with audio.
 from __future__ import annotations
 
 import array
+import hashlib
 import os
+import re
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import ManifestError, ManifestProblem
-from .manifest import Row, hash64
+
+if TYPE_CHECKING:
+    from .manifest import Row
+
+PARTIAL_DIR = ".batchtts-partial"
+CHUNK_DIR = ".batchtts-chunks"
+_RESERVED = re.compile(r"^(\.batchtts|ledger(-shard-\d+-of-\d+)?\.sqlite)", re.IGNORECASE)
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_MAX_NAME = 120
+
+
+def unsafe_reason(value: str, allow_folders: bool = False) -> str | None:
+    """Why `value` may not name a file under the output folder, or None if it may."""
+    if "\x00" in value:
+        return "contains a NUL character"
+    if value.startswith(("/", "\\")):
+        return f"{value!r} is an absolute path"
+    if _DRIVE.match(value):
+        return f"{value!r} starts with a drive letter"
+    parts = re.split(r"[\\/]", value)
+    if ".." in parts:
+        return f"{value!r} climbs out of the output folder with '..'"
+    if allow_folders:
+        if "\\" in value:
+            return f"{value!r} contains a backslash: separate folders with '/'"
+        if PurePosixPath(value).parts[:1] and _RESERVED.match(PurePosixPath(value).parts[0]):
+            return f"{value!r} is a name batchtts uses itself"
+    return None
+
+
+def normalise_relpath(value: str) -> str:
+    return str(PurePosixPath(value))
+
+
+def safe_name(key: str) -> str:
+    """A file name for a key; keys that had to be changed get a hash so two keys never share a name."""
+    name = _UNSAFE_CHARS.sub("_", key)
+    if name == key and not name.startswith(".") and len(name) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{name.lstrip('.')[:_MAX_NAME]}-{digest}"
+
+
+def chunk_path(fingerprint: str, fmt: str) -> str:
+    """Chunks of long rows are kept by content, so an edited chapter asks again only for the pieces
+    that changed."""
+    return f"{CHUNK_DIR}/{fingerprint[:2]}/{fingerprint}.{fmt}"
+
+
+def hash64(value: str) -> int:
+    """An 8-byte hash of a key or a file name: enough to find repeats among millions in little memory."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
 
 _LEDGER_COMPANIONS = ("", "-wal", "-shm", "-journal")
 
@@ -121,6 +179,8 @@ class OutputChecks:
             files = pa.Array.from_buffers(pa.uint64(), len(self._files), [None, pa.py_buffer(self._files)])
             clashes = pc.filter(folders, pc.is_in(folders, value_set=files))
             for key in clashes.to_pylist():
+                if key is None:  # the folders hold no nulls
+                    continue
                 folder, row = self._folders[key]
                 self._problem(row, f"writes into folder {folder!r}, which another row writes as a file")
         if self.total:

@@ -18,16 +18,15 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-import structlog
 from tenacity import RetryCallState
 
 from .audio import AudioInfo, AudioWriter, wire_format
 from .budget import Prices
-from .chunking import Chunk
 from .config import RetryPolicy, Stitching
 from .errors import (
     HaltError,
@@ -43,18 +42,20 @@ from .errors import (
     UnexpectedError,
     UnreachableError,
 )
-from .ledger import Ledger
+from .ledger import Ledger, Stored
+from .log import log
 from .manifest import Row
-from .pool import WorkerPool
+from .names import chunk_path
 from .progress import Progress
 from .providers import SpeechProvider, SpeechRequest, is_local
 from .retry import build_retrying, is_transient, retried_next_run
 from .stitch import Part, stitch
-from .storage import OutputFolder, Published, chunk_path
+from .storage import OutputFolder, Published
 from .tags import write_tags
 from .throttle import Throttle, Ticket
+from .work import Assembly, ChunkJob, PassedOver, WorkItem, row_of
 
-log = structlog.get_logger("batchtts")
+_T = TypeVar("_T")
 
 _UNREACHABLE_AFTER = 8  # requests in a row with no answer at all ...
 _UNREACHABLE_SECONDS = 2.0  # ... over at least this long, before the provider counts as unreachable
@@ -96,38 +97,6 @@ class Counters:
     unpriced_characters: int = 0  # sent to models whose price is unknown: not in cost_usd
 
 
-@dataclass
-class Assembly:
-    """A long row on its way: its chunks, the ones already on disk, and what is still out."""
-
-    row: Row
-    chunks: list[Chunk]
-    parts: list[Part | None]
-    remaining: int
-    started: float = field(default_factory=time.monotonic)
-    attempts: int = 0
-    failure: tuple[int, SpeechError] | None = None
-    abandoned: bool = False
-
-
-@dataclass(frozen=True)
-class ChunkJob:
-    assembly: Assembly
-    index: int
-
-
-@dataclass(frozen=True)
-class PassedOver:
-    """A row the budget cannot take under any run: recorded as failed, with why, and tried again by
-    the next run (under a raised cap, it goes through)."""
-
-    row: Row
-    reason: str
-
-
-WorkItem = Row | ChunkJob | Assembly | PassedOver
-
-
 @dataclass(frozen=True)
 class _Outcome:
     generation_id: str | None
@@ -150,6 +119,9 @@ class _Stopped(Exception):
 
 
 class Narrator:
+    """Does the pool's work. It stops the run through `stop` (a provider that refuses every row) and
+    asks `stopping` before each request; blocking file work runs on `executor`."""
+
     def __init__(
         self,
         provider: SpeechProvider,
@@ -160,6 +132,9 @@ class Narrator:
         progress: Progress,
         throttle: Throttle,
         prices: Prices,
+        stop: Callable[[str], None],
+        stopping: Callable[[], bool],
+        executor: Executor | None = None,
     ) -> None:
         self.provider = provider
         self.folder = folder
@@ -170,7 +145,9 @@ class Narrator:
         self.throttle = throttle
         self.prices = prices
         self.counters = Counters()
-        self.pool: WorkerPool[WorkItem] | None = None
+        self.stop = stop
+        self._stopping = stopping
+        self.executor = executor
         self.provider_stop: RunStop | None = None
         self._in_flight: set[str] = set()
         self._assemblies: dict[str, Assembly] = {}
@@ -179,28 +156,31 @@ class Narrator:
 
     @property
     def stopping(self) -> bool:
-        return self.pool is not None and self.pool.stopping
+        return self._stopping()
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def __call__(self, item: WorkItem) -> None:
         """One work item, whatever happens to it; only a HaltError leaves."""
         try:
             await self._handle(item)
         except Exception as exc:
-            fault = classify(exc, self._where(_row_of(item).relpath))
+            fault = classify(exc, self._where(row_of(item).relpath))
             if isinstance(fault, HaltError):
                 raise fault from exc
             await self._unforeseen(item, fault)
 
     async def _unforeseen(self, item: WorkItem, fault: SpeechError) -> None:
         """A fault none of the row's own paths recorded: record it here, so the row is retried next run."""
-        log.error("row_fault", row=_row_of(item).number, id=_row_of(item).id, error=fault.message)
+        log.error("row_fault", row=row_of(item).number, id=row_of(item).id, error=fault.message)
         try:
             if isinstance(item, ChunkJob):
                 await self._chunk_settled(item, fault, 0)
             else:
-                self._row_failed(_row_of(item), fault, attempts=0, retryable=True)
+                self._row_failed(row_of(item), fault, attempts=0, retryable=True)
         except Exception as again:
-            raise HaltError(f"cannot record the failure of row {_row_of(item).number}: {again}") from again
+            raise HaltError(f"cannot record the failure of row {row_of(item).number}: {again}") from again
 
     async def _handle(self, item: WorkItem) -> None:
         if isinstance(item, ChunkJob):
@@ -263,13 +243,8 @@ class Narrator:
         assembly.attempts += outcome.attempts
         self.counters.chunks += 1
         info, published = outcome.info, outcome.published
-        self.ledger.record_chunk(
-            fingerprint=fingerprint, row_key=row.key, chunk_index=job.index, status="done", retryable=0,
-            path=chunk_path(fingerprint, fmt), bytes=published.bytes, sha256=published.sha256,
-            sample_rate=info.sample_rate, channels=info.channels, duration_s=info.duration_s,
-            characters=len(chunk.text), attempts=outcome.attempts, http_status=200, error=None,
-            generation_id=outcome.generation_id, latency_s=outcome.latency_s,
-        )
+        self.ledger.record_chunk_done(row, job.index, chunk.text, _stored(chunk_path(fingerprint, fmt), published, info),
+                                      outcome.attempts, outcome.latency_s, outcome.generation_id)
         assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels)
         self.progress.advance(len(chunk.text))
         await self._settle(assembly)
@@ -282,11 +257,8 @@ class Narrator:
             assembly.abandoned = True
             self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
             return
-        self.ledger.record_chunk(
-            fingerprint=row.chunk_fingerprint(chunk.text), row_key=row.key, chunk_index=job.index, status="failed",
-            retryable=int(retried_next_run(exc, self.policy.statuses)), path=None, bytes=None, sha256=None,
-            characters=len(chunk.text), attempts=attempts, http_status=exc.status, error=exc.message,
-        )
+        self.ledger.record_chunk_failed(row, job.index, chunk.text, exc, attempts,
+                                        retryable=retried_next_run(exc, self.policy.statuses))
         if assembly.failure is None:
             assembly.failure = (job.index, exc)
         self.progress.advance(len(chunk.text))
@@ -326,7 +298,7 @@ class Narrator:
         parts = [p for p in assembly.parts if p is not None]
         try:
             partial, f = self.folder.open_partial()
-            info, published = await asyncio.to_thread(self._stitch, parts, row, partial, f)
+            info, published = await self._in_thread(self._stitch, parts, row, partial, f)
         except FileNotFoundError as exc:  # a chunk file removed since the run planned: ask for it again
             self._row_failed(row, TransportError(f"chunk file gone: {exc.filename}"), assembly.attempts,
                              retryable=True, chunks=len(assembly.chunks))
@@ -386,7 +358,7 @@ class Narrator:
                         self.throttle.succeeded(ticket)
                     self._spent(request)
                     try:
-                        info, published = await asyncio.to_thread(self._publish, body, relpath, fmt, tags)
+                        info, published = await self._in_thread(self._publish, body, relpath, fmt, tags)
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
         return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
@@ -481,13 +453,7 @@ class Narrator:
         self.counters.bytes += published.bytes
         self.counters.audio_s += info.duration_s or 0.0
         self.counters.characters += len(row.text)
-        self.ledger.record(
-            key=row.key, row_number=row.number, fingerprint=row.fingerprint, status="done", retryable=0,
-            path=row.relpath, bytes=published.bytes, sha256=published.sha256, sample_rate=info.sample_rate,
-            channels=info.channels, duration_s=info.duration_s, model=row.model, voice=row.voice,
-            format=row.format, characters=len(row.text), attempts=attempts, http_status=200, error=None,
-            generation_id=generation_id, latency_s=latency_s, chunks=chunks,
-        )
+        self.ledger.record_done(row, _stored(row.relpath, published, info), attempts, latency_s, generation_id, chunks)
         self.progress.row_finished(ok=True)
 
     def _row_failed(self, row: Row, exc: SpeechError, attempts: int, retryable: bool, chunks: int | None = None,
@@ -496,30 +462,19 @@ class Narrator:
             if self.provider_stop is None:
                 self.provider_stop = exc
                 log.error("abort", row=row.number, id=row.id, status=exc.status, error=exc.message, advice=exc.advice)
-                if self.pool is not None:
-                    self.pool.stop(str(exc))
+                self.stop(str(exc))
             return
         if retryable and self.stopping:
             return  # interrupted mid-retry: the next run picks the row up as if never tried
         self.counters.failed += 1
-        self.ledger.record(
-            key=row.key, row_number=row.number, fingerprint=row.fingerprint, status="failed",
-            retryable=int(retryable), path=None, bytes=None, sha256=None, sample_rate=None, channels=None,
-            duration_s=None, model=row.model, voice=row.voice, format=row.format, characters=len(row.text),
-            attempts=attempts, http_status=exc.status, error=where + exc.message, generation_id=None, latency_s=None,
-            chunks=chunks,
-        )
+        self.ledger.record_failed(row, exc, attempts, retryable, chunks, where)
         log.error("row_failed", row=row.number, id=row.id, status=exc.status, error=where + exc.message,
                   attempts=attempts, will_retry_on_rerun=retryable)
         self.progress.row_finished(ok=False)
 
 
-def _row_of(item: WorkItem) -> Row:
-    if isinstance(item, ChunkJob):
-        return item.assembly.row
-    if isinstance(item, (Assembly, PassedOver)):
-        return item.row
-    return item
+def _stored(relpath: str, published: Published, info: AudioInfo) -> Stored:
+    return Stored(relpath, published.bytes, published.sha256, info.sample_rate, info.channels, info.duration_s)
 
 
 def _duration(seconds: float) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import NoReturn
 
-import structlog
 from tqdm import tqdm
 
-log = structlog.get_logger("batchtts")
+from .log import log
 
 
 class Progress:
@@ -20,7 +20,7 @@ class Progress:
         self.done = self.failed = self.retries = self.characters_done = 0
         self.cost_usd = 0.0
         self.started = time.monotonic()
-        self.bar: tqdm | None = None
+        self.bar: tqdm[NoReturn] | None = None
         self._ticker: asyncio.Task[None] | None = None
         if interactive:
             self.bar = tqdm(total=characters, unit="char", unit_scale=True, dynamic_ncols=True, file=sys.stderr,

@@ -3,13 +3,15 @@
 A provider's error text is the provider's to word, and some echo the request's Authorization
 header back. Every text a provider returns passes through `redact` before it goes anywhere: the
 run's own key is replaced wherever it appears, and so is anything shaped like a key or a bearer
-token.
+token. An object-store URI loses the credentials it may carry (`redact_uri`) before it is shown
+or recorded.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode
 
 MASK = "[redacted]"
 _LOOKS_LIKE_A_KEY = re.compile(
@@ -34,3 +36,20 @@ def _mask_value(match: re.Match[str]) -> str:
     if found.lower().startswith("sk-") or head is None:
         return MASK
     return head.group(0) + MASK
+
+
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def redact_uri(uri: str) -> str:
+    """An object-store URI fit for logs and the ledger: credentials in it (`s3://KEY:SECRET@bucket`,
+    `access_key`, `secret_key`, `session_token`, ... options) are dropped; a user name alone
+    (`gs://anonymous@bucket`) and the other options (region, endpoint) are kept."""
+    base, _, query = uri.partition("?")
+    scheme, sep, rest = base.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        base = f"{scheme}{sep}{host}{slash}{path}"
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
+    return f"{base}?{urlencode(kept)}" if kept else base

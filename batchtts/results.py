@@ -1,13 +1,17 @@
 """Reading a job's outcome back: the status of an output folder, and the results table export.
 
-Both take one ledger or many (the shards of a job, or a folder holding them) and merge them.
+    batchtts.status(["out"])                    # {"done": 97, "failed": 1, "pending": 2, ...}
+    batchtts.export(["out"], to="results.csv")   # one row per manifest row, with its file
+
+Both take output folders or ledger files (or a job), one ledger or many (the shards of a job, or a
+folder holding them), and merge them. Neither needs the network nor changes a ledger.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +21,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import manifest
-from .config import Defaults, Job, is_uri, redact_uri
+from .config import Defaults, Job, is_uri
 from .errors import UsageError
 from .ledger import Ledger, LedgerSet, ledger_family, usage
 from .manifest import KNOWN_COLUMNS, Row
-from .runner import make_plan
+from .plan import make_plan
+from .redact import redact_uri
 from .sharding import Shard, named_ledger
-from .storage import open_output, publish_file
+from .storage import open_output
+from .store import publish_file
 
 _LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
@@ -92,16 +98,17 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
         for each in opened:
             each.close()
         raise
-    last = ledger.last_run() or {}
-    config = last.get("config", {})
-    defaults = job.defaults if job is not None else Defaults(**config.get("defaults", {}))
-    if manifest_path is None:
-        manifest_path = job.manifest if job is not None else (Path(last["manifest"]) if last.get("manifest") else None)
-    recorded = config.get("out")
+    last = ledger.last_run()
+    defaults = job.defaults if job is not None else last.defaults if last is not None else Defaults()
+    if manifest_path is None and job is not None:
+        manifest_path = job.manifest
+    elif manifest_path is None and last is not None and last.manifest:
+        manifest_path = Path(last.manifest)
+    recorded = last.out if last is not None else None
     out: Path | str
     if job is not None:
         out = job.out
-    elif is_uri(recorded):
+    elif recorded is not None and is_uri(recorded):
         out = recorded
     elif targets and Path(targets[0]).is_dir():
         out = Path(targets[0])
@@ -110,7 +117,30 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
     return JobContext(ledger, out, manifest_path, defaults)
 
 
-def status(ctx: JobContext) -> dict[str, Any]:
+def status(targets: Sequence[str | Path] = (), manifest: Path | None = None, job: Job | None = None
+           ) -> dict[str, Any]:
+    """What output folders or ledger files hold (or, without targets, the job's ledgers): rows done,
+    failed and, given the manifest (or the one the last run recorded), total and pending."""
+    ctx = open_context([str(t) for t in targets], manifest, job)
+    try:
+        return _report(ctx)
+    finally:
+        ctx.ledger.close()
+
+
+def export(targets: Sequence[str | Path] = (), to: Path | str | None = None, manifest: Path | None = None,
+           job: Job | None = None) -> tuple[Path | str, int]:
+    """Write the results table (.parquet or .csv; by default `results.parquet` next to the audio);
+    returns where it went and how many rows it has."""
+    ctx = open_context([str(t) for t in targets], manifest, job)
+    try:
+        destination = default_export(ctx.out) if to is None else to if isinstance(to, Path) or is_uri(to) else Path(to)
+        return destination, _export(ctx, destination)
+    finally:
+        ctx.ledger.close()
+
+
+def _report(ctx: JobContext) -> dict[str, Any]:
     totals = ctx.ledger.totals()
     done = totals.get("done", {"rows": 0, "bytes": 0, "duration_s": 0.0})
     failed = totals.get("failed", {"rows": 0})
@@ -172,7 +202,7 @@ def default_export(out: Path | str) -> Path | str:
     return out / "results.parquet"
 
 
-def export(ctx: JobContext, to: Path | str) -> int:
+def _export(ctx: JobContext, to: Path | str) -> int:
     """Write one row per manifest row, joined with the ledgers; returns the number of rows. The file
     appears whole or not at all: it is written aside, then renamed (or uploaded, then moved)."""
     if ctx.manifest is None or not ctx.manifest.exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
+from typing import TypedDict
 
 from tenacity import (
     AsyncRetrying,
@@ -63,7 +64,7 @@ class wait_provider_hint(wait_base):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if _rate_limited(exc):
             return random.uniform(0, self.jitter)
-        hint = getattr(exc, "retry_after", None)
+        hint = exc.retry_after if isinstance(exc, HTTPStatusError) else None
         if hint is not None:
             return min(self.longest, hint + random.uniform(0, self.jitter * max(hint, 0.1)))
         return self.fallback(retry_state)
@@ -93,13 +94,17 @@ class stop_when(stop_base):
         return self.predicate()
 
 
+class _SleepArg(TypedDict, total=False):
+    sleep: Callable[[float], Awaitable[None]]
+
+
 def build_retrying(
     policy: RetryPolicy,
     stopping: Callable[[], bool],
     before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> AsyncRetrying:
-    kwargs = {"sleep": sleep} if sleep is not None else {}
+    kwargs: _SleepArg = {"sleep": sleep} if sleep is not None else {}
     return AsyncRetrying(
         retry=retry_if_transient(policy.statuses),
         wait=wait_provider_hint(wait_random_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max),

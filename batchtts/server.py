@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -33,6 +34,7 @@ import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import uvicorn
@@ -44,7 +46,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import local
-from .chunking import limit_for
 from .engine import UnknownVoiceError, engine
 from .errors import UsageError
 from .limiters import SLACK, FixedWindow, InFlightCap, Limiter, Quota, Refusal, SlidingWindow, TokenBucket
@@ -64,11 +65,31 @@ ERROR_MESSAGES = {
     524: "Request timed out. Please try again later.",
     529: "Provider returned error",
 }
-MODELS = [  # id, name, USD per character; each model's input limit is batchtts's own (chunking.limit_for)
-    ("openai/gpt-4o-mini-tts", "OpenAI: GPT-4o mini TTS", "0.0000006"),
-    ("elevenlabs/eleven-turbo-v2", "ElevenLabs: Turbo v2", "0.00003"),
-    ("local/espeak-ng", "eSpeak NG (offline)", "0"),
-]
+MODELS_FIXTURE = "serve_models.json"
+INJECTED_429_WAIT = 1.0  # seconds an injected 429 asks a client to wait when `retry_after` is unset
+
+
+@functools.cache
+def listed_models() -> tuple[dict[str, Any], ...]:
+    """The models the server lists, prices and serves, in the API's /models shape. They are a fixture of
+    the server's own, not the client's tables, so a client that prices or splits wrongly is caught."""
+    fixture = resources.files("batchtts").joinpath(MODELS_FIXTURE).read_text(encoding="utf-8")
+    return tuple(json.loads(fixture)["data"])
+
+
+def models_listing(output_modalities: str | None) -> list[dict[str, Any]]:
+    """What `GET /models` answers: as the API does, text-output models unless `output_modalities` names
+    others (comma-separated) or is `all`."""
+    wanted = {name.strip() for name in (output_modalities or "text").split(",")}
+    return [model for model in listed_models()
+            if "all" in wanted or wanted & set(model["architecture"]["output_modalities"])]
+
+
+def input_limit(model_id: str) -> int:
+    """A listed model's context_length, in characters for a speech model. A model the server does not
+    list is held to the strictest listed limit, which a client splitting for any listed model meets."""
+    limits: dict[str, int] = {model["id"]: model["context_length"] for model in listed_models()}
+    return limits.get(model_id, min(limits.values()))
 
 
 @dataclass
@@ -96,7 +117,7 @@ class ServeConfig:
     stall_first: int = 0
     stall_seconds: float = 5.0
     credits: int | None = None
-    max_input_chars: int | None = None  # None: each model's own limit, as batchtts splits for it
+    max_input_chars: int | None = None  # None: each model's context_length in serve_models.json
     reject_marker: str | None = "[[bad]]"
     seed: int | None = None
     engine: str = "espeak"
@@ -486,7 +507,7 @@ class SpeechServer:
         speed = body.get("speed", 1.0)
         if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0.25 <= speed <= 4.0:
             await self._error(send, entry, 400, "Invalid request parameters: speed must be a number from 0.25 to 4")
-        limit = self.config.max_input_chars or limit_for(body["model"])
+        limit = self.config.max_input_chars or input_limit(body["model"])
         if len(body["input"]) > limit:
             await self._error(send, entry, 400, f"Invalid request parameters: input is longer than {limit} characters")
         if self.config.engine == "espeak":
@@ -503,7 +524,7 @@ class SpeechServer:
     async def _error(self, send: Send, entry: dict[str, Any], status: int, message: str | None = None,
                      close: bool = False, refusal: Refusal | None = None) -> None:
         """Answer with the API's JSON error. A 429 carries its hints: a limiter's refusal, or for an
-        injected 429 a wait of `retry_after` (1 s when unset)."""
+        injected 429 a wait of `retry_after` (INJECTED_429_WAIT when unset)."""
         config = self.config
         headers = [(b"content-type", b"application/json")]
         if close:
@@ -511,7 +532,7 @@ class SpeechServer:
         if status == 429:
             now = time.time()
             if refusal is None:
-                wait = config.retry_after if config.retry_after is not None else 1.0
+                wait = config.retry_after if config.retry_after is not None else INJECTED_429_WAIT
                 refusal = Refusal(now + wait, int(config.rate_limit))
             headers += rate_limit_headers(config, refusal, now)
         body = json.dumps(error_json(status, message)).encode()
@@ -526,12 +547,7 @@ def create_app(config: ServeConfig) -> Starlette:
     speech = SpeechServer(config)
 
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"data": [
-            {"id": model_id, "name": name, "pricing": {"prompt": price, "completion": "0"},
-             "context_length": limit_for(model_id),
-             "architecture": {"input_modalities": ["text"], "output_modalities": ["speech"]}}
-            for model_id, name, price in MODELS
-        ]})
+        return JSONResponse({"data": models_listing(request.query_params.get("output_modalities"))})
 
     def admin(endpoint: Endpoint) -> Endpoint:
         """Guard an admin endpoint with the server's key, when it has one: /faults could otherwise

@@ -7,9 +7,9 @@ import os
 import struct
 from typing import BinaryIO
 
-from mutagen.id3 import ID3, TALB, TIT2, TPE1, TRCK
+from mutagen.id3 import ID3, TALB, TIT2, TPE1, TRCK, TextFrame
 
-_ID3_FRAMES = {"title": TIT2, "artist": TPE1, "album": TALB, "track": TRCK}
+_ID3_FRAMES: dict[str, type[TextFrame]] = {"title": TIT2, "artist": TPE1, "album": TALB, "track": TRCK}
 
 
 def write_tags(f: BinaryIO, fmt: str, tags: dict[str, str]) -> None:

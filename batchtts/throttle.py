@@ -37,12 +37,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import structlog
 from aiolimiter import AsyncLimiter
 
 from .errors import RateHint
-
-log = structlog.get_logger("batchtts")
+from .log import log
 
 _SLOW_START = 8  # requests in flight at the start; one more per two successes until the first 429
 _WINDOW = 2.0  # seconds of successes that measure goodput and the levels in flight that succeed

@@ -1,9 +1,11 @@
-"""Fixtures: a real `batchtts serve` on loopback and the real CLI in a subprocess."""
+"""Fixtures: a real `batchtts serve` on loopback, and the real CLI, in a subprocess (`batchtts()`,
+`start_batchtts()`) or in this process (`cli()`, for commands that need no process of their own)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import select
 import signal
@@ -12,12 +14,25 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
+
+# Hypothesis profiles: how many examples each property test tries (the tests set no count of their own).
+# "quick", the default, tries 50: enough to find what the properties are for on every run, cheap enough
+# for the whole suite to take two minutes. For the long run, before a release or after changing a
+# parser, the CLI's options or the job file's settings:
+#     HYPOTHESIS_PROFILE=thorough python -m pytest
+# which tries 500 a test (several minutes more).
+hypothesis.settings.register_profile("quick", max_examples=50, deadline=None)
+hypothesis.settings.register_profile("thorough", max_examples=500, deadline=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 KEY = "sk-or-test-0123456789abcdef-SECRET"
 FAST_RETRY = ["--backoff-initial", "0.01", "--backoff-max", "0.05"]
@@ -34,6 +49,7 @@ class Server:
     process: subprocess.Popen[str]
     url: str
     key: str | None = None  # the server's --api-key, which its admin endpoints take too
+    initial: dict[str, Any] | None = None  # the settings a reusable server started with
 
     @property
     def admin(self) -> str:
@@ -56,44 +72,120 @@ class Server:
         return Counter(e["input_sha256"] for e in self.stats()["log"] if e["outcome"] == "ok")
 
 
+# Servers that hold no state but their counts and the attempts per input (no limiter, quota, credits,
+# faults, seed or key), which /_batchtts/reset clears: kept between the tests of a worker, so a test
+# gets a server that answers as a new one would without the second a start costs.
+REUSABLE = (("--engine", "tone"), ("--engine", "espeak"))
+
+
+def _start_server(argv: tuple[str, ...]) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchtts", "serve", "--port", "0", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else ""
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"batchtts serve did not start: {line!r} {proc.stderr.read()}")
+    key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
+    server = Server(proc, line.rsplit(" ", 1)[1].strip(), key)
+    if argv in REUSABLE:
+        server.initial = server.faults()  # the settings it must have again to be handed to another test
+    return server
+
+
+def _stop_server(proc: subprocess.Popen[str]) -> None:
+    """Stop a server at once: it has nothing to save, and a graceful shutdown would wait out any
+    answer still held back (a --latency of 30 s, a stalled body) for a client long gone."""
+    proc.kill()
+    proc.wait(10)
+    for pipe in (proc.stdout, proc.stderr):
+        pipe.close()
+
+
+def _reset_for_reuse(server: Server) -> bool:
+    """Make a server as a new one, or say it cannot be: it is stopped, it wrote to stderr (a test may
+    read that), a request is still running, or its settings were changed."""
+    proc = server.process
+    if proc.poll() is not None or select.select([proc.stderr], [], [], 0)[0]:
+        return False
+    try:
+        if httpx.get(f"{server.admin}/stats?log=0", timeout=5).json()["in_flight"] != 0:
+            return False
+        if server.faults() != server.initial:
+            return False
+        httpx.post(f"{server.admin}/reset", timeout=5).raise_for_status()
+        fresh = httpx.get(f"{server.admin}/stats", timeout=5).json()
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return fresh["requests"] == 0 and not fresh["log"] and not fresh["by_input"]
+
+
+@pytest.fixture(scope="session")
+def _idle_servers():
+    idle: dict[tuple[str, ...], list[Server]] = {}
+    yield idle
+    for servers in idle.values():
+        for server in servers:
+            _stop_server(server.process)
+
+
 @pytest.fixture
-def serve():
+def serve(_idle_servers):
     """Start `batchtts serve --port 0 ARGS...` (the tone engine unless ARGS name one); every server
-    is stopped when the test ends."""
-    started: list[subprocess.Popen[str]] = []
+    is stopped when the test ends, but a plain one (REUSABLE), reset, waits for the next test."""
+    started: list[tuple[tuple[str, ...], Server]] = []
 
     def start(*args: str) -> Server:
-        engine = [] if "--engine" in args else ["--engine", "tone"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "batchtts", "serve", "--port", "0", *engine, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        started.append(proc)
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        line = proc.stdout.readline() if ready else ""
-        if "listening on" not in line:
-            proc.kill()
-            raise RuntimeError(f"batchtts serve did not start: {line!r} {proc.stderr.read()}")
-        key = args[args.index("--api-key") + 1] if "--api-key" in args else None
-        return Server(proc, line.rsplit(" ", 1)[1].strip(), key)
+        argv = (*([] if "--engine" in args else ["--engine", "tone"]), *args)
+        idle = _idle_servers.get(argv)
+        server = idle.pop() if idle else _start_server(argv)
+        started.append((argv, server))
+        return server
 
     yield start
-    for proc in started:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    for argv, server in started:
+        if argv in REUSABLE and _reset_for_reuse(server):
+            _idle_servers.setdefault(argv, []).append(server)
+        else:
+            _stop_server(server.process)
 
 
-SCHEDULER_VARS = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+SCHEDULER_VARS = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+                  "SLURM_ARRAY_TASK_STEP")
 
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
     """The model-list cache of every CLI the tests start lives in a folder of the session's own."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def private_test_cache(private_cache, tmp_path_factory, monkeypatch):
+    """... and of the test's own: a server reused from an earlier test (the same URL) is asked for its
+    model list afresh, as a new one would be."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
+def logging_as_found():
+    """What a test sets up for the whole process when it runs the CLI or the library in-process
+    (structlog's configuration, the CLI's log format, the root logger's handlers) is put back after it,
+    so the next test in this worker starts as in a new process."""
+    import structlog
+
+    from batchtts import log as logs
+
+    config, chosen = structlog.get_config(), logs.chosen()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**config)
+    logs._chosen = chosen
+    root.handlers[:], root.level = handlers, level
 
 
 def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
@@ -113,6 +205,73 @@ def batchtts(*args: str | Path, key: str | None = KEY, timeout: float = 60, **en
         [sys.executable, "-m", "batchtts", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=cli_env(key, **env),
     )
+
+
+@dataclass
+class CliResult:
+    """What `cli()` returns: the attributes tests read from `batchtts()`'s CompletedProcess."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def _deadline(seconds: float, what: str) -> Iterator[None]:
+    """Fail (TimeoutError) instead of hanging: the in-process CLI cannot be killed as a subprocess is."""
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{what} took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def cli(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: str) -> CliResult:
+    """Run the CLI to completion in this process (click's CliRunner): the same command, environment
+    and exit code as `batchtts()`, without the half second a new interpreter costs. For commands
+    that need no process of their own: no signal, no kill, no second run at the same time, no
+    terminal, no namespace. Whatever the command sets up for the whole process (structlog, the
+    log format, a cache of unreachable model lists) is put back as it was."""
+    import structlog
+    from click.testing import CliRunner
+
+    from batchtts import log as logs
+    from batchtts import models
+    from batchtts.cli import main
+
+    argv = list(map(str, args))
+    # As cli_env(): the test process's environment less what would change a run (None drops a
+    # variable for the call; CliRunner puts os.environ back afterwards).
+    overrides: dict[str, str | None] = {name: None for name in ("OPENROUTER_API_KEY", "BATCHTTS_BASE_URL", *SCHEDULER_VARS)}
+    if key is not None:
+        overrides["OPENROUTER_API_KEY"] = key
+    overrides.update(env)
+    environ, cwd = dict(os.environ), os.getcwd()
+    structlog_config, chosen = structlog.get_config(), logs.chosen()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    models._unreachable.clear()  # a fresh process remembers no unreachable model list
+    try:
+        with _deadline(timeout, f"batchtts {' '.join(argv)}"):
+            result = CliRunner().invoke(main, argv, env=overrides, prog_name="batchtts")
+    finally:
+        structlog.reset_defaults()
+        structlog.configure(**structlog_config)
+        logs._chosen = chosen
+        root.handlers[:], root.level = handlers, level
+        models._unreachable.clear()
+        os.chdir(cwd)
+    assert dict(os.environ) == environ, "the CLI left the environment changed"
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # A subprocess would have printed a traceback and exited 1: fail here, with the traceback.
+        raise result.exception.with_traceback(result.exc_info[2] if result.exc_info else None)
+    return CliResult(argv, result.exit_code, result.stdout, result.stderr)
 
 
 def start_batchtts(*args: str | Path, key: str | None = KEY) -> subprocess.Popen[str]:

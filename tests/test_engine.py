@@ -8,7 +8,7 @@ import wave
 from pathlib import Path
 
 import httpx
-from conftest import ROOT, batchtts, error_message, ledger_rows, write_csv
+from conftest import ROOT, batchtts, cli, error_message, ledger_rows, write_csv
 
 LOCAL = "local/espeak-ng"
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it rests beside the river for a while."
@@ -50,7 +50,7 @@ def mpeg_frames(data: bytes) -> tuple[int, int, int]:
 def run_local(tmp_path: Path, rows: list[dict], *extra: str, key: str | None = None):
     manifest = write_csv(tmp_path / "m.csv", rows)
     out = tmp_path / "out"
-    result = batchtts("run", manifest, "--out", out, "--model", LOCAL, *extra, key=key)
+    result = cli("run", manifest, "--out", out, "--model", LOCAL, *extra, key=key)
     return result, out, ledger_rows(out / "ledger.sqlite") if (out / "ledger.sqlite").exists() else {}
 
 
@@ -105,9 +105,9 @@ def test_a_mixed_manifest_runs_local_and_remote_rows_in_one_run(serve, tmp_path)
     rows += [{"id": f"r{i}", "text": f"Remote row {i}.", "voice": "nova", "model": "openai/gpt-4o-mini-tts"} for i in range(5)]
     manifest = write_csv(tmp_path / "m.csv", rows)
     out = tmp_path / "out"
-    missing_key = batchtts("run", manifest, "--out", out, "--base-url", server.url, key=None)
+    missing_key = cli("run", manifest, "--out", out, "--base-url", server.url, key=None)
     assert missing_key.returncode == 2 and server.stats()["requests"] == 0
-    result = batchtts("run", manifest, "--out", out, "--base-url", server.url, "--format", "wav")
+    result = cli("run", manifest, "--out", out, "--base-url", server.url, "--format", "wav")
     assert result.returncode == 0, result.stderr
     entries = ledger_rows(out / "ledger.sqlite")
     assert len(entries) == 10 and all(e["status"] == "done" for e in entries.values())
@@ -138,9 +138,9 @@ def test_serve_answers_with_the_engine_by_default(serve):
 
 
 def test_voices_lists_openai_names_espeak_voices_and_variants():
-    result = batchtts("voices", key=None)
+    result = cli("voices", key=None)
     assert result.returncode == 0
     for expected in ("alloy", "verse", "en-us", "fr-be", "French (France)", "f3", "klatt"):
         assert expected in result.stdout
-    remote = batchtts("voices", "--model", "openai/gpt-4o-mini-tts", key=None)
+    remote = cli("voices", "--model", "openai/gpt-4o-mini-tts", key=None)
     assert "remote provider" in remote.stdout and "shimmer" in remote.stdout

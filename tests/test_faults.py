@@ -23,7 +23,7 @@ import pytest
 from conftest import (
     FAST_RETRY,
     KEY,
-    batchtts,
+    cli,
     cli_env,
     error_message,
     ledger_rows,
@@ -34,7 +34,7 @@ from conftest import (
 
 import batchtts as api
 from batchtts.errors import EXIT_FAILED_ROWS, EXIT_HALTED, EXIT_INTERNAL
-from batchtts.ledger import MIGRATIONS
+from batchtts.ledger import VERSION, Ledger
 from batchtts.local import LocalSpeechProvider
 from batchtts.pool import WorkerPool
 from batchtts.providers import SpeechRequest
@@ -92,16 +92,16 @@ def test_a_full_disk_halts_the_run_cleanly_and_a_rerun_with_room_finishes(serve,
     manifest = write_csv(tmp_path / "m.csv", rows(400, "long enough to fill a small disk quickly with audio"))
     out, saved = tmp_path / "out", tmp_path / "saved"
     out.mkdir()
-    cli = f"{sys.executable} -m batchtts run {manifest} --out {out} --model {MODEL} --base-url {server.url} " \
-          f"--format wav --concurrency 8 --log-format json {' '.join(FAST_RETRY)}"
+    command = f"{sys.executable} -m batchtts run {manifest} --out {out} --model {MODEL} --base-url {server.url} " \
+              f"--format wav --concurrency 8 --log-format json {' '.join(FAST_RETRY)}"
     script = f"""
         mount -t tmpfs -o size=3m tmpfs {out} || exit 90
         date +%s.%N > {tmp_path}/first.start
-        {cli} > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
+        {command} > {tmp_path}/first.out 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc
         date +%s.%N > {tmp_path}/first.end
         mkdir -p {saved}/first && cp -a {out}/. {saved}/first/
         mount -o remount,size=200m {out}
-        {cli} > {tmp_path}/second.out 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc
+        {command} > {tmp_path}/second.out 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc
         mkdir -p {saved}/second && cp -a {out}/. {saved}/second/
     """
     result = _in_a_mount_namespace(script)
@@ -142,11 +142,11 @@ def test_kill_9_pays_again_only_for_rows_in_flight(serve, tmp_path):
         proc = start_batchtts(*args)
         try:
             at_least = (kill + 1) * 300
-            wait_for(lambda: len(ledger_rows(out / "ledger.sqlite")) >= at_least, timeout=60, every=0.01)
+            wait_for(lambda n=at_least: len(ledger_rows(out / "ledger.sqlite")) >= n, timeout=60, every=0.01)
         finally:
             proc.kill()
             proc.communicate(timeout=20)
-    final = batchtts(*args, timeout=120)
+    final = cli(*args, timeout=120)
     assert final.returncode == 0, final.stderr
     done_files(out)
     paid_twice = sum(n - 1 for n in server.successes_by_input().values() if n > 1)
@@ -219,12 +219,12 @@ def test_a_row_cannot_write_over_the_ledger_or_its_companions(serve, tmp_path):
     out = tmp_path / "out"
     ledger = out / "state.db"
     first = write_csv(tmp_path / "ok.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
-    assert batchtts(*run_args(first, out, server, "--ledger", ledger)).returncode == 0
+    assert cli(*run_args(first, out, server, "--ledger", ledger)).returncode == 0
     before = ledger.read_bytes()
     for name in ("state.db", "STATE.db-wal", "state.db-shm", ".batchtts-state.db.lock"):
         bad = write_csv(tmp_path / "bad.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"},
                                                {"id": "b", "text": "Oops.", "voice": "alloy", "output": name}])
-        message = refused(batchtts(*run_args(bad, out, server, "--ledger", ledger)))
+        message = refused(cli(*run_args(bad, out, server, "--ledger", ledger)))
         assert "row 2 (id 'b')" in message, message
         assert "destroy" in message or "a name batchtts uses itself" in message, message
     assert ledger.read_bytes() == before
@@ -248,12 +248,12 @@ def test_output_names_are_checked_against_the_disk_and_each_other_before_any_req
     }
     for output, expected in cases.items():
         manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy", "output": output}])
-        assert expected in refused(batchtts(*run_args(manifest, out, server)), server)
+        assert expected in refused(cli(*run_args(manifest, out, server)), server)
     clash = write_csv(tmp_path / "m.csv", [
         {"id": "a", "text": "Hello.", "voice": "alloy", "output": "d.mp3"},
         {"id": "b", "text": "World.", "voice": "alloy", "output": "d.mp3/inner.mp3"},
     ])
-    message = refused(batchtts(*run_args(clash, out, server)), server)
+    message = refused(cli(*run_args(clash, out, server)), server)
     assert "row 2 (id 'b'): writes into folder 'd.mp3', which another row writes as a file" in message
     assert not list(elsewhere.iterdir())
 
@@ -267,7 +267,7 @@ def test_a_symlinked_partial_folder_is_refused_not_emptied(serve, tmp_path):
     out.mkdir()
     (out / ".batchtts-partial").symlink_to(keep)
     manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
-    assert "not a folder but a link" in refused(batchtts(*run_args(manifest, out, server)), server)
+    assert "not a folder but a link" in refused(cli(*run_args(manifest, out, server)), server)
     assert (keep / "precious").read_text() == "mine"
 
 
@@ -275,7 +275,7 @@ def test_identical_long_rows_without_ids_buy_each_chunk_once(serve, tmp_path):
     server = serve()
     text = " ".join(f"This is sentence {i} of a long chapter." for i in range(12))
     manifest = write_csv(tmp_path / "m.csv", [{"text": text}, {"text": text}, {"text": "A short one."}])
-    result = batchtts(*run_args(manifest, tmp_path / "out", server, "--voice", "alloy", "--chunk-chars", "120"))
+    result = cli(*run_args(manifest, tmp_path / "out", server, "--voice", "alloy", "--chunk-chars", "120"))
     assert result.returncode == 0, result.stderr
     by_input = server.stats()["by_input"]
     assert by_input and max(by_input.values()) == 1, by_input
@@ -294,7 +294,7 @@ def test_a_ledger_reached_through_a_symlink_is_locked_as_one(serve, tmp_path):
     first = start_batchtts(*run_args(manifest, out, server, "--concurrency", "2"))
     try:
         wait_for(lambda: real.exists() and len(ledger_rows(real)) > 0)
-        second = batchtts(*run_args(manifest, out, server, "--ledger", tmp_path / "alias.sqlite"))
+        second = cli(*run_args(manifest, out, server, "--ledger", tmp_path / "alias.sqlite"))
         assert second.returncode == 75, second.stderr
         assert "another batchtts run" in error_message(second)
     finally:
@@ -309,7 +309,7 @@ def test_empty_foreign_and_damaged_ledgers_are_refused_and_left_as_they_are(serv
     out.mkdir()
     empty = out / "empty.sqlite"
     empty.touch()
-    assert "empty file" in refused(batchtts(*run_args(manifest, out, server, "--ledger", empty)), server)
+    assert "empty file" in refused(cli(*run_args(manifest, out, server, "--ledger", empty)), server)
     assert empty.stat().st_size == 0
 
     foreign = out / "notes.db"
@@ -319,21 +319,21 @@ def test_empty_foreign_and_damaged_ledgers_are_refused_and_left_as_they_are(serv
     db.close()
     before = foreign.read_bytes()
     assert "another program's SQLite database" in refused(
-        batchtts(*run_args(manifest, out, server, "--ledger", foreign)), server)
+        cli(*run_args(manifest, out, server, "--ledger", foreign)), server)
     assert foreign.read_bytes() == before
 
     not_sqlite = out / "junk.sqlite"
     not_sqlite.write_bytes(b"this is no database at all" * 100)
-    assert "not a database" in refused(batchtts(*run_args(manifest, out, server, "--ledger", not_sqlite)), server)
+    assert "not a database" in refused(cli(*run_args(manifest, out, server, "--ledger", not_sqlite)), server)
 
     ledger = out / "ledger.sqlite"
-    assert batchtts(*run_args(write_csv(tmp_path / "big.csv", rows(400)), out, server)).returncode == 0
+    assert cli(*run_args(write_csv(tmp_path / "big.csv", rows(400)), out, server)).returncode == 0
     requests = server.stats()["requests"]
     with open(ledger, "r+b") as f:  # damage pages past the header: the rows table's
         f.seek(8192)
         f.write(os.urandom(8192))
     for command in (run_args(manifest, out, server), ["status", out], ["export", out, "--to", tmp_path / "x.csv"]):
-        result = batchtts(*command)
+        result = cli(*command)
         assert result.returncode == 2, (command, result.stderr)
         assert "Traceback" not in result.stderr
         assert "ledger" in error_message(result)
@@ -343,13 +343,13 @@ def test_empty_foreign_and_damaged_ledgers_are_refused_and_left_as_they_are(serv
 def test_a_read_only_ledger_is_refused_for_runs_and_read_by_status(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
     out = tmp_path / "out"
-    cli = f"{sys.executable} -m batchtts"
-    run = f"{cli} run {manifest} --out {out} --model local/espeak-ng"
+    command = f"{sys.executable} -m batchtts"
+    run = f"{command} run {manifest} --out {out} --model local/espeak-ng"
     script = f"""
         {run} > /dev/null 2>&1 || exit 91
         mount --bind {out} {out} && mount -o remount,ro,bind {out} || exit 90
         {run} > {tmp_path}/run.out 2> {tmp_path}/run.err; echo $? > {tmp_path}/run.rc
-        {cli} status {out} > {tmp_path}/status.out 2> {tmp_path}/status.err; echo $? > {tmp_path}/status.rc
+        {command} status {out} > {tmp_path}/status.out 2> {tmp_path}/status.err; echo $? > {tmp_path}/status.rc
     """
     result = _in_a_mount_namespace(script)
     assert result.returncode not in (90, 91), result.stderr
@@ -360,19 +360,31 @@ def test_a_read_only_ledger_is_refused_for_runs_and_read_by_status(tmp_path):
     assert "done 1" in (tmp_path / "status.out").read_text()
 
 
+def schema(db: sqlite3.Connection) -> list[tuple[str, str, list[tuple[object, ...]]]]:
+    """Every table and index, with its columns in order, as SQLite describes them."""
+    objects = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name")
+    return [(kind, name, db.execute(f"PRAGMA {'table' if kind == 'table' else 'index'}_info({name})").fetchall())
+            for kind, name in objects]
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_a_ledger_of_every_earlier_schema_is_upgraded_and_trusted(tmp_path, version):
     out = tmp_path / "out"
     shutil.copytree(FIXTURES / "ledgers" / version, out)
-    result = batchtts("run", FIXTURES / "ledgers" / "manifest.csv", "--out", out, "--model", "local/espeak-ng")
+    result = cli("run", FIXTURES / "ledgers" / "manifest.csv", "--out", out, "--model", "local/espeak-ng")
     assert result.returncode == 0, result.stderr
     assert "narrated 0 rows" in result.stdout and "2 already done" in result.stdout
     db = sqlite3.connect(out / "ledger.sqlite")
+    fresh = Ledger(tmp_path / "fresh.sqlite")
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
         assert {r[0] for r in db.execute("SELECT key FROM rows WHERE status = 'done'")} == {"greeting", "farewell"}
+        assert schema(db) == schema(fresh.db)  # upgraded, it is the ledger a new run makes
+        recorded = db.execute("SELECT out, model, format FROM runs ORDER BY id LIMIT 1").fetchone()
+        assert recorded == (f"/tmp/lg{version}", "local/espeak-ng", "mp3")  # the settings, out of the logged config
     finally:
         db.close()
+        fresh.close()
     for name in ("greeting.mp3", "farewell.wav"):
         decoded = miniaudio.decode_file(str(out / name))
         assert decoded.num_frames > 0.2 * decoded.sample_rate
@@ -405,11 +417,11 @@ def test_a_key_the_provider_echoes_is_written_nowhere(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}/api/v1"
         manifest = write_csv(tmp_path / "m.csv", rows(3))
         out = tmp_path / "out"
-        result = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", url, *FAST_RETRY)
+        result = cli("run", manifest, "--out", out, "--model", MODEL, "--base-url", url, *FAST_RETRY)
         assert result.returncode == EXIT_FAILED_ROWS, result.stderr
-        status = batchtts("status", out)
+        status = cli("status", out)
         exported = tmp_path / "results.csv"
-        assert batchtts("export", out, "--to", exported).returncode == 0
+        assert cli("export", out, "--to", exported).returncode == 0
         texts = {"stdout": result.stdout, "stderr": result.stderr, "status": status.stdout,
                  "export": exported.read_text(), "ledger": (out / "ledger.sqlite").read_bytes().decode("latin-1")}
         assert "[redacted]" in texts["status"]
@@ -486,7 +498,7 @@ def test_a_symlinked_chunk_folder_is_refused_before_any_request(serve, tmp_path)
         link.parent.mkdir(parents=True)
         elsewhere.mkdir(exist_ok=True)
         link.symlink_to(elsewhere)
-        message = refused(batchtts(*run_args(manifest, out, server, "--chunk-chars", "100")), server)
+        message = refused(cli(*run_args(manifest, out, server, "--chunk-chars", "100")), server)
         assert f"{link} is not a folder but a link" in message, message
         assert not list(elsewhere.iterdir())
 
@@ -494,7 +506,7 @@ def test_a_symlinked_chunk_folder_is_refused_before_any_request(serve, tmp_path)
 def test_status_and_export_call_a_damaged_ledger_damaged_and_an_empty_one_empty(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
-    assert batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(300)), out, server)).returncode == 0
+    assert cli(*run_args(write_csv(tmp_path / "m.csv", rows(300)), out, server)).returncode == 0
     requests = server.stats()["requests"]
     good = (out / "ledger.sqlite").read_bytes()
     for offset, expected in ((16384, "damaged"), (8192, "damaged"), (None, "empty file")):
@@ -506,7 +518,7 @@ def test_status_and_export_call_a_damaged_ledger_damaged_and_an_empty_one_empty(
         (out / "ledger.sqlite").write_bytes(damaged)
         for command in (["status", out / "ledger.sqlite"], ["status", out], ["export", out, "--to", tmp_path / "x.csv"],
                         run_args(tmp_path / "m.csv", out, server)):
-            result = batchtts(*command)
+            result = cli(*command)
             assert result.returncode == 2, (offset, command, result.stdout + result.stderr)
             assert "Traceback" not in result.stderr
             assert expected in error_message(result), (offset, command, error_message(result))

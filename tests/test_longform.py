@@ -11,15 +11,20 @@ import wave
 from conftest import FAST_RETRY, batchtts, ledger_rows, write_csv
 from test_engine import mpeg_frames
 
-from batchtts.chunking import limit_for, split_text
+from batchtts.chunking import DEFAULT_LIMIT, KNOWN_LIMITS, limit_for, split_text
+from batchtts.config import Stitching
+from batchtts.server import listed_models
+from batchtts.tone import RATE as TONE_RATE
 
 MODEL = "openai/gpt-4o-mini-tts"
+LIMIT = limit_for(MODEL)
+PARAGRAPH_GAP = Stitching().paragraph_gap
 TRICKY = ('Mr. Smith met Dr. Jones at 3.14 p.m. in the U.S. capital, e.g. near the Mall... "Is it far?" she asked. '
           '(He nodded; the rain, steady and cold, kept falling.) Then they left! ')
 
 
 def chapter(paragraphs: int, repeat: int = 21) -> str:
-    """Paragraphs of about 2,500 characters: two never fit in one 4,096-character request."""
+    """Paragraphs of about 2,500 characters: two never fit in one request of LIMIT characters."""
     return "\n\n".join(f"Part {i}. " + TRICKY * repeat for i in range(paragraphs))
 
 
@@ -35,8 +40,8 @@ def chunk_rows(out):
 def test_a_60000_character_chapter_splits_within_the_limit_and_rejoins():
     text = chapter(8) + "\n\n" + TRICKY * 300 + "\n\n" + ("x" * 30 + ", ") * 400  # one huge paragraph, long clauses
     assert len(text) > 60000
-    chunks = split_text(text, 4096)
-    assert all(0 < len(c.text) <= 4096 for c in chunks)
+    chunks = split_text(text, LIMIT)
+    assert all(0 < len(c.text) <= LIMIT for c in chunks)
     assert re.sub(r"\s+", "", "".join(c.text for c in chunks)) == re.sub(r"\s+", "", text)
     for c in chunks:
         end = c.start + len(c.text)
@@ -44,15 +49,25 @@ def test_a_60000_character_chapter_splits_within_the_limit_and_rejoins():
         assert end == len(text) or not (text[end - 1].isalnum() and text[end].isalnum()), "split inside a word"
         assert not re.search(r"\b(Mr|Dr|U\.S|e\.g|p\.m|3)\.$", c.text), c.text[-20:]
     assert [c.paragraph_before for c in chunks[1:8]] == [True] * 7
-    assert split_text("  short  ", 4096)[0].text == "short"
+    assert split_text("  short  ", LIMIT)[0].text == "short"
 
 
 def test_limits_come_from_flags_the_job_and_the_model_family():
-    assert limit_for("openai/gpt-4o-mini-tts") == 4096
-    assert limit_for("elevenlabs/eleven-turbo-v2") == 5000
-    assert limit_for("someone/new-model") == 4096
+    assert limit_for("openai/gpt-4o-mini-tts") == KNOWN_LIMITS["openai/"]
+    assert limit_for("elevenlabs/eleven-turbo-v2") == KNOWN_LIMITS["elevenlabs/"]
+    assert limit_for("someone/new-model") == DEFAULT_LIMIT
     assert limit_for("openai/gpt-4o-mini-tts", {"openai/gpt-4o-mini-tts": 2000}) == 2000
     assert limit_for("openai/gpt-4o-mini-tts", {"openai/": 3000}, chunk_chars=1000) == 1000
+
+
+def test_the_client_splits_within_every_limit_the_server_lists():
+    """The server's limits are its own fixture, after the provider's: a client table above one of them
+    would send requests the provider refuses."""
+    listed = {model["id"]: model["context_length"] for model in listed_models()}
+    assert listed
+    for model_id, limit in listed.items():
+        assert limit_for(model_id) <= limit, model_id
+    assert limit_for("someone/new-model") <= min(listed.values())  # what the server holds unlisted models to
 
 
 def test_chunks_are_requested_concurrently_and_stitched_into_one_clean_mp3(serve, tmp_path):
@@ -73,7 +88,7 @@ def test_chunks_are_requested_concurrently_and_stitched_into_one_clean_mp3(serve
     assert len(chunks) == 12 and all(c["status"] == "done" for c in chunks)
     chunk_frames = sum(mpeg_frames((out / c["path"]).read_bytes())[0] for c in chunks)
     silence = frames - chunk_frames
-    gap_frames = 0.8 * rate / 576  # 11 paragraph seams at the default 0.8 s
+    gap_frames = PARAGRAPH_GAP * rate / 576  # 11 paragraph seams at the default gap
     assert 11 * gap_frames <= silence <= 11 * (gap_frames + 4)
     entry = ledger_rows(out / "ledger.sqlite")["ch01"]
     assert entry["chunks"] == 12 and entry["duration_s"] == round(frames * 576 / rate, 3)
@@ -90,8 +105,8 @@ def test_the_stitched_wav_is_the_chunks_plus_the_gaps(serve, tmp_path):
     out = tmp_path / "out"
     chunk_bytes = sum((out / c["path"]).stat().st_size for c in chunk_rows(out))
     with wave.open(str(out / "ch.wav")) as w:
-        assert (w.getframerate(), w.getnchannels()) == (24000, 1)
-        assert w.getnframes() * 2 == chunk_bytes + 4 * int(0.5 * 24000) * 2
+        assert (w.getframerate(), w.getnchannels()) == (TONE_RATE, 1)
+        assert w.getnframes() * 2 == chunk_bytes + 4 * int(0.5 * TONE_RATE) * 2
     assert (out / "ch.wav").read_bytes().endswith(b"LIST\x14\x00\x00\x00INFOINAM\x08\x00\x00\x00A Title\x00")
 
 
@@ -114,7 +129,7 @@ def test_a_failing_chunk_fails_the_row_and_a_rerun_asks_only_for_it(serve, tmp_p
     assert server.stats()["requests"] == 7
     assert ledger_rows(out / "ledger.sqlite")["ch"]["status"] == "done"
     assert (out / "ch.pcm").stat().st_size == sum((out / c["path"]).stat().st_size for c in chunk_rows(out)) + \
-        5 * int(0.8 * 24000) * 2
+        5 * int(PARAGRAPH_GAP * TONE_RATE) * 2
 
 
 def test_a_retried_chunk_is_named_in_the_log(serve, tmp_path):

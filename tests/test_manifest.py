@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import batchtts, error_message, write_csv, write_jsonl
+from conftest import cli, error_message, write_csv, write_jsonl
 
 from batchtts.config import Defaults
 from batchtts.errors import ManifestError
@@ -18,7 +18,7 @@ DEFAULTS = Defaults(model="m", voice="v")
 
 def refused(tmp_path: Path, manifest: Path, serve, *extra: str) -> str:
     server = serve()
-    result = batchtts("run", manifest, "--out", tmp_path / "out", "--base-url", server.url, *extra)
+    result = cli("run", manifest, "--out", tmp_path / "out", "--base-url", server.url, *extra)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert server.stats()["requests"] == 0

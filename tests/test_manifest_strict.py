@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import batchtts, error_message
+from conftest import cli, error_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -283,7 +283,7 @@ def test_broken_compression_is_a_manifest_error(tmp_path):
 def test_the_command_line_refuses_before_sending(tmp_path, serve, name, data, expected):
     server = serve()
     (tmp_path / name).write_bytes(data)
-    result = batchtts("run", tmp_path / name, "--out", tmp_path / "out", "--base-url", server.url,
+    result = cli("run", tmp_path / name, "--out", tmp_path / "out", "--base-url", server.url,
                       "--model", "m", "--voice", "v")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "Aborted" not in result.stderr
@@ -332,7 +332,7 @@ def accepts_or_refuses(path: Path) -> None:
         (row.key + row.text + row.relpath + json.dumps(row.provider_options, ensure_ascii=False)).encode()
 
 
-@settings(max_examples=250, deadline=None)
+@settings(deadline=None)
 @given(data=TEXT_BYTES, suffix=st.sampled_from(["csv", "tsv", "jsonl", "csv.gz", "jsonl.gz"]), cut=st.integers(0, 30))
 def test_any_text_manifest_is_read_or_refused(tmp_path_factory, data, suffix, cut):
     path = tmp_path_factory.mktemp("fuzz") / f"m.{suffix}"
@@ -369,7 +369,7 @@ def parquet_tables(draw: st.DrawFn) -> pa.Table:
     return pa.Table.from_arrays(columns, names=names)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(deadline=None)
 @given(table=parquet_tables())
 def test_any_parquet_manifest_is_read_or_refused(tmp_path_factory, table):
     path = tmp_path_factory.mktemp("fuzz") / "m.parquet"
@@ -377,7 +377,7 @@ def test_any_parquet_manifest_is_read_or_refused(tmp_path_factory, table):
     accepts_or_refuses(path)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(deadline=None)
 @given(texts=st.lists(st.text(min_size=1).filter(str.strip), min_size=1, max_size=6),
        suffix=st.sampled_from(["csv", "tsv", "jsonl", "csv.gz"]))
 def test_any_well_formed_manifest_reads_as_written(tmp_path_factory, texts, suffix):

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST_RETRY, batchtts, cli_env, ledger_rows, write_csv
+from conftest import FAST_RETRY, cli, cli_env, ledger_rows, write_csv
 from test_faults import done_files
 
 from batchtts.errors import EXIT_PROVIDER_STOP
@@ -41,7 +41,7 @@ def summary(stderr: str) -> dict:
 def test_each_kind_of_limiter_is_met_without_a_storm_of_429s(serve, tmp_path, limiter, headers, bound):
     server = serve(*limiter, "--rate-limit-headers", headers)
     out = tmp_path / "out"
-    result = batchtts("run", write_csv(tmp_path / "m.csv", rows(150)), "--out", out, "--model", MODEL,
+    result = cli("run", write_csv(tmp_path / "m.csv", rows(150)), "--out", out, "--model", MODEL,
                       "--base-url", server.url, "--concurrency", "64", "--log-format", "json", *FAST_RETRY, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(ledger_rows(out / "ledger.sqlite")) == 150
@@ -58,7 +58,7 @@ def test_a_spent_quota_stops_the_run_and_a_rerun_after_the_reset_goes_on(serve, 
     args = ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--max-wait", "0.5",
             "--log-format", "json", *FAST_RETRY]
     started = time.monotonic()
-    first = batchtts(*args)
+    first = cli(*args)
     assert first.returncode == EXIT_PROVIDER_STOP, first.stderr
     assert time.monotonic() - started < 20
     assert "Traceback" not in first.stderr
@@ -68,7 +68,7 @@ def test_a_spent_quota_stops_the_run_and_a_rerun_after_the_reset_goes_on(serve, 
     assert sum(e["status"] == "done" for e in entries.values()) == 20
     assert not any(e["status"] == "failed" for e in entries.values())  # the rest are pending, not failed
     server.faults(quota=100)  # a new period: the quota is fresh again
-    again = batchtts(*args)
+    again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert "20 already done" in again.stdout
     assert len(ledger_rows(out / "ledger.sqlite")) == 40
@@ -79,7 +79,7 @@ def test_nothing_listening_stops_the_run_with_exit_3_and_says_where_it_looked(tm
         sock.bind(("127.0.0.1", 0))  # bound but never listening: every connection is refused
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/api/v1"
         started = time.monotonic()
-        result = batchtts("run", write_csv(tmp_path / "m.csv", rows(200)), "--out", tmp_path / "out", "--model", MODEL,
+        result = cli("run", write_csv(tmp_path / "m.csv", rows(200)), "--out", tmp_path / "out", "--model", MODEL,
                           "--base-url", url, "--backoff-initial", "0.2", "--backoff-max", "1", timeout=60)
     seconds = time.monotonic() - started
     assert result.returncode == EXIT_PROVIDER_STOP, result.stderr

@@ -17,6 +17,7 @@ from conftest import (
     KEY,
     SAMPLES,
     batchtts,
+    cli,
     ledger_rows,
     sha,
     start_batchtts,
@@ -36,6 +37,11 @@ def run_args(manifest: Path, out: Path, server, *extra: str) -> list[str | Path]
     return ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, *FAST_RETRY, *extra]
 
 
+def events(stderr: str) -> list[dict]:
+    """The run's log events: off a terminal, one JSON object a line."""
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
 def assert_all_done(out: Path, count: int) -> dict:
     entries = ledger_rows(out / "ledger.sqlite")
     assert len(entries) == count
@@ -51,7 +57,9 @@ def assert_all_done(out: Path, count: int) -> dict:
 def test_happy_path_each_format_then_rerun_sends_nothing(serve, tmp_path, manifest):
     server = serve()
     out = tmp_path / "out"
-    result = batchtts(*run_args(SAMPLES / manifest, out, server, "--voice", "alloy"))
+    # The README's first `batchtts run`, as a user types it: in a process of its own, for one format.
+    run = batchtts if manifest == "lines.csv" else cli
+    result = run(*run_args(SAMPLES / manifest, out, server, "--voice", "alloy"))
     assert result.returncode == 0, result.stderr
     entries = ledger_rows(out / "ledger.sqlite")
     assert entries and server.stats()["requests"] == len(entries)
@@ -68,7 +76,7 @@ def test_happy_path_each_format_then_rerun_sends_nothing(serve, tmp_path, manife
         assert e["duration_s"] > 0.2 and e["sample_rate"] == 24000 and e["generation_id"]
     assert "narrated" in result.stdout
 
-    again = batchtts(*run_args(SAMPLES / manifest, out, server, "--voice", "alloy"))
+    again = run(*run_args(SAMPLES / manifest, out, server, "--voice", "alloy"))
     assert again.returncode == 0, again.stderr
     assert server.stats()["requests"] == len(entries)
     assert f"{len(entries)} already done" in again.stdout
@@ -77,7 +85,7 @@ def test_happy_path_each_format_then_rerun_sends_nothing(serve, tmp_path, manife
 def test_jsonl_row_options_reach_the_provider_and_output_names_the_file(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
-    assert batchtts(*run_args(SAMPLES / "lines.jsonl", out, server)).returncode == 0
+    assert cli(*run_args(SAMPLES / "lines.jsonl", out, server)).returncode == 0
     entries = ledger_rows(out / "ledger.sqlite")
     assert entries["j-004"]["path"] == "extras/named-by-output.mp3"
     assert (out / "extras" / "named-by-output.mp3").exists()
@@ -89,25 +97,27 @@ def test_each_retryable_status_recovers(serve, tmp_path, status):
     server = serve("--fail-first", "2", "--fail-status", str(status), "--retry-after", "0.01")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(5))
-    result = batchtts(*run_args(manifest, out, server))
+    result = cli(*run_args(manifest, out, server))
     assert result.returncode == 0, result.stderr
     assert_all_done(out, 5)
     for row in rows(5):
         assert server.requests_for(row["text"]) == 3
     assert all(e["attempts"] == 3 for e in ledger_rows(out / "ledger.sqlite").values())
-    assert '"retry"' in result.stderr or "retry" in result.stderr
+    # Off a terminal each retry is a JSON event naming its row, its attempt and the status it met.
+    retries = sorted((e["row"], e["id"], e["attempt"], e["status"]) for e in events(result.stderr) if e["event"] == "retry")
+    assert retries == [(i + 1, row["id"], attempt, status) for i, row in enumerate(rows(5)) for attempt in (1, 2)]
 
 
 def test_exhausted_retries_fail_the_row_and_the_next_run_retries_it(serve, tmp_path):
     server = serve("--fail-first", "3", "--fail-status", "503")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(2))
-    first = batchtts(*run_args(manifest, out, server, "--max-attempts", "2"))
+    first = cli(*run_args(manifest, out, server, "--max-attempts", "2"))
     assert first.returncode == 1
     failed = ledger_rows(out / "ledger.sqlite")
     assert {e["status"] for e in failed.values()} == {"failed"}
     assert all(e["http_status"] == 503 and e["retryable"] == 1 for e in failed.values())
-    second = batchtts(*run_args(manifest, out, server, "--max-attempts", "2"))
+    second = cli(*run_args(manifest, out, server, "--max-attempts", "2"))
     assert second.returncode == 0, second.stderr
     assert_all_done(out, 2)
 
@@ -116,7 +126,7 @@ def test_retry_after_pauses_the_whole_pool(serve, tmp_path):
     server = serve("--fail-first", "1", "--fail-status", "429", "--retry-after", "0.6", "--rate-limit-headers", "retry-after")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(6))
-    result = batchtts(*run_args(manifest, out, server, "--concurrency", "2"))
+    result = cli(*run_args(manifest, out, server, "--concurrency", "2"))
     assert result.returncode == 0, result.stderr
     log = server.stats()["log"]
     first_429 = min(e["t"] for e in log if e["status"] == 429)
@@ -134,7 +144,7 @@ def test_ratelimit_reset_header_alone_is_honoured(serve, tmp_path):
     server = serve("--rate-limit", "5", "--rate-limit-headers", "reset")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(12))
-    result = batchtts(*run_args(manifest, out, server, "--concurrency", "8"))
+    result = cli(*run_args(manifest, out, server, "--concurrency", "8"))
     assert result.returncode == 0, result.stderr
     assert_all_done(out, 12)
     stats = server.stats()
@@ -147,7 +157,7 @@ def test_bad_request_fails_only_its_row(serve, tmp_path):
     data = rows(4)
     data[2]["text"] = "This row is [[bad]] on purpose."
     manifest = write_csv(tmp_path / "m.csv", data)
-    result = batchtts(*run_args(manifest, out, server))
+    result = cli(*run_args(manifest, out, server))
     assert result.returncode == 1
     entries = ledger_rows(out / "ledger.sqlite")
     assert entries["r002"]["status"] == "failed" and entries["r002"]["http_status"] == 400
@@ -155,12 +165,12 @@ def test_bad_request_fails_only_its_row(serve, tmp_path):
     assert sum(e["status"] == "done" for e in entries.values()) == 3
     assert server.requests_for(data[2]["text"]) == 1
 
-    status = batchtts("status", out, "--json")
+    status = batchtts("status", out, "--json")  # the README's `batchtts status`, in a process of its own
     report = json.loads(status.stdout)
     assert (report["total"], report["done"], report["failed"], report["pending"]) == (4, 3, 1, 0)
-    again = batchtts(*run_args(manifest, out, server))
+    again = cli(*run_args(manifest, out, server))
     assert again.returncode == 1 and server.requests_for(data[2]["text"]) == 1
-    batchtts(*run_args(manifest, out, server, "--retry-failed"))
+    cli(*run_args(manifest, out, server, "--retry-failed"))
     assert server.requests_for(data[2]["text"]) == 2
 
 
@@ -168,7 +178,7 @@ def test_missing_model_is_a_permanent_404(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "hello", "voice": "alloy", "model": "test/missing-model"}])
-    result = batchtts(*run_args(manifest, out, server))
+    result = cli(*run_args(manifest, out, server))
     assert result.returncode == 1
     assert ledger_rows(out / "ledger.sqlite")["a"]["http_status"] == 404
     assert "Model not found" in ledger_rows(out / "ledger.sqlite")["a"]["error"]
@@ -178,12 +188,12 @@ def test_bad_key_stops_with_exit_3_and_a_rerun_resumes(serve, tmp_path):
     server = serve("--api-key", "the-right-key")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(6))
-    result = batchtts(*run_args(manifest, out, server, "--concurrency", "2"), key="a-wrong-key")
+    result = cli(*run_args(manifest, out, server, "--concurrency", "2"), key="a-wrong-key")
     assert result.returncode == 3
     assert "check the key" in result.stdout
     assert not [e for e in ledger_rows(out / "ledger.sqlite").values() if e["status"] == "done"]
     assert server.stats()["requests"] <= 2  # stopped taking rows at once
-    rerun = batchtts(*run_args(manifest, out, server), key="the-right-key")
+    rerun = cli(*run_args(manifest, out, server), key="the-right-key")
     assert rerun.returncode == 0, rerun.stderr
     assert_all_done(out, 6)
 
@@ -193,12 +203,12 @@ def test_a_base_url_with_no_api_behind_it_stops_with_exit_3_and_says_where_to_lo
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(6))
     wrong = server.url.removesuffix("/api/v1")
-    result = batchtts("run", manifest, "--out", out, "--model", "m", "--voice", "v", "--base-url", wrong,
+    result = cli("run", manifest, "--out", out, "--model", "m", "--voice", "v", "--base-url", wrong,
                       "--concurrency", "2")
     assert result.returncode == 3, result.stderr
     assert f"no speech API at {wrong}/audio/speech" in result.stdout and "check the base URL" in result.stdout
     assert ledger_rows(out / "ledger.sqlite") == {}  # nothing recorded as failed: the rerun does every row
-    rerun = batchtts(*run_args(manifest, out, server))
+    rerun = cli(*run_args(manifest, out, server))
     assert rerun.returncode == 0, rerun.stderr
     assert_all_done(out, 6)
 
@@ -207,13 +217,13 @@ def test_exhausted_credits_stop_with_exit_3_and_nothing_is_paid_twice(serve, tmp
     server = serve("--credits", "3")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(8))
-    result = batchtts(*run_args(manifest, out, server, "--concurrency", "1"))
+    result = cli(*run_args(manifest, out, server, "--concurrency", "1"))
     assert result.returncode == 3
     assert "add credits" in result.stdout
     done = [k for k, e in ledger_rows(out / "ledger.sqlite").items() if e["status"] == "done"]
     assert len(done) == 3
     server.faults(credits=None)
-    rerun = batchtts(*run_args(manifest, out, server))
+    rerun = cli(*run_args(manifest, out, server))
     assert rerun.returncode == 0, rerun.stderr
     assert_all_done(out, 8)
     assert set(server.successes_by_input().values()) == {1}
@@ -225,7 +235,7 @@ def test_cut_connections_are_retried_and_files_are_byte_exact(serve, tmp_path, f
     server = serve(fault, "2")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(4))
-    result = batchtts(*run_args(manifest, out, server, "--format", fmt))
+    result = cli(*run_args(manifest, out, server, "--format", fmt))
     assert result.returncode == 0, result.stderr
     entries = assert_all_done(out, 4)
     reference = serve()
@@ -249,7 +259,7 @@ def test_read_timeout_on_a_stalled_body_is_retried(serve, tmp_path):
     server = serve("--stall-first", "1", "--stall-seconds", "3")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(2))
-    result = batchtts(*run_args(manifest, out, server, "--timeout", "0.3"))
+    result = cli(*run_args(manifest, out, server, "--timeout", "0.3"))
     assert result.returncode == 0, result.stderr
     assert "read timed out" in result.stderr
     assert_all_done(out, 2)
@@ -266,7 +276,7 @@ def test_kill_9_then_rerun_completes_without_requesting_done_rows_again(serve, t
     done_before = {k for k, e in ledger_rows(ledger).items() if e["status"] == "done"}
     assert 12 <= len(done_before) < 80
 
-    rerun = batchtts(*run_args(manifest, out, server, "--concurrency", "4", "--format", "wav"))
+    rerun = cli(*run_args(manifest, out, server, "--concurrency", "4", "--format", "wav"))
     assert rerun.returncode == 0, rerun.stderr
     entries = assert_all_done(out, 80)
     for e in entries.values():
@@ -296,7 +306,7 @@ def test_sigint_finishes_in_flight_rows_and_exits_130_and_lock_refuses_a_second_
     assert "interrupted by SIGINT" in stdout
     entries = ledger_rows(out / "ledger.sqlite")
     assert 2 <= len(entries) < 20 and all(e["status"] == "done" for e in entries.values())
-    rerun = batchtts(*run_args(manifest, out, server, "--concurrency", "8"))
+    rerun = cli(*run_args(manifest, out, server, "--concurrency", "8"))
     assert rerun.returncode == 0
     assert_all_done(out, 20)
     assert set(server.successes_by_input().values()) == {1}
@@ -317,11 +327,11 @@ def test_edited_row_is_narrated_again_and_only_it(serve, tmp_path):
     out = tmp_path / "out"
     data = rows(5)
     manifest = write_csv(tmp_path / "m.csv", data)
-    assert batchtts(*run_args(manifest, out, server)).returncode == 0
+    assert cli(*run_args(manifest, out, server)).returncode == 0
     before = ledger_rows(out / "ledger.sqlite")
     data[3]["text"] = "An edited sentence."
     write_csv(manifest, data)
-    assert batchtts(*run_args(manifest, out, server)).returncode == 0
+    assert cli(*run_args(manifest, out, server)).returncode == 0
     stats = server.stats()
     assert stats["requests"] == 6 and server.requests_for("An edited sentence.") == 1
     after = ledger_rows(out / "ledger.sqlite")
@@ -333,9 +343,9 @@ def test_deleted_file_is_narrated_again(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(3))
-    assert batchtts(*run_args(manifest, out, server)).returncode == 0
+    assert cli(*run_args(manifest, out, server)).returncode == 0
     (out / "r001.mp3").unlink()
-    assert batchtts(*run_args(manifest, out, server)).returncode == 0
+    assert cli(*run_args(manifest, out, server)).returncode == 0
     assert server.stats()["requests"] == 4 and (out / "r001.mp3").exists()
 
 
@@ -343,20 +353,20 @@ def test_the_key_never_appears_in_logs_ledger_or_files(serve, tmp_path):
     server = serve("--fail-first", "1", "--fail-status", "503")
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(3))
-    result = batchtts(*run_args(manifest, out, server, "--log-format", "json"))
+    result = cli(*run_args(manifest, out, server, "--log-format", "json"))
     assert result.returncode == 0
     assert KEY not in result.stdout and KEY not in result.stderr
     assert '"event": "start"' in result.stderr and "OPENROUTER_API_KEY" in result.stderr
     for path in out.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
-    dry = batchtts("run", manifest, "--out", out, "--model", MODEL, "--dry-run")
+    dry = cli("run", manifest, "--out", out, "--model", MODEL, "--dry-run")
     assert KEY not in dry.stdout + dry.stderr
 
 
 def test_missing_key_fails_fast_with_exit_2(serve, tmp_path):
     server = serve()
-    result = batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(2)), tmp_path / "out", server), key=None)
+    result = cli(*run_args(write_csv(tmp_path / "m.csv", rows(2)), tmp_path / "out", server), key=None)
     assert result.returncode == 2
     assert "OPENROUTER_API_KEY" in result.stderr and "Traceback" not in result.stderr
     assert server.stats()["requests"] == 0
@@ -367,7 +377,7 @@ def test_identical_rows_without_ids_are_narrated_once(serve, tmp_path):
     out = tmp_path / "out"
     manifest = tmp_path / "m.csv"
     manifest.write_text("text\nSame words twice.\nSame words twice.\nDifferent words.\n")
-    assert batchtts(*run_args(manifest, out, server, "--voice", "alloy")).returncode == 0
+    assert cli(*run_args(manifest, out, server, "--voice", "alloy")).returncode == 0
     assert server.stats()["requests"] == 2
     assert len(ledger_rows(out / "ledger.sqlite")) == 2
 
@@ -376,18 +386,19 @@ def test_limit_takes_the_first_rows_left(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(5))
-    assert batchtts(*run_args(manifest, out, server, "--limit", "2")).returncode == 0
+    assert cli(*run_args(manifest, out, server, "--limit", "2")).returncode == 0
     assert set(ledger_rows(out / "ledger.sqlite")) == {"r000", "r001"}
-    assert batchtts(*run_args(manifest, out, server, "--limit", "2")).returncode == 0
+    assert cli(*run_args(manifest, out, server, "--limit", "2")).returncode == 0
     assert set(ledger_rows(out / "ledger.sqlite")) == {"r000", "r001", "r002", "r003"}
 
 
 def test_export_joins_manifest_and_ledger_with_carried_columns(serve, tmp_path):
     server = serve()
     out = tmp_path / "out"
-    assert batchtts(*run_args(SAMPLES / "dataset.parquet", out, server, "--voice", "echo", "--format", "wav")).returncode == 0
+    assert cli(*run_args(SAMPLES / "dataset.parquet", out, server, "--voice", "echo", "--format", "wav")).returncode == 0
     for target in ("results.parquet", "results.csv"):
-        result = batchtts("export", out, "--to", tmp_path / target)
+        export = batchtts if target.endswith("parquet") else cli  # the README's `batchtts export`, as typed
+        result = export("export", out, "--to", tmp_path / target)
         assert result.returncode == 0, result.stderr
         table = pq.read_table(tmp_path / target) if target.endswith("parquet") else pacsv.read_csv(tmp_path / target)
         data = table.to_pylist()
@@ -412,14 +423,14 @@ def test_a_second_signal_stops_at_once_and_leaves_no_partial_file_under_a_final_
     entries = ledger_rows(out / "ledger.sqlite")
     assert entries == {}
     server.faults(latency=0)
-    assert batchtts(*run_args(tmp_path / "m.csv", out, server)).returncode == 0
+    assert cli(*run_args(tmp_path / "m.csv", out, server)).returncode == 0
     assert_all_done(out, 6)
 
 
 def test_off_a_terminal_progress_is_a_periodic_json_event(serve, tmp_path):
     server = serve("--latency", "0.1")
     out = tmp_path / "out"
-    result = batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(12)), out, server, "--concurrency", "2",
+    result = cli(*run_args(write_csv(tmp_path / "m.csv", rows(12)), out, server, "--concurrency", "2",
                                 "--progress-interval", "0.15"))
     assert result.returncode == 0
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]

@@ -3,19 +3,24 @@ the API's JSON error shape, quiet client disconnects, start-up mistakes as usage
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from importlib import resources
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from conftest import Server, batchtts, wait_for
 
+from batchtts.server import MODELS_FIXTURE, ServeConfig
+
 SPEECH = {"model": "openai/gpt-4o-mini-tts", "input": "hello", "voice": "alloy"}
 DEEP = b"[" * 5000 + b"]" * 5000
 MiB = 1 << 20
+MAX_BODY = ServeConfig().max_body_bytes
 
 
 def assert_json_error(response: httpx.Response, status: int) -> str:
@@ -156,12 +161,26 @@ def test_an_oversized_body_gets_413_without_being_buffered(serve):
     assert vm_kib(pid, "VmRSS") < rss + 32 * 1024
     assert vm_kib(pid, "VmHWM") < peak + 32 * 1024
     assert server.stats()["by_status"] == {"200": 1, "413": 4}
-    just_under = {**SPEECH, "input": "hi", "pad": "x" * (MiB - 200)}
+    just_under = {**SPEECH, "input": "hi", "pad": "x" * (MAX_BODY - 200)}
     assert httpx.post(f"{server.url}/audio/speech", json=just_under, timeout=5).status_code == 200
 
     assert server.faults(max_body_bytes=10)["max_body_bytes"] == 10  # /faults keeps its own limit
     assert_json_error(httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 413)
-    assert server.faults(max_body_bytes=MiB)["max_body_bytes"] == MiB
+    assert server.faults(max_body_bytes=MAX_BODY)["max_body_bytes"] == MAX_BODY
+
+
+def test_the_model_table_is_the_shipped_fixture_and_max_input_chars_overrides_its_limits(serve):
+    server = serve()
+    shipped = json.loads(resources.files("batchtts").joinpath(MODELS_FIXTURE).read_text(encoding="utf-8"))
+    listed = httpx.get(f"{server.url}/models", params={"output_modalities": "all"}, timeout=5).json()
+    assert listed == shipped
+    limit = next(m["context_length"] for m in shipped["data"] if m["id"] == SPEECH["model"])
+    assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * limit}, timeout=5).status_code == 200
+
+    assert server.faults(max_input_chars=10)["max_input_chars"] == 10
+    too_long = httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * 11}, timeout=5)
+    assert "longer than 10 characters" in assert_json_error(too_long, 400)
+    assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * 10}, timeout=5).status_code == 200
 
 
 def test_client_disconnects_leave_stderr_clean(serve):

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,24 +29,28 @@ import yaml
 from conftest import (
     FAST_RETRY,
     ROOT,
-    batchtts,
+    cli,
     cli_env,
     error_message,
     ledger_rows,
+    start_batchtts,
+    stop,
     wait_for,
     write_csv,
 )
 
-from batchtts.budget import usd
-from batchtts.config import Budget, Job, parse_duration, redact_uri
+from batchtts.config import Budget, Job, parse_duration
 from batchtts.errors import (
     EXIT_BUDGET,
     EXIT_MAX_RUNTIME,
     EXIT_PROVIDER_STOP,
+    EXIT_SIGINT,
     EXIT_USAGE,
     UsageError,
 )
 from batchtts.models import parse
+from batchtts.money import usd
+from batchtts.redact import redact_uri
 from batchtts.sharding import Shard, detect, shard_of
 from batchtts.storage import OutputFolder
 
@@ -82,7 +87,7 @@ def plan_lines(stdout: str) -> dict[str, list[str]]:
 
 def test_models_lists_prices_and_limits_and_is_cached_for_a_day(serve):
     server = serve()
-    listed = batchtts("models", "--base-url", server.url, "--json")
+    listed = cli("models", "--base-url", server.url, "--json")
     assert listed.returncode == 0, listed.stderr
     models = {m["id"]: m for m in json.loads(listed.stdout)["models"]}
     assert set(models) == {MODEL, "elevenlabs/eleven-turbo-v2", "local/espeak-ng"}
@@ -92,10 +97,10 @@ def test_models_lists_prices_and_limits_and_is_cached_for_a_day(serve):
 
     server.process.terminate()
     server.process.wait(5)
-    cached = batchtts("models", "--base-url", server.url)
+    cached = cli("models", "--base-url", server.url)
     assert cached.returncode == 0, cached.stderr
     assert "cached at" in cached.stdout and "$0.60" in cached.stdout and "4,096" in cached.stdout
-    refreshed = batchtts("models", "--base-url", server.url, "--refresh")
+    refreshed = cli("models", "--base-url", server.url, "--refresh")
     assert refreshed.returncode == EXIT_USAGE
     assert "cannot reach" in refreshed.stderr and "Traceback" not in refreshed.stderr
 
@@ -129,10 +134,10 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
         {"id": "offline", "text": "A row the embedded engine narrates.", "voice": "en", "model": "local/espeak-ng"},
     ])
     chunking = ("--chunk-chars", "500")
-    assert batchtts(*run_args(manifest, out, server, *chunking, "--limit", "2")).returncode == 0
+    assert cli(*run_args(manifest, out, server, *chunking, "--limit", "2")).returncode == 0
     before = len(received(server))
 
-    dry = batchtts(*run_args(manifest, out, server, *chunking, "--dry-run"), key=None)
+    dry = cli(*run_args(manifest, out, server, *chunking, "--dry-run"), key=None)
     assert dry.returncode == 0, dry.stderr
     assert len(server.stats()["log"]) == before  # the dry run sent no speech request
     table = plan_lines(dry.stdout)
@@ -143,7 +148,7 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
     assert table["local/espeak-ng"][-2:] == ["$0.00", "$0.0000"]
     assert "model list" in dry.stdout  # fetched by the first run, cached since
 
-    real = batchtts(*run_args(manifest, out, server, *chunking))
+    real = cli(*run_args(manifest, out, server, *chunking))
     assert real.returncode == 0, real.stderr
     sent = Counter()
     sent_requests = Counter()
@@ -168,7 +173,7 @@ def test_max_chars_stops_at_the_cap_and_reruns_complete_the_job(serve, tmp_path)
     length = len(rows(10)[0]["text"])
     cap = 3 * length + length // 2  # three rows fit, the fourth would pass the cap
 
-    first = batchtts(*run_args(manifest, out, server, "--max-chars", str(cap), "--concurrency", "2",
+    first = cli(*run_args(manifest, out, server, "--max-chars", str(cap), "--concurrency", "2",
                                "--progress-interval", "0.05"))
     assert first.returncode == EXIT_BUDGET, first.stderr
     progress = [e for e in map(json.loads, first.stderr.splitlines()) if e["event"] == "progress"]
@@ -179,7 +184,7 @@ def test_max_chars_stops_at_the_cap_and_reruns_complete_the_job(serve, tmp_path)
 
     codes = []
     for _ in range(3):
-        codes.append(batchtts(*run_args(manifest, out, server, "--max-chars", str(cap))).returncode)
+        codes.append(cli(*run_args(manifest, out, server, "--max-chars", str(cap))).returncode)
     assert codes == [EXIT_BUDGET, EXIT_BUDGET, 0]  # 6, 9, then the last row: each night takes its share
     done = ledger_rows(out / "ledger.sqlite")
     assert len(done) == 10 and all(e["status"] == "done" for e in done.values())
@@ -197,13 +202,13 @@ def test_a_row_over_the_budget_fails_by_name_and_free_local_rows_are_not_counted
     manifest = write_csv(tmp_path / "m.csv", [short[0], huge, short[1], free, *short[2:]])
     cap = ("--max-chars", str(4 * length))  # four short rows; the huge one alone passes it; the local row is free
 
-    dry = batchtts(*run_args(manifest, out, server, *cap, "--dry-run"), key=None)
+    dry = cli(*run_args(manifest, out, server, *cap, "--dry-run"), key=None)
     assert dry.returncode == 0, dry.stderr
     assert f"this run takes 5 of the 8 rows to do: {4 * length:,} characters sent" in dry.stdout
     assert "then the character budget" in dry.stdout and "1 row passed over" in dry.stdout
     assert "row 2 (huge): needs 840 characters, more than the budget per run allows (--max-chars" in dry.stdout
 
-    first = batchtts(*run_args(manifest, out, server, *cap))
+    first = cli(*run_args(manifest, out, server, *cap))
     assert first.returncode == EXIT_BUDGET, first.stderr  # the cap was reached, and that says more than the failure
     assert "character budget" in first.stdout and "narrated 5 rows, 1 failed" in first.stdout
     assert f"{4 * length:,} characters sent (and {len(free['text']):,} narrated locally)" in first.stdout
@@ -212,19 +217,19 @@ def test_a_row_over_the_budget_fails_by_name_and_free_local_rows_are_not_counted
     assert {k for k, e in entries.items() if e["status"] == "done"} == {"r0000", "r0001", "free", "r0002", "r0003"}
     assert entries["huge"]["status"] == "failed" and entries["huge"]["retryable"] == 1  # tried again next run
     assert "raise it to narrate this row" in entries["huge"]["error"]
-    status = batchtts("status", out)
+    status = cli("status", out)
     assert "row 2 (huge): needs 840 characters" in status.stdout and "retried on next run" in status.stdout
 
-    second = batchtts(*run_args(manifest, out, server, *cap))  # the rest; the huge row fails again, by name
+    second = cli(*run_args(manifest, out, server, *cap))  # the rest; the huge row fails again, by name
     assert second.returncode == 1 and "see the failed rows with" in second.stdout, second.stdout
     assert sum(e["status"] == "done" for e in ledger_rows(out / "ledger.sqlite").values()) == 7
 
-    limited = batchtts(*run_args(manifest, tmp_path / "limited", server, *cap, "--limit", "2"))
+    limited = cli(*run_args(manifest, tmp_path / "limited", server, *cap, "--limit", "2"))
     assert limited.returncode == 1  # the row passed over does not count against --limit
     assert {k for k, e in ledger_rows(tmp_path / "limited" / "ledger.sqlite").items() if e["status"] == "done"} == {
         "r0000", "r0001"}
 
-    raised = batchtts(*run_args(manifest, out, server, "--max-chars", str(len(huge["text"]))))
+    raised = cli(*run_args(manifest, out, server, "--max-chars", str(len(huge["text"]))))
     assert raised.returncode == 0, raised.stdout
     entries = ledger_rows(out / "ledger.sqlite")
     assert len(entries) == 8 and all(e["status"] == "done" for e in entries.values()) and len(received(server)) == 9
@@ -239,19 +244,19 @@ def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, t
     # $100 per million characters here: a row costs length * 0.0001.
     job.write_text(f'manifest = "m.csv"\nout = "out"\n[defaults]\nmodel = "{MODEL}"\n'
                    f'[provider]\nbase_url = "{server.url}"\n[prices]\n"{MODEL}" = 100\n')
-    capped = batchtts("run", job, "--max-cost", str(round(5.5 * length * 0.0001, 6)), *FAST_RETRY)
+    capped = cli("run", job, "--max-cost", str(round(5.5 * length * 0.0001, 6)), *FAST_RETRY)
     assert capped.returncode == EXIT_BUDGET, capped.stderr
     assert "cost budget" in capped.stdout
     assert len(ledger_rows(out / "ledger.sqlite")) == 5
     assert re.search(r"estimated cost \$([\d.]+)", capped.stdout)[1] == f"{5 * length * 0.0001:.4f}"
-    assert "prices: job file" in batchtts("run", job, "--dry-run").stdout
+    assert "prices: job file" in cli("run", job, "--dry-run").stdout
 
-    unpriced = batchtts(*run_args(manifest, tmp_path / "other", server, "--model", "acme/new-tts", "--max-cost", "1"))
+    unpriced = cli(*run_args(manifest, tmp_path / "other", server, "--model", "acme/new-tts", "--max-cost", "1"))
     assert unpriced.returncode == EXIT_USAGE
     assert "--max-cost needs a price for acme/new-tts" in unpriced.stderr
     assert len(server.stats()["log"]) == 5
 
-    uncapped = batchtts(*run_args(manifest, tmp_path / "other", server, "--model", "acme/new-tts", "--limit", "2"))
+    uncapped = cli(*run_args(manifest, tmp_path / "other", server, "--model", "acme/new-tts", "--limit", "2"))
     assert uncapped.returncode == 0, uncapped.stderr
     assert f"estimated cost unknown ({2 * length} characters to models without a known price)" in uncapped.stdout
 
@@ -259,7 +264,7 @@ def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, t
 def test_a_job_file_with_the_old_chunk_limit_key_is_refused_with_the_new_names(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text('manifest = "m.csv"\nout = "out"\nmax_chars = 3000\n')
-    result = batchtts("run", job)
+    result = cli("run", job)
     assert result.returncode == EXIT_USAGE
     assert "max_chars is now chunk_chars" in result.stderr and "[budget]" in result.stderr
 
@@ -272,7 +277,7 @@ def test_max_runtime_ends_inside_the_window_and_the_next_run_goes_on(serve, tmp_
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(60))
     started = time.monotonic()
-    first = batchtts(*run_args(manifest, out, server, "--concurrency", "2", "--max-runtime", "2", "--grace", "0.5"))
+    first = cli(*run_args(manifest, out, server, "--concurrency", "2", "--max-runtime", "2", "--grace", "0.5"))
     assert first.returncode == EXIT_MAX_RUNTIME, first.stderr
     assert time.monotonic() - started < 10  # a process start, then a run that gave up on its own
     events = [json.loads(line) for line in first.stderr.splitlines()]  # not a terminal: JSON lines
@@ -282,20 +287,26 @@ def test_max_runtime_ends_inside_the_window_and_the_next_run_goes_on(serve, tmp_
     kept = len(ledger_rows(out / "ledger.sqlite"))
     assert 0 < kept < 60
 
-    second = batchtts(*run_args(manifest, out, server, "--concurrency", "16"))
+    second = cli(*run_args(manifest, out, server, "--concurrency", "16"))
     assert second.returncode == 0, second.stderr
     assert len(ledger_rows(out / "ledger.sqlite")) == 60
 
 
 def test_a_long_row_whose_chunks_all_came_back_is_stitched_even_as_the_run_stops(serve, tmp_path):
-    server = serve("--latency", "1.0")
+    server = serve("--latency", "1.5")
     long_text = " ".join(f"Sentence {i} of a chapter that needs three requests." for i in range(30))
     manifest = write_csv(tmp_path / "m.csv", [{"id": "chapter", "text": long_text, "voice": "nova"}, *rows(20)])
     out = tmp_path / "out"
-    # No new rows after 0.8 s; the chunks, in flight since the start, come back after that, inside the window.
-    result = batchtts(*run_args(manifest, out, server, "--chunk-chars", "600", "--concurrency", "3",
-                                "--max-runtime", "1.6", "--grace", "0.8"))
-    assert result.returncode == EXIT_MAX_RUNTIME, result.stderr
+    proc = start_batchtts(*run_args(manifest, out, server, "--chunk-chars", "600", "--concurrency", "3"))
+    try:
+        # The stop comes while the chapter's three chunks are in flight, whatever the start-up took.
+        wait_for(lambda: server.stats()["in_flight"] == 3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == EXIT_SIGINT, stderr
+    assert server.stats()["requests"] == 3  # no row was taken on after the stop
     assert ledger_rows(out / "ledger.sqlite")["chapter"]["status"] == "done"
     assert (out / "chapter.mp3").stat().st_size > 0
 
@@ -426,7 +437,8 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     procs = [subprocess.Popen(argv, env={**cli_env(), **extra, "PATH": bindir + os.pathsep + os.environ["PATH"]},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for argv, extra in launches]
-    for proc, source in zip(procs, ["--shard", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_ID"]):
+    for proc, source in zip(procs, ["--shard", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_ID"],
+                            strict=True):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         assert f"/4, from {source})" in stdout  # the summary says which shard ran, and why
@@ -439,19 +451,19 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     assert len(received(server)) == 240
 
     single = tmp_path / "single"
-    assert batchtts(*run_args(manifest, single, server, "--voice", "alloy", "--format", "wav")).returncode == 0
-    merged = json.loads(batchtts("status", sharded, "--json").stdout)
-    one = json.loads(batchtts("status", single, "--json").stdout)
+    assert cli(*run_args(manifest, single, server, "--voice", "alloy", "--format", "wav")).returncode == 0
+    merged = json.loads(cli("status", sharded, "--json").stdout)
+    one = json.loads(cli("status", single, "--json").stdout)
     for field in ("total", "done", "failed", "pending", "bytes", "audio_s"):
         assert merged[field] == one[field], field
     assert merged["total"] == 240 and merged["pending"] == 0 and len(merged["ledgers"]) == 4
-    listed = json.loads(batchtts("status", *ledgers, "--json").stdout)
+    listed = json.loads(cli("status", *ledgers, "--json").stdout)
     assert listed["done"] == 240
-    half = json.loads(batchtts("status", *ledgers[:2], "--json").stdout)
+    half = json.loads(cli("status", *ledgers[:2], "--json").stdout)
     assert half["total"] == len(keys[0]) + len(keys[1]) == half["done"]
 
-    assert batchtts("export", sharded).returncode == 0
-    assert batchtts("export", single).returncode == 0
+    assert cli("export", sharded).returncode == 0
+    assert cli("export", single).returncode == 0
     a = pq.read_table(sharded / "results.parquet").to_pylist()
     b = pq.read_table(single / "results.parquet").to_pylist()
     assert len(a) == 240 and a == b
@@ -460,13 +472,13 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     assert (sharded / "results.parquet").stat().st_mode & 0o777 == 0o666 & ~umask  # as any file written in place
 
     # The same ledger named twice is read once.
-    twice = json.loads(batchtts("status", ledgers[0], sharded / ".." / sharded.name / ledgers[0].name, "--json").stdout)
-    assert twice["done"] == len(keys[0]) and twice["bytes"] == json.loads(batchtts("status", ledgers[0], "--json").stdout)["bytes"]
+    twice = json.loads(cli("status", ledgers[0], sharded / ".." / sharded.name / ledgers[0].name, "--json").stdout)
+    assert twice["done"] == len(keys[0]) and twice["bytes"] == json.loads(cli("status", ledgers[0], "--json").stdout)["bytes"]
 
     # Another shard layout on the same ledgers would buy their rows again: refused before any request.
     requests = server.stats()["requests"]
     for other in (["--shard", "0/2"], []):
-        refused = batchtts("run", job, *other)
+        refused = cli("run", job, *other)
         assert refused.returncode == EXIT_USAGE and "would be narrated again" in refused.stderr, refused.stderr
     assert server.stats()["requests"] == requests
 
@@ -474,11 +486,11 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     aside = tmp_path / "aside"
     aside.mkdir()
     ledgers[3].rename(aside / ledgers[3].name)
-    partial = json.loads(batchtts("status", sharded, "--json").stdout)
+    partial = json.loads(cli("status", sharded, "--json").stdout)
     assert partial["missing_shards"] == [3] and partial["total"] == 240
     assert partial["pending"] == len(keys[3]) and partial["done"] == 240 - len(keys[3])
-    assert "no ledger yet for shard 3" in batchtts("status", sharded).stdout
-    assert batchtts("export", sharded, "--to", tmp_path / "partial.csv").returncode == 0
+    assert "no ledger yet for shard 3" in cli("status", sharded).stdout
+    assert cli("export", sharded, "--to", tmp_path / "partial.csv").returncode == 0
     statuses = Counter(pacsv.read_csv(tmp_path / "partial.csv").column("status").to_pylist())
     assert statuses == {"done": 240 - len(keys[3]), "pending": len(keys[3])}
 
@@ -491,38 +503,38 @@ def test_two_jobs_sharing_a_ledger_folder_are_read_apart(serve, tmp_path):
         (tmp_path / f"{name}.toml").write_text(
             f'manifest = "{name}.csv"\nout = "out/{name}"\nledger = "state/{name}.sqlite"\nshard = "0/2"\n'
             f'[defaults]\nmodel = "{MODEL}"\nvoice = "alloy"\n[provider]\nbase_url = "{server.url}"\n')
-        assert batchtts("run", tmp_path / f"{name}.toml", *FAST_RETRY).returncode == 0
-    mine = json.loads(batchtts("status", "--job", tmp_path / "a.toml", "--json").stdout)
+        assert cli("run", tmp_path / f"{name}.toml", *FAST_RETRY).returncode == 0
+    mine = json.loads(cli("status", "--job", tmp_path / "a.toml", "--json").stdout)
     assert [Path(p).name for p in mine["ledgers"]] == ["a-shard-0000-of-0002.sqlite"]
     assert mine["total"] == 12 and mine["missing_shards"] == [1]
     assert mine["done"] == len(ledger_rows(tmp_path / "state" / "a-shard-0000-of-0002.sqlite")) == 12 - mine["pending"]
-    both = batchtts("status", tmp_path / "state")
+    both = cli("status", tmp_path / "state")
     assert both.returncode == EXIT_USAGE and "ledgers of several jobs (a.sqlite, b.sqlite)" in both.stderr
 
 
 def test_ledger_and_shard_mistakes_are_told_plainly(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text('manifest = "m.csv"\nout = "out"\nshard = 3\n')
-    wrong = batchtts("run", job)
+    wrong = cli("run", job)
     event = json.loads(wrong.stderr.splitlines()[-1])  # off a terminal, an expected fault is a JSON event
     assert event["event"] == "error" and event["exit_code"] == EXIT_USAGE == wrong.returncode
     assert 'shard takes "I/N"' in event["message"] == error_message(wrong)
     assert "Traceback" not in wrong.stderr
-    bucket = batchtts("status", "s3://bucket/audio")
+    bucket = cli("status", "s3://bucket/audio")
     assert bucket.returncode == EXIT_USAGE and "the ledger is on local disk" in bucket.stderr
-    missing = batchtts("status", tmp_path / "nothing-here")
+    missing = cli("status", tmp_path / "nothing-here")
     assert missing.returncode == EXIT_USAGE and "no such ledger file or folder" in missing.stderr
     # A run refused before it starts (here: no key) leaves no ledger behind to speak for the job.
     manifest = write_csv(tmp_path / "m.csv", rows(2))
-    keyless = batchtts("run", manifest, "--out", tmp_path / "out", "--model", MODEL, key=None)
+    keyless = cli("run", manifest, "--out", tmp_path / "out", "--model", MODEL, key=None)
     assert keyless.returncode == EXIT_USAGE and not (tmp_path / "out" / "ledger.sqlite").exists()
     (tmp_path / "out" / "ledger-shard-0000-of-0002.sqlite").touch()  # a shard's ledger not yet set up
-    dry = batchtts("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--dry-run", "--base-url",
+    dry = cli("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--dry-run", "--base-url",
                    "http://127.0.0.1:9/api/v1", key=None)
     assert dry.returncode == 0 and "Traceback" not in dry.stderr, dry.stderr
     (tmp_path / "Thumbs.db").write_bytes(b"not a database at all")
-    assert "not a batchtts ledger" in batchtts("status", tmp_path / "Thumbs.db").stderr
-    assert "no ledger in" in batchtts("status", tmp_path).stderr
+    assert "not a batchtts ledger" in cli("status", tmp_path / "Thumbs.db").stderr
+    assert "no ledger in" in cli("status", tmp_path).stderr
 
 
 def test_the_kubernetes_indexed_job_runs_its_command_as_shard_of_its_completions(serve):
@@ -599,23 +611,23 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
     uri = "s3://audio-bucket/narration/v1"
 
-    missing = batchtts(*run_args(manifest, uri, server), **env)
+    missing = cli(*run_args(manifest, uri, server), **env)
     assert missing.returncode == EXIT_USAGE and "needs a local ledger: pass --ledger" in missing.stderr
-    no_bucket = batchtts(*run_args(manifest, "s3://no-such-bucket/audio", server, "--ledger", ledger), **env)
+    no_bucket = cli(*run_args(manifest, "s3://no-such-bucket/audio", server, "--ledger", ledger), **env)
     assert no_bucket.returncode == EXIT_USAGE and "cannot write to s3://no-such-bucket/audio" in no_bucket.stderr
     assert server.stats()["requests"] == 0  # refused before any audio was bought
 
     # A dry run (and status) uses the ledger alone: no store needs to answer.
     unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    dry = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav", "--dry-run"), **unreachable)
+    dry = cli(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav", "--dry-run"), **unreachable)
     assert dry.returncode == 0 and "12 rows" in dry.stdout, dry.stderr
 
-    run = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **env)
+    run = cli(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **env)
     assert run.returncode == 0, run.stderr
     for named in (ledger, ledger.parent):  # the file, or the folder of ledgers
-        status = json.loads(batchtts("status", named, "--json", **unreachable).stdout)
+        status = json.loads(cli("status", named, "--json", **unreachable).stdout)
         assert status["done"] == 12 and status["pending"] == 0
-    idle = batchtts(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **unreachable)
+    idle = cli(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav"), **unreachable)
     assert idle.returncode == 0 and "narrated 0 rows" in idle.stdout, idle.stderr  # nothing to do: no store needed
     stored = objects(fs, "audio-bucket/narration/v1")
     entries = ledger_rows(ledger)
@@ -629,17 +641,17 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
 
     # Credentials in the URI itself, as pyarrow takes them: kept out of the output and the ledger too.
     secret_uri = f"s3://{S3_ENV['AWS_ACCESS_KEY_ID']}:{S3_ENV['AWS_SECRET_ACCESS_KEY']}@audio-bucket/narration/v1"
-    again = batchtts(*run_args(manifest, secret_uri, server, "--ledger", ledger, "--format", "wav"),
+    again = cli(*run_args(manifest, secret_uri, server, "--ledger", ledger, "--format", "wav"),
                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
     assert again.returncode == 0 and len(received(server)) == 12  # the rerun trusts the ledger: nothing sent
     assert "s3-SECRET" not in again.stdout + again.stderr
     assert all(b"s3-SECRET" not in p.read_bytes() for p in ledger.parent.glob("ledger.sqlite*"))
 
-    moved = batchtts(*run_args(manifest, "s3://audio-bucket/narration/v2", server, "--ledger", ledger), **env)
+    moved = cli(*run_args(manifest, "s3://audio-bucket/narration/v2", server, "--ledger", ledger), **env)
     assert moved.returncode == EXIT_USAGE and "records the audio of s3://audio-bucket/narration/v1" in moved.stderr
     assert objects(fs, "audio-bucket/narration/v2") == {}
 
-    exported = batchtts("export", ledger, **env)
+    exported = cli("export", ledger, **env)
     assert exported.returncode == 0, exported.stderr
     assert "s3://audio-bucket/narration/v1/results.parquet" in exported.stdout
     with fs.open_input_file("audio-bucket/narration/v1/results.parquet") as f:
@@ -669,11 +681,11 @@ def test_output_to_gcs_takes_the_same_path(serve, gcs, tmp_path):
     manifest = write_csv(tmp_path / "m.csv", rows(8))
     ledger = tmp_path / "ledger.sqlite"
     uri = f"gs://anonymous@audio-bucket/narration?scheme=http&endpoint_override=127.0.0.1:{port}"
-    run = batchtts(*run_args(manifest, uri, server, "--ledger", ledger))
+    run = cli(*run_args(manifest, uri, server, "--ledger", ledger))
     assert run.returncode == 0, run.stderr
     entries = ledger_rows(ledger)
     assert objects(fs, "audio-bucket/narration") == {e["path"]: e["bytes"] for e in entries.values()}
-    exported = batchtts("export", ledger)
+    exported = cli("export", ledger)
     assert exported.returncode == 0, exported.stderr
     with fs.open_input_file("audio-bucket/narration/results.parquet") as f:
         assert pq.read_table(f).num_rows == 8
@@ -745,7 +757,7 @@ def test_an_interrupted_upload_leaves_no_object_under_the_final_key(serve, s3, t
     args = run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav", "--chunk-chars", "2000")
     proxy = CuttingProxy(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])), limit=64 * 1024)
     try:
-        cut = batchtts(*args, timeout=120, **S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+        cut = cli(*args, timeout=120, **S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
     finally:
         proxy.close()
     assert cut.returncode == 1, cut.stderr
@@ -755,7 +767,7 @@ def test_an_interrupted_upload_leaves_no_object_under_the_final_key(serve, s3, t
     assert len(failed) == 4 and all(e["status"] == "failed" and e["retryable"] for e in failed.values())
     assert "upload to audio-bucket/cut/long0.wav failed" in failed["long0"]["error"]
 
-    healed = batchtts(*args, timeout=120, **S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    healed = cli(*args, timeout=120, **S3_ENV, AWS_ENDPOINT_URL=endpoint)
     assert healed.returncode == 0, healed.stderr
     entries = ledger_rows(ledger)
     assert objects(fs, "audio-bucket/cut") == {e["path"]: e["bytes"] for e in entries.values()}

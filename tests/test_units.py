@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from batchtts.client import HTTPSpeechClient, error_message, rate_hint
-from batchtts.config import Provider, RetryPolicy, Timeouts, load_job
+from batchtts.config import DEFAULT_RETRY_STATUSES, Provider, RetryPolicy, Timeouts, load_job
 from batchtts.errors import (
     FolderLockedError,
     HTTPStatusError,
@@ -20,10 +20,12 @@ from batchtts.errors import (
     TransportError,
     UsageError,
 )
-from batchtts.ledger import Ledger
+from batchtts.ledger import VERSION, Ledger, Stored
+from batchtts.manifest import Row
+from batchtts.names import safe_name, unsafe_reason
 from batchtts.providers import SpeechRequest
 from batchtts.retry import build_retrying, is_transient
-from batchtts.storage import OutputFolder, safe_name, unsafe_reason
+from batchtts.storage import OutputFolder
 
 
 def test_retry_after_in_seconds_dates_and_reset_milliseconds():
@@ -51,7 +53,7 @@ def test_error_message_takes_the_providers_words():
 def test_transient_means_listed_statuses_and_transport_faults_never_401_402():
     statuses = RetryPolicy().statuses
     assert is_transient(TransportError("dropped"), statuses)
-    assert all(is_transient(HTTPStatusError("x", s), statuses) for s in (429, 502, 503, 524, 529))
+    assert all(is_transient(HTTPStatusError("x", s), statuses) for s in DEFAULT_RETRY_STATUSES)
     assert not any(is_transient(HTTPStatusError("x", s), statuses) for s in (400, 404, 500))
     assert not is_transient(ProviderStopError("x", 402), statuses)
 
@@ -194,16 +196,20 @@ def test_partial_files_never_appear_under_final_names(tmp_path):
 
 def test_ledger_migrates_and_sums_attempts_per_fingerprint(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.record(key="a", fingerprint="f1", status="failed", attempts=2)
-    ledger.record(key="a", fingerprint="f1", status="done", attempts=1, bytes=3, path="a.mp3")
-    assert ledger.get("a")["attempts"] == 3
-    ledger.record(key="a", fingerprint="f2", status="done", attempts=1)
-    assert ledger.get("a")["attempts"] == 1
+    row = Row(1, "a", "hello", "m", "v", "mp3", None, None, None, {})
+    ledger.record_failed(row, TransportError("cut"), attempts=2, retryable=True)
+    assert ledger.get("a")["retryable"] == 1 and ledger.get("a")["error"] == "cut"
+    ledger.record_done(row, Stored("a.mp3", 3, "00", 24000, 1, 0.1), attempts=1, latency_s=0.2, generation_id="g")
+    done = ledger.get("a")
+    assert done["attempts"] == 3 and done["error"] is None and done["retryable"] == 0 and done["bytes"] == 3
+    edited = Row(1, "a", "hello again", "m", "v", "mp3", None, None, None, {})
+    ledger.record_done(edited, Stored("a.mp3", 4, "01", 24000, 1, 0.1), attempts=1, latency_s=0.2, generation_id="h")
+    assert ledger.get("a")["attempts"] == 1 and ledger.get("a")["fingerprint"] == edited.fingerprint
     ledger.close()
     again = Ledger(tmp_path / "l.sqlite")
-    assert again.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert again.db.execute("PRAGMA user_version").fetchone()[0] == VERSION
     assert again.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert again.lookup("a").fingerprint == "f2"
+    assert again.lookup("a").fingerprint == edited.fingerprint
     again.close()
 
 
@@ -268,11 +274,11 @@ def test_a_limit_on_requests_in_flight_is_told_from_a_rate_limit():
 
 def test_a_rate_limit_paces_at_what_got_through_then_probes_upwards(monkeypatch):
     from batchtts.errors import RateHint
-    from batchtts.throttle import _CUT, _FAST_GROWTH, _MARGIN, _QUIET, Throttle, Ticket, growth
+    from batchtts.throttle import _CUT, _FAST_GROWTH, _MARGIN, _MOST_GROWTH, _QUIET, _WINDOW, Throttle, Ticket, growth
 
     clock = [1000.0]
     throttle = Throttle(64, clock=lambda: clock[0])
-    for i in range(40):  # 40 successes a second, each with few in flight
+    for _ in range(40):  # 40 successes a second, each with few in flight
         clock[0] += 0.025
         throttle.succeeded(Ticket(clock[0], 3))
     throttle.rate_limited(Ticket(clock[0], 2), RateHint(wait=0.02, exact=True))
@@ -281,7 +287,7 @@ def test_a_rate_limit_paces_at_what_got_through_then_probes_upwards(monkeypatch)
     first = throttle.learned
     throttle.rate_limited(Ticket(clock[0] - 0.01, 2), RateHint(wait=0.02, exact=True))  # sent before the cut
     assert throttle.learned == first
-    for i in range(24):  # 40 a second still get through
+    for _ in range(24):  # 40 a second still get through
         clock[0] += 0.025
         throttle.succeeded(Ticket(clock[0], 3))
     assert throttle.learned == pytest.approx(first * _FAST_GROWTH)  # a rough first estimate grows fast
@@ -291,12 +297,12 @@ def test_a_rate_limit_paces_at_what_got_through_then_probes_upwards(monkeypatch)
     clock[0] += 0.01
     throttle.rate_limited(Ticket(clock[0], 2), RateHint(wait=0.02, exact=True))
     assert throttle.learned == pytest.approx(first * _CUT)  # a step down: still above what got through
-    for i in range(20):  # then only 20 a second get through
+    for _ in range(20):  # then only 20 a second get through
         clock[0] += 0.05
         throttle.succeeded(Ticket(clock[0], 3))
     throttle.rate_limited(Ticket(clock[0], 2), RateHint(wait=0.02, exact=True))
-    recent = sum(1 for t, _ in throttle._successes if t >= clock[0] - 2.0)
-    assert throttle.learned == pytest.approx(_MARGIN * recent / 2.0)  # down to the goodput
+    recent = sum(1 for t, _ in throttle._successes if t >= clock[0] - _WINDOW)
+    assert throttle.learned == pytest.approx(_MARGIN * recent / _WINDOW)  # down to the goodput
     assert throttle.learned < first * _CUT * _CUT
     settled = throttle.learned
     clock[0] += 1.0
@@ -304,8 +310,9 @@ def test_a_rate_limit_paces_at_what_got_through_then_probes_upwards(monkeypatch)
     assert throttle.learned == settled  # quiet for too short a while
     clock[0] += 2.5
     throttle.succeeded(Ticket(clock[0], 2))
-    assert throttle.learned == pytest.approx(settled * growth(1.5) ** 1.5, rel=0.01)
-    assert growth(0.0) < growth(_QUIET) < growth(60.0) == 1.5  # the longer it stays quiet, the faster it grows
+    growing = 1.0 + 2.5 - _QUIET  # seconds since the last 429, less the quiet ones before any growth
+    assert throttle.learned == pytest.approx(settled * growth(growing) ** growing, rel=0.01)
+    assert growth(0.0) < growth(_QUIET) < growth(60.0) == 1 + _MOST_GROWTH  # the longer it stays quiet, the faster it grows
 
 
 def test_the_request_rate_cap_paces_requests():

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import structlog
 from click.testing import CliRunner
-from conftest import batchtts, error_message, ledger_rows, write_csv
+from conftest import cli, error_message, ledger_rows, write_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from batchtts import cli
 from batchtts import models as listing_module
+from batchtts.cli import main
 from batchtts.config import Budget, Defaults, Job, Provider, RetryPolicy, Stitching, Timeouts, load_job
 from batchtts.engine import UnknownVoiceError, _Voice, engine
 from batchtts.errors import ManifestError, UsageError
@@ -31,14 +30,6 @@ from batchtts.runner import run
 
 SECRET = "sk-or-v1-0123456789abcdef"
 LOCAL = "local/espeak-ng"
-
-
-@pytest.fixture(autouse=True)
-def logging_as_found():
-    """The CLI run in-process configures logging for the whole process: restore it for later tests."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 def refusal(tmp_path: Path, text: str | bytes) -> str:
@@ -190,7 +181,7 @@ def test_the_key_variable_is_checked_by_name_and_by_content(tmp_path, monkeypatc
 
 
 def invoke(*args: str, **env: str):
-    result = CliRunner().invoke(cli.main, list(args), env={"OPENROUTER_API_KEY": None, "BATCHTTS_BASE_URL": None, **env})
+    result = CliRunner().invoke(main, list(args), env={"OPENROUTER_API_KEY": None, "BATCHTTS_BASE_URL": None, **env})
     assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, ValueError)), result.output
     return result
 
@@ -363,7 +354,7 @@ def test_bad_job_file_settings_send_no_request(serve, tmp_path):
     for setting in ('[timeouts]\nread = "slow"', "concurency = 3"):
         job_file = tmp_path / "job.toml"
         job_file.write_text(f'manifest = "m.csv"\nout = "out"\n{setting}\n')
-        result = batchtts("run", job_file, "--model", "openai/gpt-4o-mini-tts", "--base-url", server.url)
+        result = cli("run", job_file, "--model", "openai/gpt-4o-mini-tts", "--base-url", server.url)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert "\n" not in error_message(result).strip()
     assert server.stats()["requests"] == 0 and not (tmp_path / "out").exists()
@@ -373,10 +364,10 @@ def test_strict_refuses_an_unlisted_model_and_without_it_the_run_warns(serve, tm
     server = serve()
     manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
     args = ["run", manifest, "--model", "openai/gpt-4o-mini-ts", "--base-url", server.url]
-    strict = batchtts(*args, "--out", tmp_path / "strict", "--strict")
+    strict = cli(*args, "--out", tmp_path / "strict", "--strict")
     assert strict.returncode == 2 and "did you mean openai/gpt-4o-mini-tts?" in error_message(strict)
     assert server.stats()["requests"] == 0 and ledger_rows(tmp_path / "strict" / "ledger.sqlite") == {}
-    warned = batchtts(*args, "--out", tmp_path / "warned")
+    warned = cli(*args, "--out", tmp_path / "warned")
     events = [json.loads(line) for line in warned.stderr.splitlines() if line.startswith("{")]
     assert warned.returncode == 0 and [e["model"] for e in events if e["event"] == "unknown_model"] == ["openai/gpt-4o-mini-ts"]
     assert server.stats()["requests"] == 1
@@ -386,7 +377,7 @@ def test_a_base_url_with_a_key_sends_nothing_and_records_nothing(serve, tmp_path
     server = serve()
     manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "alloy"}])
     with_key = server.url.replace("http://", f"http://me:{SECRET}@")
-    result = batchtts("run", manifest, "--out", tmp_path / "out", "--model", "openai/gpt-4o-mini-tts",
+    result = cli("run", manifest, "--out", tmp_path / "out", "--model", "openai/gpt-4o-mini-tts",
                       "--base-url", with_key, key="k")
     assert result.returncode == 2 and "must not hold a user name or key" in error_message(result)
     assert SECRET not in result.stderr + result.stdout
@@ -461,7 +452,7 @@ def job_documents(draw) -> str:
     return "\n".join(lines) + "\n"
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=job_documents())
 def test_any_job_file_is_a_job_or_a_usage_error(tmp_path, document):
     job_file = tmp_path / "job.toml"

@@ -1,0 +1,225 @@
+"""Planning: what each manifest row needs, decided in one place.
+
+`Planner.decide` looks a row up in the ledger and the output folder and says what it needs: nothing
+(done), nothing this run (failed for good, another shard's row, past --limit or the budget), or
+work (the whole row, or the chunks of a long row not yet on disk), admitted by --limit and the
+budget in manifest order. The dry run and the start event count the decisions (`make_plan`), the
+feed hands their work to the pool (`pending_work`), and `status` counts them against a ledger.
+
+A run plans twice over one read of the manifest each: the first pass counts and notes which rows
+have work, the second builds only those rows again and decides them again, with the run's own
+budget. Nothing else has changed in between: the run holds the ledger's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from enum import Enum
+
+from . import manifest
+from .budget import Prices, Spending, Verdict
+from .chunking import limit_for, split_text
+from .config import Job
+from .ledger import Entry, Ledger, LedgerSet
+from .local import validate_manifest
+from .manifest import Row
+from .names import OutputChecks
+from .stitch import Part
+from .storage import OutputFolder
+from .work import Assembly, ChunkJob, PassedOver, WorkItem, characters
+
+
+class State(Enum):
+    DONE = "done"
+    FAILED = "failed"  # failed for good: tried again only with --retry-failed
+    ELSEWHERE = "elsewhere"  # another shard's row
+    WORK = "work"  # taken on by this run
+    OVER = "over"  # alone needs more than a budget cap allows: recorded as failed, with why
+    DEFERRED = "deferred"  # work the budget leaves to the next run
+    BEYOND_LIMIT = "beyond_limit"  # work past --limit: neither counted nor taken on
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    row: Row
+    state: State
+    work: tuple[WorkItem, ...] = ()
+    requests: int = 0  # one per row, or per missing chunk of a long row
+    characters: int = 0  # what those requests send
+
+
+def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed: bool) -> bool:
+    """The resume rule: skip a row only if its file is there as recorded, for the same audio."""
+    if entry is None or entry.fingerprint != row.fingerprint:
+        return True
+    if entry.status == "done":
+        return entry.path != row.relpath or not folder.has(entry.path, entry.bytes)
+    return entry.retryable or retry_failed
+
+
+class Planner:
+    """Decides rows in manifest order; `--limit` and the budget count what it has taken on so far."""
+
+    def __init__(self, job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
+                 owns: Callable[[str], bool] | None = None, spending: Spending | None = None) -> None:
+        self.job = job
+        self.ledger = ledger
+        self.folder = folder
+        self.owns = owns
+        self.spending = spending
+        self.taken = 0
+        self._limits: dict[str, int] = {}
+
+    def decide(self, row: Row) -> Decision:
+        if self.owns is not None and not self.owns(row.key):
+            return Decision(row, State.ELSEWHERE)
+        entry = self.ledger.lookup(row.key) if self.ledger is not None else None
+        if not needs_work(row, entry, self.folder, self.job.retry_failed):
+            return Decision(row, State.FAILED if entry is not None and entry.status == "failed" else State.DONE)
+        if self.job.limit is not None and self.taken >= self.job.limit:
+            return Decision(row, State.BEYOND_LIMIT)
+        work = self._work(row)
+        requests = sum(1 for item in work if not isinstance(item, Assembly))
+        sent = sum(map(characters, work))
+        verdict = self.spending.admit(row, sent) if self.spending is not None else Verdict.TAKE
+        if verdict is Verdict.OVER:  # not taken on, so not counted against --limit
+            assert self.spending is not None and self.spending.last_over is not None
+            return Decision(row, State.OVER, (PassedOver(row, self.spending.last_over),), requests, sent)
+        self.taken += 1
+        return Decision(row, State.WORK if verdict is Verdict.TAKE else State.DEFERRED, work, requests, sent)
+
+    def _work(self, row: Row) -> tuple[WorkItem, ...]:
+        """The whole row; or, over its model's limit, the chunks not yet on disk (or the stitching alone)."""
+        if row.model not in self._limits:
+            self._limits[row.model] = limit_for(row.model, self.job.limits, self.job.chunk_chars)
+        if len(row.text) <= self._limits[row.model]:
+            return (row,)
+        chunks = split_text(row.text, self._limits[row.model])
+        if len(chunks) == 1:
+            return (row,)
+        parts: list[Part | None] = []
+        for chunk in chunks:
+            done = self.ledger.chunk(row.chunk_fingerprint(chunk.text)) if self.ledger is not None else None
+            have = done is not None and done["status"] == "done" and self.folder.has(done["path"], done["bytes"])
+            parts.append(Part(self.folder.path_of(done["path"]), chunk.paragraph_before, done["sample_rate"],
+                              done["channels"]) if have and done is not None else None)
+        missing = [i for i, part in enumerate(parts) if part is None]
+        assembly = Assembly(row, chunks, parts, remaining=len(missing))
+        return tuple(ChunkJob(assembly, i) for i in missing) if missing else (assembly,)
+
+
+@dataclass
+class ModelPlan:
+    rows: int = 0
+    characters: int = 0
+    done: int = 0
+    failed: int = 0
+    pending: int = 0
+    requests: int = 0  # requests the pending rows need: one per row, or per missing chunk of a long row
+    pending_characters: int = 0  # characters those requests send
+
+
+class RowNumbers:
+    """A set of row numbers, one bit each: the rows with work, for the feed, in 1.25 MB per 10^7 rows."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    def add(self, number: int) -> None:
+        byte = number >> 3
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
+        self._bits[byte] |= 1 << (number & 7)
+
+    def __contains__(self, number: int) -> bool:
+        byte = number >> 3
+        return byte < len(self._bits) and bool(self._bits[byte] >> (number & 7) & 1)
+
+
+@dataclass
+class Plan:
+    """What the manifest asks for against what the ledger already has, per model; with a budget, also
+    what one run under it would take on."""
+
+    models: dict[str, ModelPlan] = field(default_factory=dict)
+    budget: Spending | None = None
+    with_work: RowNumbers = field(default_factory=RowNumbers)
+
+    def count(self, decision: Decision) -> None:
+        if decision.state is State.ELSEWHERE:
+            return
+        row = decision.row
+        model = self.models.get(row.model)
+        if model is None:
+            model = self.models[row.model] = ModelPlan()
+        model.rows += 1
+        model.characters += len(row.text)
+        if decision.state is State.DONE:
+            model.done += 1
+        elif decision.state is State.FAILED:
+            model.failed += 1
+        elif decision.state is not State.BEYOND_LIMIT:
+            model.pending += 1
+            model.requests += decision.requests
+            model.pending_characters += decision.characters
+            self.with_work.add(row.number)
+
+    @property
+    def total(self) -> ModelPlan:
+        return ModelPlan(*(sum(getattr(m, f.name) for m in self.models.values()) for f in fields(ModelPlan)))
+
+    def estimates(self, prices: Prices) -> dict[str, float | None]:
+        """Estimated cost of what is left, per model; None where the price is unknown."""
+        return {name: prices.cost(name, m.pending_characters) for name, m in sorted(self.models.items())}
+
+    def estimate(self, prices: Prices) -> float | None:
+        """Estimated cost of everything left, or None if a model with work left has no known price."""
+        costs = self.estimates(prices).values()
+        return None if None in costs else round(sum(c for c in costs if c is not None), 6)
+
+
+def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
+              owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
+              checks: OutputChecks | None = None) -> Plan:
+    """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
+    rows `owns` accepts (default: the job's shard, or every row); `budget` is played through as the
+    feed plays it. For a run, `checks` sees every row's file name, and local rows no run could
+    narrate are refused."""
+    if owns is None and job.shard is not None:
+        owns = job.shard.owns
+    plan = Plan(budget=budget)
+    planner = Planner(job, ledger, folder, owns, budget)
+
+    def count(row: Row) -> None:
+        decision = planner.decide(row)
+        plan.count(decision)
+        if checks is not None:
+            checks.see(row, pending=decision.state not in (State.DONE, State.FAILED, State.BEYOND_LIMIT))
+
+    if checks is None:  # counting what a ledger holds (status): rows are counted as they are
+        manifest.validate(job.manifest, job.defaults, on_row=count)
+        return plan
+    validate_manifest(job.manifest, job.defaults, on_row=count)
+    checks.raise_problems(job.manifest)
+    return plan
+
+
+def pending_work(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, spending: Spending,
+                 batch_size: int = 512) -> Iterator[list[WorkItem]]:
+    """The work left, in manifest order, in batches: rows the plan found work for are built and
+    decided again. Ends at the first row the budget or --limit leaves to the next run."""
+    planner = Planner(job, ledger, folder, job.shard.owns if job.shard is not None else None, spending)
+    batch: list[WorkItem] = []
+    for row in manifest.iter_rows(job.manifest, job.defaults, only=plan.with_work.__contains__):
+        if not isinstance(row, Row):
+            continue  # the manifest changed since it was checked: its rows are checked by the next run
+        decision = planner.decide(row)
+        if decision.state in (State.DEFERRED, State.BEYOND_LIMIT):
+            break
+        batch.extend(decision.work)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

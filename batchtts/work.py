@@ -1,0 +1,61 @@
+"""The work a run hands its workers: a whole row, one chunk of a long row, a long row to stitch, or a
+row the budget passes over. The plan makes them; the narrator does them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .chunking import Chunk
+from .errors import SpeechError
+from .manifest import Row
+from .stitch import Part
+
+
+@dataclass
+class Assembly:
+    """A long row on its way: its chunks, the ones already on disk, and what is still out."""
+
+    row: Row
+    chunks: list[Chunk]
+    parts: list[Part | None]
+    remaining: int
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    failure: tuple[int, SpeechError] | None = None
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    assembly: Assembly
+    index: int
+
+
+@dataclass(frozen=True)
+class PassedOver:
+    """A row the budget cannot take under any run: recorded as failed, with why, and tried again by
+    the next run (under a raised cap, it goes through)."""
+
+    row: Row
+    reason: str
+
+
+WorkItem = Row | ChunkJob | Assembly | PassedOver
+
+
+def row_of(item: WorkItem) -> Row:
+    if isinstance(item, ChunkJob):
+        return item.assembly.row
+    if isinstance(item, (Assembly, PassedOver)):
+        return item.row
+    return item
+
+
+def characters(item: WorkItem) -> int:
+    """Characters one work item sends: a whole row, one chunk, or none for stitching alone."""
+    if isinstance(item, Row):
+        return len(item.text)
+    if isinstance(item, ChunkJob):
+        return len(item.assembly.chunks[item.index].text)
+    return 0
