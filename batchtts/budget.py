@@ -80,10 +80,12 @@ class Prices:
         return " and ".join(sorted(self._sources)) or "no prices used"
 
 
-def prices_for(job: Job) -> Prices:
-    """The job's prices; the provider's list (or its day-old cache) is asked only if a model needs it."""
+def prices_for(job: Job, listed: bool = True) -> Prices:
+    """The job's prices; the provider's list (or its day-old cache) is asked only if a model needs it,
+    and never for a provider the application plugged in (`listed=False`): the list is the HTTP
+    provider's, not its."""
     return Prices({name: usd / 1_000_000 for name, usd in job.prices.items()},
-                  lambda: speech_models(job.provider, job.timeouts))
+                  (lambda: speech_models(job.provider, job.timeouts)) if listed else None)
 
 
 class Verdict(Enum):

@@ -158,7 +158,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     lock, the ledger and the plan (`held` releases them)."""
     check_layout(job.named_ledger, job.shard)
     folder = open_output(job.out, job.ledger_path)
-    prices = prices_for(job)
+    prices = prices_for(job, listed=provider is None)
     budget = Spending(job.budget, prices) if job.budget.capped else None
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
@@ -169,7 +169,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
                 ledger.close()
         result = RunResult(EXIT_OK, plan, prices)
         try:
-            _check_models(job, plan, Spending(job.budget, prices))
+            _check_models(job, plan, Spending(job.budget, prices), listed=provider is None)
         except UsageError as exc:
             result.exit_code, result.stop_reason = exc.exit_code, str(exc)
         result.wall_s = time.monotonic() - started
@@ -181,7 +181,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
         _check_bucket(job, ledger)
         plan = make_plan(job, ledger, folder, budget=budget, checks=_output_checks(job, folder))
         spending = Spending(job.budget, prices)
-        _check_models(job, plan, spending)
+        _check_models(job, plan, spending, listed=provider is None)
         if provider is None and plan.total.pending:
             provider = _providers(job, plan)
         cleaned = folder.clean_partials() if plan.total.pending else 0  # a store is reached only for work
@@ -194,11 +194,13 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     return _Setup(ledger, folder, plan, spending, provider, RunResult(EXIT_OK, plan, prices), cleaned)
 
 
-def _check_models(job: Job, plan: Plan, spending: Spending) -> None:
-    """Refuse, before anything is sent, models the provider does not list (with --strict) and, under
-    --max-cost, models without a known price."""
+def _check_models(job: Job, plan: Plan, spending: Spending, listed: bool) -> None:
+    """Refuse, before anything is sent, models the provider does not list (with --strict; `listed`:
+    the HTTP provider's list, not one an application plugged in) and, under --max-cost, models
+    without a known price."""
     pending = [name for name, m in plan.models.items() if m.pending]
-    check_models(job, pending)
+    if listed:
+        check_models(job, pending)
     spending.check_prices(pending)
 
 

@@ -144,6 +144,7 @@ CHOICES = {"rate_limit_headers": ("retry-after", "reset", "both", "none"), "engi
 RATE_SETTINGS = ("limiter", "rate_limit", "window", "burst")
 QUOTA_SETTINGS = ("quota", "quota_reset")
 ADMIN_MAX_BODY_BYTES = 1 << 16  # fixed, so no max_body_bytes sent to /faults can lock /faults out
+BACKLOG = 2048  # connections the kernel holds until the server accepts them
 
 
 def updated(config: ServeConfig, changes: object) -> ServeConfig:
@@ -599,12 +600,15 @@ class _QuietCuts(logging.Filter):
 
 
 def run_server(config: ServeConfig) -> None:
-    """Bind (port 0 picks a free one), print the base URL on one line, serve until SIGINT/SIGTERM.
-    UsageError when the address cannot be bound."""
+    """Bind (port 0 picks a free one) and listen, print the base URL on one line, serve until
+    SIGINT/SIGTERM. The socket listens before the URL is out, so a client that connects the moment it
+    reads the URL waits in the backlog instead of being refused while uvicorn starts. UsageError when
+    the address cannot be bound."""
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         reason = (exc.strerror or str(exc)).lower()
@@ -615,7 +619,7 @@ def run_server(config: ServeConfig) -> None:
     print(f"batchtts serve listening on http://{shown}:{port}/api/v1", flush=True)
     logging.getLogger("uvicorn.error").addFilter(_QuietCuts())
     server = uvicorn.Server(uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_keep_alive=30, backlog=2048,
+        app, log_level="warning", access_log=False, timeout_keep_alive=30, backlog=BACKLOG,
     ))
     # Server.run sets up uvloop and httptools when installed (the serve extra brings them), so the
     # test server is not what limits a benchmark.

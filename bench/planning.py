@@ -6,11 +6,11 @@
 Prints three tables:
   1. calls per row over a manifest with ids and one without (rows keyed by content): a dry run
      against an empty ledger, the run itself (answered by a provider of silence, plugged in through
-     the provider seam, so only planning and recording cost anything), and a dry run against the
-     completed ledger: building a row (`make_row`), the resume rule (`needs_work`) and the sha256
-     fingerprint (`sha256`);
-  2. wall time of `batchtts --version` and `batchtts status` (median of 5), beside `python -c pass`
-     measured in the same run;
+     the provider seam, so only planning and recording cost anything), a dry run against the
+     completed ledger, and the run after 1 row in 100 was edited: building a row (`make_row`), the
+     resume rule (`needs_work`) and the sha256 fingerprint (`sha256`);
+  2. wall time of `batchtts --version` and `batchtts status` of a 6-row job (median of 5), beside
+     `python -c pass` measured in the same run;
   3. the package modules each module imports, largest first.
 
 Counts are taken by function name, in every thread, so they do not depend on how the code is arranged.
@@ -66,12 +66,13 @@ class Silence:
         return None
 
 
-def manifest(path: Path, rows: int, ids: bool) -> Path:
+def manifest(path: Path, rows: int, ids: bool, edited: int = 0) -> Path:
+    """`rows` rows; the first `edited` of every 100 say something else than they did."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "text"] if ids else ["text"])
         for i in range(rows):
-            text = f"Sentence number {i} of the planning benchmark."
+            text = f"Sentence number {i} of the planning benchmark{' (edited)' if i % 100 < edited else ''}."
             writer.writerow([f"r{i}", text] if ids else [text])
     return path
 
@@ -109,13 +110,19 @@ def planning_table(rows: int) -> None:
             path = manifest(Path(tmp) / f"m-{ids}.csv", rows, ids)
             out = Path(tmp) / f"out-{ids}"
             defaults = Defaults(model="openai/gpt-4o-mini-tts", voice="alloy", format="wav")
-            for what in ("dry run", "run", "dry rerun"):
-                job = Job(manifest=path, out=out, defaults=defaults, dry_run=what != "run", prices={defaults.model: 0.6})
-                counted = calls(job, Silence() if what == "run" else None)
+            for what in ("dry run", "run", "dry rerun", "1% edited"):
+                if what == "1% edited":
+                    manifest(path, rows, ids, edited=1)
+                job = Job(manifest=path, out=out, defaults=defaults, dry_run=what.startswith("dry"),
+                          prices={defaults.model: 0.6})
+                counted = calls(job, None if job.dry_run else Silence())
                 print(f"{'ids' if ids else 'no ids':<10} {what:<10} "
                       + " ".join(f"{counted.get(name, 0) / rows:>11.2f}" for name in COUNTED))
         print()
-        startup_table(Path(tmp) / "out-True")
+        small = Path(tmp) / "small"
+        batchtts.run(Job(manifest=manifest(Path(tmp) / "small.csv", 6, True), out=small,
+                         defaults=Defaults(model="local/espeak-ng", voice="en", format="wav")))
+        startup_table(small)
 
 
 def median_wall(cmd: list[str], times: int = 5) -> float:
@@ -133,7 +140,7 @@ def startup_table(out: Path) -> None:
     base = median_wall([sys.executable, "-c", "pass"])
     for label, cmd in (("python -c pass", [sys.executable, "-c", "pass"]),
                        ("batchtts --version", [sys.executable, "-m", "batchtts", "--version"]),
-                       ("batchtts status OUT", [sys.executable, "-m", "batchtts", "status", str(out)])):
+                       ("batchtts status (6 rows)", [sys.executable, "-m", "batchtts", "status", str(out)])):
         wall = base if label == "python -c pass" else median_wall(cmd)
         print(f"{label:<32} {wall:>8.3f} {wall / base:>9.1f}x")
     imported = subprocess.run([sys.executable, "-c", "import sys, batchtts.cli; "

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_manifests"
 
 
+# One HTTP client for the tests' own requests to `batchtts serve`: each httpx.get() makes a client
+# of its own, and its TLS context loads the CA bundle (some 80 ms, for plain-HTTP loopback requests).
+# No connection is kept between requests: a server stopped, or closing an idle one, fails none.
+http = httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -60,10 +68,10 @@ class Server:
         return {} if self.key is None else {"Authorization": f"Bearer {self.key}"}
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.admin}/stats", headers=self.admin_headers, timeout=5).json()
+        return http.get(f"{self.admin}/stats", headers=self.admin_headers, timeout=5).json()
 
     def faults(self, **changes: Any) -> dict[str, Any]:
-        return httpx.post(f"{self.admin}/faults", json=changes, headers=self.admin_headers, timeout=5).json()
+        return http.post(f"{self.admin}/faults", json=changes, headers=self.admin_headers, timeout=5).json()
 
     def requests_for(self, text: str) -> int:
         return self.stats()["by_input"].get(sha(text), 0)
@@ -78,21 +86,52 @@ class Server:
 REUSABLE = (("--engine", "tone"), ("--engine", "espeak"))
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): a server dies with the test process that started it, even
+    one ended without its teardown (a per-test timeout ends a worker with os._exit)."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def _start_server(argv: tuple[str, ...]) -> Server:
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchtts", "serve", "--port", "0", *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
     )
-    ready, _, _ = select.select([proc.stdout], [], [], 20)
-    line = proc.stdout.readline() if ready else ""
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"batchtts serve did not start: {line!r} {proc.stderr.read()}")
-    key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
-    server = Server(proc, line.rsplit(" ", 1)[1].strip(), key)
-    if argv in REUSABLE:
-        server.initial = server.faults()  # the settings it must have again to be handed to another test
-    return server
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        line = proc.stdout.readline() if ready else ""
+        if "listening on" not in line:
+            proc.kill()
+            raise RuntimeError(f"batchtts serve did not start: {line!r} {proc.stderr.read()}")
+        key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
+        server = Server(proc, line.rsplit(" ", 1)[1].strip(), key)
+        # The URL is printed once the socket is bound, a moment before uvicorn listens on it: a client
+        # as quick as an in-process run would be refused.
+        address = httpx.URL(server.url)
+        wait_for(lambda: _accepts(address.host, address.port) or proc.poll() is not None, timeout=20, every=0.005)
+        if proc.poll() is not None:
+            raise RuntimeError(f"batchtts serve stopped at once: {proc.stderr.read()}")
+        if argv in REUSABLE:
+            server.initial = server.faults()  # the settings it must have again to be handed to another test
+        return server
+    except BaseException:
+        _stop_server(proc)  # no server left behind, whatever failed
+        raise
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _stop_server(proc: subprocess.Popen[str]) -> None:
@@ -111,12 +150,12 @@ def _reset_for_reuse(server: Server) -> bool:
     if proc.poll() is not None or select.select([proc.stderr], [], [], 0)[0]:
         return False
     try:
-        if httpx.get(f"{server.admin}/stats?log=0", timeout=5).json()["in_flight"] != 0:
+        if http.get(f"{server.admin}/stats?log=0", timeout=5).json()["in_flight"] != 0:
             return False
         if server.faults() != server.initial:
             return False
-        httpx.post(f"{server.admin}/reset", timeout=5).raise_for_status()
-        fresh = httpx.get(f"{server.admin}/stats", timeout=5).json()
+        http.post(f"{server.admin}/reset", timeout=5).raise_for_status()
+        fresh = http.get(f"{server.admin}/stats", timeout=5).json()
     except (httpx.HTTPError, ValueError, KeyError):
         return False
     return fresh["requests"] == 0 and not fresh["log"] and not fresh["by_input"]

@@ -129,8 +129,10 @@ class Beeps:
 
 def test_a_provider_of_its_own_plugs_in_and_status_and_export_read_the_run_back(tmp_path):
     provider = Beeps()
-    the_job = job(tmp_path, model="acme/beeps")
+    # The HTTP provider's settings point at a closed loopback port: nothing may ask it anything.
+    the_job = job(tmp_path, model="acme/beeps", provider=batchtts.Provider(base_url="http://127.0.0.1:9/api/v1"))
     result = batchtts.run(the_job, provider)
+    assert result.prices.source == "no prices used" and result.prices.list_error is None
     assert result.exit_code == EXIT_FAILED_ROWS and (result.counters.done, result.counters.failed) == (2, 1)
     assert provider.closed and [r.response_format for r in provider.requests] == ["pcm"] * 3  # wav is asked as pcm
     with wave.open(str(tmp_path / "out" / "r0.wav")) as w:  # "The first line." is three words

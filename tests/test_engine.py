@@ -7,8 +7,7 @@ import hashlib
 import wave
 from pathlib import Path
 
-import httpx
-from conftest import ROOT, batchtts, cli, error_message, ledger_rows, write_csv
+from conftest import ROOT, batchtts, cli, error_message, http, ledger_rows, write_csv
 
 LOCAL = "local/espeak-ng"
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it rests beside the river for a while."
@@ -128,12 +127,12 @@ def test_the_demo_job_narrates_offline(tmp_path):
 def test_serve_answers_with_the_engine_by_default(serve):
     server = serve("--engine", "espeak")
     speech = f"{server.url}/audio/speech"
-    ok = httpx.post(speech, json={"model": "openai/gpt-4o-mini-tts", "input": SENTENCE, "voice": "coral"})
+    ok = http.post(speech, json={"model": "openai/gpt-4o-mini-tts", "input": SENTENCE, "voice": "coral"})
     assert ok.status_code == 200 and ok.headers["content-type"] == "audio/pcm;rate=22050;channels=1"
     assert 0.15 <= len(ok.content) / 2 / 22050 / WORDS <= 1.0
-    mp3 = httpx.post(speech, json={"model": "m", "input": SENTENCE, "voice": "coral", "response_format": "mp3"})
+    mp3 = http.post(speech, json={"model": "m", "input": SENTENCE, "voice": "coral", "response_format": "mp3"})
     assert mpeg_frames(mp3.content)[1] == 22050
-    bad = httpx.post(speech, json={"model": "m", "input": SENTENCE, "voice": "vulcan"})
+    bad = http.post(speech, json={"model": "m", "input": SENTENCE, "voice": "vulcan"})
     assert bad.status_code == 400 and "vulcan" in bad.json()["error"]["message"]
 
 

@@ -135,13 +135,13 @@ def test_a_full_disk_halts_the_run_cleanly_and_a_rerun_with_room_finishes(serve,
 def test_kill_9_pays_again_only_for_rows_in_flight(serve, tmp_path):
     concurrency = 16
     server = serve("--latency", "0.005")
-    manifest = write_csv(tmp_path / "m.csv", rows(1500))
+    manifest = write_csv(tmp_path / "m.csv", rows(600))
     out = tmp_path / "out"
     args = run_args(manifest, out, server, "--concurrency", str(concurrency))
-    for kill in range(3):
+    for kill in range(3):  # each after another 120 rows are recorded: a run well under way, with rows in flight
         proc = start_batchtts(*args)
         try:
-            at_least = (kill + 1) * 300
+            at_least = (kill + 1) * 120
             wait_for(lambda n=at_least: len(ledger_rows(out / "ledger.sqlite")) >= n, timeout=60, every=0.01)
         finally:
             proc.kill()
@@ -437,11 +437,12 @@ def test_a_fault_in_batchtts_itself_is_one_line_not_a_traceback(tmp_path, monkey
     from click.testing import CliRunner
 
     import batchtts.cli
+    import batchtts.results
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a fault nobody wrote a message for")
 
-    monkeypatch.setattr(batchtts.cli, "open_context", broken)
+    monkeypatch.setattr(batchtts.results, "status", broken)
     result = CliRunner().invoke(batchtts.cli.main, ["status", str(tmp_path)])
     assert result.exit_code == EXIT_INTERNAL
     assert "Traceback" not in result.output

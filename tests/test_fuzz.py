@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import KEY, cli
+from conftest import KEY, cli, http
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -225,9 +225,7 @@ def fuzz_server():
             url = line.rsplit(" ", 1)[1].strip()
 
             def stats(self) -> dict[str, Any]:
-                import httpx
-
-                return httpx.get(self.url.rsplit("/api/v1", 1)[0] + "/_batchtts/stats?log=0", timeout=5).json()
+                return http.get(self.url.rsplit("/api/v1", 1)[0] + "/_batchtts/stats?log=0", timeout=5).json()
 
         yield _Server()
     finally:

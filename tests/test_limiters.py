@@ -246,11 +246,19 @@ def test_the_quota_refuses_once_its_successes_are_spent_until_the_period_ends(se
     offset = (reset - before) % 1.0  # periods count from the server's start, somewhere in [before, after]
     assert offset <= after - before + 0.01 or offset >= 1.0 - 0.01
 
-    wait_until(reset)  # a whole fresh period ahead: the exact sequence below takes milliseconds
-    counted = server.stats()["by_status"]
-    statuses = [speak(server, text).status_code for text in ("a", "a", "b", "b", "c")]
-    assert statuses == [503, 200, 503, 200, 429]  # each input's first attempt fails: failures spend nothing
-    refused = speak(server, "c")
+    # A whole fresh period ahead: the exact sequence below takes milliseconds. A machine too busy to
+    # fit it in one period is seen by the clock, and the sequence is played again in the next one.
+    for attempt in range(3):
+        wait_until(reset)
+        counted = server.stats()["by_status"]
+        texts = [f"{t}{attempt}" for t in ("a", "a", "b", "b", "c")]
+        statuses = [speak(server, text).status_code for text in texts]
+        refused = speak(server, texts[-1])
+        if time.time() < reset + 1.0 - 0.05:
+            break
+        reset += math.ceil(time.time() - reset)
+    # each input's first attempt fails: failures spend nothing
+    assert statuses == [503, 200, 503, 200, 429]
     assert refused.status_code == 429 and refused.json()["error"]["message"] == QUOTA_SPENT
     assert int(refused.headers["x-ratelimit-reset"]) / 1000 == pytest.approx(reset + 1.0, abs=0.002)
     assert refused.headers["retry-after"] == "1" and refused.headers["x-ratelimit-limit"] == "2"

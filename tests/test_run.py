@@ -18,6 +18,7 @@ from conftest import (
     SAMPLES,
     batchtts,
     cli,
+    http,
     ledger_rows,
     sha,
     start_batchtts,
@@ -239,11 +240,9 @@ def test_cut_connections_are_retried_and_files_are_byte_exact(serve, tmp_path, f
     assert result.returncode == 0, result.stderr
     entries = assert_all_done(out, 4)
     reference = serve()
-    import httpx
-
     for row in rows(4):
         assert server.requests_for(row["text"]) == 3
-        body = httpx.post(
+        body = http.post(
             f"{reference.url}/audio/speech",
             json={"model": MODEL, "input": row["text"], "voice": "alloy", "response_format": "mp3" if fmt == "mp3" else "pcm"},
             headers={"Authorization": "Bearer x"},

@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from urllib.parse import urlsplit
@@ -203,6 +204,24 @@ def test_client_disconnects_leave_stderr_clean(serve):
     stderr = stderr_after_stop(server)
     assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
     assert outcomes == ["stalled", "stalled", "disconnected", "disconnected"]
+
+
+def test_the_server_takes_connections_as_soon_as_it_prints_its_url():
+    """A client may connect the moment it reads the URL, before uvicorn has started."""
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "batchtts", "serve", "--port", "0", "--engine", "tone"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            address = urlsplit(proc.stdout.readline().rsplit(" ", 1)[1].strip())
+            with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+                sock.sendall(f"GET {address.path}/models HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                with sock.makefile("rb") as answer:
+                    assert answer.readline().startswith(b"HTTP/1.1 200 ")
+        finally:
+            proc.kill()
+            proc.wait(10)
+            proc.stdout.close()
 
 
 def test_a_port_in_use_is_a_one_line_usage_error():

@@ -11,10 +11,9 @@ import math
 import re
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import cli, error_message, ledger_rows, write_csv
+from conftest import cli, error_message, http, ledger_rows, write_csv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -392,7 +391,7 @@ def test_language_codes_narrate_locally_and_through_serve(serve, tmp_path):
     assert result.exit_code == 0 and result.counters.done == 4
     server = serve("--engine", "espeak")
     for voice in ("en-gb", "pt-br", "es-419", "en-gb+f3"):
-        answer = httpx.post(f"{server.url}/audio/speech", timeout=30,
+        answer = http.post(f"{server.url}/audio/speech", timeout=30,
                             json={"model": "openai/gpt-4o-mini-tts", "input": "Good morning.", "voice": voice})
         assert answer.status_code == 200 and answer.content, (voice, answer.text)
 
