@@ -13,14 +13,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .config import Budget, Job
 from .errors import UsageError
 from .log import log
 from .manifest import Row
-from .models import ModelInfo, ModelList, speech_models
 from .money import usd
 from .providers import is_local
+
+if TYPE_CHECKING:
+    from .models import ModelInfo, ModelList
 
 
 class Prices:
@@ -84,6 +87,8 @@ def prices_for(job: Job, listed: bool = True) -> Prices:
     """The job's prices; the provider's list (or its day-old cache) is asked only if a model needs it,
     and never for a provider the application plugged in (`listed=False`): the list is the HTTP
     provider's, not its."""
+    from .models import speech_models  # the HTTP stack, loaded only by a run that may need prices
+
     return Prices({name: usd / 1_000_000 for name, usd in job.prices.items()},
                   (lambda: speech_models(job.provider, job.timeouts)) if listed else None)
 

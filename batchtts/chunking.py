@@ -17,8 +17,11 @@ import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pysbd
+if TYPE_CHECKING:
+    import pysbd
+
 
 DEFAULT_LIMIT = 4096
 # Input limits per model family, by name prefix; the longest matching prefix wins.
@@ -56,6 +59,8 @@ class Chunk:
 
 @functools.cache
 def _segmenter() -> pysbd.Segmenter:
+    import pysbd  # loaded by the first long row, not by every command
+
     return pysbd.Segmenter(language="en", clean=False, char_span=True)
 
 

@@ -49,11 +49,11 @@ from .names import chunk_path
 from .progress import Progress
 from .providers import SpeechProvider, SpeechRequest, is_local
 from .retry import build_retrying, is_transient, retried_next_run
-from .stitch import Part, stitch
+from .stitch import stitch
 from .storage import OutputFolder, Published
 from .tags import write_tags
 from .throttle import Throttle, Ticket
-from .work import Assembly, ChunkJob, PassedOver, WorkItem, row_of
+from .work import Assembly, ChunkJob, Part, PassedOver, WorkItem, row_of
 
 _T = TypeVar("_T")
 

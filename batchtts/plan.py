@@ -22,12 +22,10 @@ from .budget import Prices, Spending, Verdict
 from .chunking import limit_for, split_text
 from .config import Job
 from .ledger import Entry, Ledger, LedgerSet
-from .local import validate_manifest
 from .manifest import Row
 from .names import OutputChecks
-from .stitch import Part
 from .storage import OutputFolder
-from .work import Assembly, ChunkJob, PassedOver, WorkItem, characters
+from .work import Assembly, ChunkJob, Part, PassedOver, WorkItem, characters
 
 
 class State(Enum):
@@ -200,6 +198,8 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     if checks is None:  # counting what a ledger holds (status): rows are counted as they are
         manifest.validate(job.manifest, job.defaults, on_row=count)
         return plan
+    from .local import validate_manifest  # the embedded engine, to check local voices: a run's check only
+
     validate_manifest(job.manifest, job.defaults, on_row=count)
     checks.raise_problems(job.manifest)
     return plan

@@ -14,11 +14,9 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from . import manifest
 from .config import Defaults, Job, is_uri
@@ -29,7 +27,10 @@ from .plan import make_plan
 from .redact import redact_uri
 from .sharding import Shard, named_ledger
 from .storage import open_output
-from .store import publish_file
+
+if TYPE_CHECKING:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
 
 _LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
@@ -226,6 +227,8 @@ def _export(ctx: JobContext, to: Path | str) -> int:
             os.chmod(aside, 0o666 & ~_umask())  # as a file written in place would be, not the temporary's 0600
             os.replace(aside, to)
         else:
+            from .store import publish_file
+
             publish_file(aside, to)
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"cannot write {to}: {getattr(exc, 'strerror', None) or exc}") from exc
@@ -242,6 +245,9 @@ def _umask() -> int:
 
 def _write_export(ctx: JobContext, to: Path, suffix: str) -> int:
     schema: pa.Schema | None = None
+    import pyarrow.csv as pacsv  # the writers, loaded by export alone
+    import pyarrow.parquet as pq
+
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     rows = 0
     try:

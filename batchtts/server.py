@@ -32,7 +32,7 @@ import types
 import typing
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -270,7 +270,7 @@ def error_json(status: int, message: str | None = None) -> dict[str, Any]:
     return {"error": {"code": status, "message": message or ERROR_MESSAGES.get(status, "Error")}}
 
 
-def error_response(status: int, message: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, message: str | None = None, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_json(status, message), status_code=status, headers=headers)
 
 
@@ -584,10 +584,10 @@ def create_app(config: ServeConfig) -> Starlette:
         Route("/_batchtts/stats", admin(stats)),
         Route("/_batchtts/faults", admin(faults), methods=["POST"]),
         Route("/_batchtts/reset", admin(reset), methods=["POST"]),
-    ], exception_handlers={
-        HTTPException: _refused,
-        BodyTooLarge: _too_large,
-        ClientDisconnect: _client_gone,
+    ], exception_handlers={  # Starlette calls each with the exception type it is registered for
+        HTTPException: _refused,  # type: ignore[dict-item]
+        BodyTooLarge: _too_large,  # type: ignore[dict-item]
+        ClientDisconnect: _client_gone,  # type: ignore[dict-item]
         Exception: _internal_error,
     })
 

@@ -13,25 +13,15 @@ import functools
 import wave
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 from .audio import SAMPLE_WIDTH, AudioInfo, encode_mp3
 from .errors import RejectedError
+from .work import Part
 
 _BITRATES_V1 = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 _BITRATES_V2 = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
 _RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
-
-
-@dataclass(frozen=True)
-class Part:
-    """One chunk's audio file, and whether a paragraph (rather than a sentence) ends before it."""
-
-    path: Path
-    paragraph_before: bool
-    sample_rate: int | None = None
-    channels: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,25 @@
-"""The work a run hands its workers: a whole row, one chunk of a long row, a long row to stitch, or a
-row the budget passes over. The plan makes them; the narrator does them."""
+"""The work a run hands its workers: a whole row, one chunk of a long row, a long row to stitch (from
+the Parts on disk), or a row the budget passes over. The plan makes them; the narrator does them."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .chunking import Chunk
 from .errors import SpeechError
 from .manifest import Row
-from .stitch import Part
+
+
+@dataclass(frozen=True)
+class Part:
+    """One chunk's audio file, and whether a paragraph (rather than a sentence) ends before it."""
+
+    path: Path
+    paragraph_before: bool
+    sample_rate: int | None = None
+    channels: int | None = None
 
 
 @dataclass

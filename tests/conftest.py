@@ -210,21 +210,33 @@ def private_test_cache(private_cache, tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def logging_as_found():
-    """What a test sets up for the whole process when it runs the CLI or the library in-process
-    (structlog's configuration, the CLI's log format, the root logger's handlers) is put back after it,
-    so the next test in this worker starts as in a new process."""
+    """What a test sets up for the whole process when it runs the CLI or the library in-process is
+    put back after it, so the next test in this worker starts as in a new process."""
+    with _logging_restored():
+        yield
+
+
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Put back what the CLI or the library sets up for the whole process: structlog's configuration
+    (or its absence: the library logs through the standard "batchtts" logger then), the CLI's log
+    format, and the handlers of the root and "batchtts" loggers."""
     import structlog
 
     from batchtts import log as logs
 
-    config, chosen = structlog.get_config(), logs.chosen()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    structlog.configure(**config)
-    logs._chosen = chosen
-    root.handlers[:], root.level = handlers, level
+    configured, config, chosen = structlog.is_configured(), structlog.get_config(), logs.chosen()
+    loggers = [logging.getLogger(), logging.getLogger("batchtts")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        if configured:
+            structlog.configure(**config)
+        logs._chosen = chosen
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
@@ -277,10 +289,8 @@ def cli(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: st
     that need no process of their own: no signal, no kill, no second run at the same time, no
     terminal, no namespace. Whatever the command sets up for the whole process (structlog, the
     log format, a cache of unreachable model lists) is put back as it was."""
-    import structlog
     from click.testing import CliRunner
 
-    from batchtts import log as logs
     from batchtts import models
     from batchtts.cli import main
 
@@ -292,18 +302,11 @@ def cli(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: st
         overrides["OPENROUTER_API_KEY"] = key
     overrides.update(env)
     environ, cwd = dict(os.environ), os.getcwd()
-    structlog_config, chosen = structlog.get_config(), logs.chosen()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     models._unreachable.clear()  # a fresh process remembers no unreachable model list
     try:
-        with _deadline(timeout, f"batchtts {' '.join(argv)}"):
+        with _logging_restored(), _deadline(timeout, f"batchtts {' '.join(argv)}"):
             result = CliRunner().invoke(main, argv, env=overrides, prog_name="batchtts")
     finally:
-        structlog.reset_defaults()
-        structlog.configure(**structlog_config)
-        logs._chosen = chosen
-        root.handlers[:], root.level = handlers, level
         models._unreachable.clear()
         os.chdir(cwd)
     assert dict(os.environ) == environ, "the CLI left the environment changed"

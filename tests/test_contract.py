@@ -104,6 +104,7 @@ def test_200_is_raw_audio_of_the_format_asked_for_with_a_generation_id(serve, en
     assert decoded.num_frames > 0 and decoded.nchannels in (1, 2)
     assert decoded.sample_rate in (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)  # MPEG's rates
 
+    # X-Generation-Id: the id OpenRouter gives each generation; the spec file names no response header.
     ids = [response.headers.get("x-generation-id") for response in (pcm, mp3)]
     assert all(ids) and ids[0] != ids[1]
 
