@@ -24,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from .config import Defaults
+from .config import Defaults, Job
 from .errors import LedgerError, SpeechError, UsageError
 from .manifest import Row
+from .redact import redact_uri
 from .sharding import Shard, ledger_for, named_ledger, shard_of
 
 
@@ -147,6 +148,11 @@ class RunSettings:
     defaults: Defaults
     shard: str | None = None
     started_at: str | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> RunSettings:
+        out = redact_uri(job.out) if isinstance(job.out, str) else str(job.out)
+        return cls(str(job.manifest.resolve()), out, job.defaults, str(job.shard) if job.shard is not None else None)
 
 
 P = ParamSpec("P")
@@ -335,6 +341,23 @@ class Ledger:
             return None
         manifest, out, model, voice, fmt, speed, shard, started_at = found
         return RunSettings(manifest, out, Defaults(model, voice, fmt or Defaults.format, speed), shard, started_at)
+
+    def check_place(self, job: Job) -> None:
+        """A ledger is trusted for what is in the bucket it recorded: refuse to read it as another's."""
+        if not isinstance(job.out, str):
+            return  # a local folder is checked file by file
+
+        def place(uri: str) -> str:  # the bucket and prefix, without options such as the endpoint
+            return uri.partition("?")[0].rstrip("/")
+
+        last = self.last_run()
+        recorded = last.out or "" if last is not None else ""
+        here = redact_uri(job.out)
+        if recorded and place(recorded) != place(here):
+            raise UsageError(
+                f"{job.ledger_path} records the audio of {place(recorded)}, not of {place(here)}: it would take that "
+                "audio as already here. Give each place a ledger of its own (--ledger)"
+            )
 
     @_guarded
     def totals(self) -> dict[str, dict[str, float]]:

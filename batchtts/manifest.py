@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from . import names
 from .config import FORMATS, SPEEDS, Defaults
@@ -396,6 +394,8 @@ def _encodes(value: Any) -> bool:
 
 def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
     # pre_buffer would cache every row group read so far until the file is closed.
+    import pyarrow.parquet as pq  # loaded for a Parquet manifest only
+
     with pq.ParquetFile(path, pre_buffer=False) as file:
         schema = file.schema_arrow
         _refuse_repeated_columns(path, schema.names)
@@ -554,6 +554,8 @@ def _duplicates(hashes: array.array[int], keep: int = 10_000) -> tuple[set[int],
     if not hashes:
         return set(), 0
     # Sorting needs two more 8-byte arrays; a hash table of counts would need several times that.
+    import pyarrow.compute as pc  # loaded once a manifest has ids or named files to compare
+
     values = pa.Array.from_buffers(pa.uint64(), len(hashes), [None, pa.py_buffer(hashes)])
     ordered = values.take(pc.array_sort_indices(values))
     repeated = pc.filter(ordered.slice(1), pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))

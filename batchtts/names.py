@@ -19,7 +19,6 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import ManifestError, ManifestProblem
 
@@ -175,6 +174,8 @@ class OutputChecks:
     def raise_problems(self, path: Path) -> None:
         """Raise ManifestError for what `see` found, and for files of one row that are folders of another."""
         if self._folders and self._files:
+            import pyarrow.compute as pc  # loaded only when rows write into folders
+
             folders = pa.array(list(self._folders), pa.uint64())
             files = pa.Array.from_buffers(pa.uint64(), len(self._files), [None, pa.py_buffer(self._files)])
             clashes = pc.filter(folders, pc.is_in(folders, value_set=files))

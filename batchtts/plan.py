@@ -23,7 +23,7 @@ from .chunking import limit_for, split_text
 from .config import Job
 from .ledger import Entry, Ledger, LedgerSet
 from .manifest import Row
-from .names import OutputChecks
+from .names import OutputChecks, owned_files
 from .storage import OutputFolder
 from .work import Assembly, ChunkJob, Part, PassedOver, WorkItem, characters
 
@@ -179,11 +179,12 @@ class Plan:
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
               owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
-              checks: OutputChecks | None = None) -> Plan:
+              for_run: bool = False) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
     rows `owns` accepts (default: the job's shard, or every row); `budget` is played through as the
-    feed plays it. For a run, `checks` sees every row's file name, and local rows no run could
-    narrate are refused."""
+    feed plays it. For a run, every row's file name is checked against the others and the disk, and
+    local rows no run could narrate are refused."""
+    checks = _output_checks(job, folder) if for_run else None
     if owns is None and job.shard is not None:
         owns = job.shard.owns
     plan = Plan(budget=budget)
@@ -203,6 +204,12 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     validate_manifest(job.manifest, job.defaults, on_row=count)
     checks.raise_problems(job.manifest)
     return plan
+
+
+def _output_checks(job: Job, folder: OutputFolder) -> OutputChecks:
+    if isinstance(job.out, str):
+        return OutputChecks(None, {})  # an object store: names are checked as text alone
+    return OutputChecks(job.out, owned_files(job.out, job.ledger_path, folder.lock_path))
 
 
 def pending_work(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, spending: Spending,

@@ -6,12 +6,15 @@ runner the same way, as transports do in httpx.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import TransportError
+
+if TYPE_CHECKING:
+    from .config import Job
 
 LOCAL_PREFIX = "local/"
 
@@ -59,6 +62,19 @@ class SpeechProvider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def for_job(job: Job, models: Iterable[str]) -> SpeechProvider:
+    """The embedded engine for `local/*` rows; the HTTP client, and so the key, only if `models`
+    (those with work left) include another."""
+    from .local import LocalSpeechProvider
+
+    remote = None
+    if any(not is_local(name) for name in models):
+        from .client import HTTPSpeechClient  # the HTTP stack, only for a run that sends requests
+
+        remote = HTTPSpeechClient(job.provider, job.provider.api_key(), job.timeouts, job.concurrency)
+    return RoutingProvider(LocalSpeechProvider(), remote)
 
 
 class RoutingProvider:

@@ -5,54 +5,37 @@ of its own); `await arun(job)` narrates in the caller's loop. Blocking work (pla
 files) runs in threads, so the loop keeps serving answers. Signals belong to the caller: the CLI
 asks for SIGINT and SIGTERM handling (`signals=True`), a library user stops a run as they see fit.
 
-The manifest is read twice, both times as a stream: once to refuse a bad manifest and count what is
-left (and what it will cost) before anything is sent, once to feed the pool the rows that have work.
-A sharded run sees only its shard's rows; a budget or `max_runtime` ends the feed early, and what
-was taken on is finished and recorded.
+The manifest is read twice, both times as a stream: once here, to refuse a bad manifest and count
+what is left (and what it will cost) before anything is sent; once by `execution.narrate`, to feed
+the pool the rows that have work. A sharded run sees only its shard's rows; a budget or
+`max_runtime` ends the feed early, and what was taken on is finished and recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import sys
 import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from .budget import Prices, Spending, prices_for
 from .config import Job
 from .errors import (
-    EXIT_BUDGET,
     EXIT_FAILED_ROWS,
     EXIT_HALTED,
-    EXIT_MAX_RUNTIME,
     EXIT_OK,
-    EXIT_PROVIDER_STOP,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    BatchTTSError,
-    HaltError,
     LedgerError,
     UsageError,
 )
+from .execution import Ending, halted, narrate
 from .ledger import Ledger, RunSettings, check_layout
-from .local import LocalSpeechProvider
 from .log import log
 from .models import check_models
-from .names import OutputChecks, owned_files
-from .narrator import Counters, Narrator
-from .plan import Plan, make_plan, pending_work
-from .pool import WorkerPool
-from .progress import Progress
-from .providers import RoutingProvider, SpeechProvider, is_local
-from .redact import redact_uri
+from .narrator import Counters
+from .plan import Plan, make_plan
+from .providers import SpeechProvider, for_job
 from .storage import OutputFolder, open_output
-from .throttle import Throttle
-from .work import WorkItem
 
 
 @dataclass
@@ -115,7 +98,7 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
             return setup
         plan, result, ledger = setup.plan, setup.result, setup.ledger
         total = plan.total
-        run_id = await asyncio.to_thread(ledger.start_run, _settings(job), job.redacted())
+        run_id = await asyncio.to_thread(ledger.start_run, RunSettings.of(job), job.redacted())
         log.info(
             "start", manifest=str(job.manifest), out=str(setup.folder), ledger=str(job.ledger_path),
             **({"shard": str(job.shard)} if job.shard is not None else {}), rows=total.rows, already_done=total.done,
@@ -124,7 +107,9 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
         )
         if total.pending:
             assert setup.provider is not None
-            await _execute(job, setup, started, signals)
+            result.counters, ending = await narrate(job, plan, ledger, setup.folder, setup.provider, setup.spending,
+                                                    result.prices, started, signals)
+            _ended(result, ending)
         await asyncio.to_thread(setup.folder.tidy)
         result.wall_s = time.monotonic() - started
         if result.exit_code == EXIT_OK and result.counters.failed + total.failed:
@@ -132,7 +117,8 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
         try:
             await asyncio.to_thread(ledger.finish_run, run_id, result.exit_code, result.summary())
         except LedgerError as exc:
-            _halted(result, exc)
+            if result.exit_code != EXIT_HALTED:  # the first fault is the one to fix
+                _ended(result, halted(exc))
         log.info("summary", **result.summary())
         return result
     finally:
@@ -163,7 +149,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
-            plan = make_plan(job, ledger, folder, budget=budget, checks=_output_checks(job, folder))
+            plan = make_plan(job, ledger, folder, budget=budget, for_run=True)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -178,12 +164,12 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     fresh = not job.ledger_path.exists()
     ledger = Ledger(job.ledger_path)
     try:
-        _check_bucket(job, ledger)
-        plan = make_plan(job, ledger, folder, budget=budget, checks=_output_checks(job, folder))
+        ledger.check_place(job)
+        plan = make_plan(job, ledger, folder, budget=budget, for_run=True)
         spending = Spending(job.budget, prices)
         _check_models(job, plan, spending, listed=provider is None)
         if provider is None and plan.total.pending:
-            provider = _providers(job, plan)
+            provider = for_job(job, [name for name, m in plan.models.items() if m.pending])
         cleaned = folder.clean_partials() if plan.total.pending else 0  # a store is reached only for work
     except BaseException:
         ledger.close()
@@ -204,34 +190,6 @@ def _check_models(job: Job, plan: Plan, spending: Spending, listed: bool) -> Non
     spending.check_prices(pending)
 
 
-def _settings(job: Job) -> RunSettings:
-    return RunSettings(str(job.manifest.resolve()), redact_uri(job.out) if isinstance(job.out, str) else str(job.out),
-                       job.defaults, str(job.shard) if job.shard is not None else None)
-
-
-def _output_checks(job: Job, folder: OutputFolder) -> OutputChecks:
-    if isinstance(job.out, str):
-        return OutputChecks(None, {})
-    return OutputChecks(job.out, owned_files(job.out, job.ledger_path, folder.lock_path))
-
-
-def _check_bucket(job: Job, ledger: Ledger) -> None:
-    """A ledger is trusted for what is in the bucket it recorded: refuse to read it as another's."""
-    if not isinstance(job.out, str):
-        return  # a local folder is checked file by file
-    def place(uri: str) -> str:  # the bucket and prefix, without options such as the endpoint
-        return uri.partition("?")[0].rstrip("/")
-
-    last = ledger.last_run()
-    recorded = last.out or "" if last is not None else ""
-    here = redact_uri(job.out)
-    if recorded and place(recorded) != place(here):
-        raise UsageError(
-            f"{job.ledger_path} records the audio of {place(recorded)}, not of {place(here)}: it would take that "
-            "audio as already here. Give each place a ledger of its own (--ledger)"
-        )
-
-
 def _budget_preview(budget: Spending | None) -> dict[str, object]:
     """What the budget lets this run take, for the start event beside the estimate of everything left."""
     if budget is None:
@@ -239,136 +197,6 @@ def _budget_preview(budget: Spending | None) -> dict[str, object]:
     return {"budget_rows": budget.rows, "budget_characters": budget.characters, "budget_cost_usd": round(budget.cost, 6)}
 
 
-def _providers(job: Job, plan: Plan) -> SpeechProvider:
-    """The embedded engine for `local/*` rows; the HTTP client, and so the key, only if other rows are left."""
-    remote = None
-    if any(m.pending for name, m in plan.models.items() if not is_local(name)):
-        from .client import HTTPSpeechClient  # the HTTP stack, only for a run that sends requests
-
-        remote = HTTPSpeechClient(job.provider, job.provider.api_key(), job.timeouts, job.concurrency)
-    return RoutingProvider(LocalSpeechProvider(), remote)
-
-
-async def _execute(job: Job, setup: _Setup, started: float, signals: bool) -> None:
-    plan, result, ledger, spending = setup.plan, setup.result, setup.ledger, setup.spending
-    assert setup.provider is not None
-    # Under a budget, the bar runs to what the budget lets this run take, as the plan played it through.
-    rows, characters = ((plan.budget.rows, plan.budget.sent_characters) if plan.budget is not None
-                        else (plan.total.pending, plan.total.pending_characters))
-    progress = Progress(rows, characters, interactive=sys.stderr.isatty() and job.log_format != "json",
-                        interval=job.progress_interval)
-    throttle = Throttle(job.concurrency, job.requests_per_minute)
-    # Publishing waits on fsync: with a handful of threads the disk, not the provider, would set the
-    # pace of a fast run. The run's own threads, so a caller's event loop keeps its executor.
-    executor = ThreadPoolExecutor(max_workers=min(64, 2 * job.concurrency), thread_name_prefix="batchtts")
-    pool: WorkerPool[WorkItem]
-    narrator = Narrator(setup.provider, setup.folder, ledger, job.retry, job.stitching, progress, throttle,
-                        result.prices, stop=lambda reason: pool.stop(reason), stopping=lambda: pool.stopping,
-                        executor=executor)
-    # Twice as many workers as requests allowed in flight: a worker sleeping out a retry's backoff, or
-    # narrating a local row, then does not hold back the remote requests the throttle would allow.
-    pool = WorkerPool(2 * job.concurrency, narrator)
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            log.warning(
-                "stopping", signal=signal.Signals(signum).name, grace_s=job.grace_seconds,
-                message="taking no new rows; letting requests in flight finish. Signal again to stop at once.",
-            )
-            pool.stop(f"interrupted by {signal.Signals(signum).name}", grace=job.grace_seconds)
-        else:
-            log.warning("cancelling", message="stopping requests in flight now; they will be redone next run")
-            pool.cancel()
-
-    loop = asyncio.get_running_loop()
-
-    def commit() -> None:
-        try:
-            ledger.commit()
-        except LedgerError as exc:
-            pool.halt(HaltError(str(exc)))
-
-    def commit_soon() -> None:
-        loop.call_soon(commit)
-
-    # Group commit: rows that finish in the same turn of the event loop share one commit.
-    ledger.on_write = commit_soon
-    if signals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
-    timer = _stop_at_max_runtime(job, pool, started)
-    progress.start()
-    try:
-        await pool.run(_feed(job, plan, setup.folder, spending, executor))
-    finally:
-        if timer is not None:
-            timer.cancel()
-        ledger.on_write = None
-        commit()
-        if signals:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-        progress.close()
-        await setup.provider.aclose()
-        executor.shutdown(wait=False)
-    result.counters = narrator.counters
-    if pool.fault is not None:
-        _halted(result, pool.fault)
-    elif narrator.provider_stop is not None:
-        result.exit_code = EXIT_PROVIDER_STOP
-        result.stop_reason = str(narrator.provider_stop)
-        result.advice = narrator.provider_stop.advice
-    elif received:
-        result.exit_code = EXIT_SIGTERM if received[0] == signal.SIGTERM else EXIT_SIGINT
-        result.stop_reason = pool.stop_reason
-    elif pool.stopping:
-        result.exit_code = EXIT_MAX_RUNTIME
-        result.stop_reason = pool.stop_reason
-    elif spending.refused is not None:
-        result.exit_code = EXIT_BUDGET
-        result.stop_reason = spending.refused
-        log.warning("budget_reached", reason=spending.refused, characters=spending.characters,
-                    estimated_cost_usd=round(spending.cost, 6))
-
-
-async def _feed(job: Job, plan: Plan, folder: OutputFolder, spending: Spending,
-                executor: Executor) -> AsyncIterator[WorkItem]:
-    """Work left to do, planned in a thread so the event loop keeps serving responses meanwhile."""
-    reader = Ledger(job.ledger_path, readonly=True)
-    try:
-        batches = pending_work(job, plan, reader, folder, spending)
-        loop = asyncio.get_running_loop()
-        while (batch := await loop.run_in_executor(executor, next, batches, None)) is not None:
-            for item in batch:
-                yield item
-    finally:
-        reader.close()
-
-
-def _halted(result: RunResult, fault: Exception) -> None:
-    """The run could not go on: say why, and that a rerun resumes once that is fixed."""
-    if result.exit_code == EXIT_HALTED:
-        return
-    result.exit_code = EXIT_HALTED
-    result.stop_reason = str(fault) if isinstance(fault, BatchTTSError) else f"{type(fault).__name__}: {fault}"
-    result.advice = "what finished is recorded: fix that, then run the same command again to resume"
-    log.error("halted", reason=result.stop_reason)
-
-
-def _stop_at_max_runtime(job: Job, pool: WorkerPool[WorkItem], started: float) -> asyncio.TimerHandle | None:
-    """End inside the window: take no new rows `grace` seconds before the end, cancel what is still in
-    flight at the end (it is redone next run)."""
-    if job.max_runtime is None:
-        return None
-    grace = min(job.grace_seconds, job.max_runtime / 2)
-
-    def stop() -> None:
-        log.warning("max_runtime", max_runtime_s=job.max_runtime, grace_s=round(grace, 3),
-                    message="taking no new rows; requests in flight get the rest of the window")
-        pool.stop(f"the maximum run time ({job.max_runtime:g} s) is near: no new rows in its last {grace:g} s",
-                  grace=grace)
-
-    delay = max(0.0, started + job.max_runtime - grace - time.monotonic())
-    return asyncio.get_running_loop().call_later(delay, stop)
+def _ended(result: RunResult, ending: Ending | None) -> None:
+    if ending is not None:
+        result.exit_code, result.stop_reason, result.advice = ending.exit_code, ending.reason, ending.advice
