@@ -31,7 +31,7 @@ _RESERVED = re.compile(r"^(\.batchtts|ledger(-shard-\d+-of-\d+)?\.sqlite)", re.I
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_MAX_NAME = 120
+MAX_NAME = 120  # characters of a key kept in its file name; a hash of 10 follows a changed one
 
 
 def unsafe_reason(value: str, allow_folders: bool = False) -> str | None:
@@ -60,10 +60,10 @@ def normalise_relpath(value: str) -> str:
 def safe_name(key: str) -> str:
     """A file name for a key; keys that had to be changed get a hash so two keys never share a name."""
     name = _UNSAFE_CHARS.sub("_", key)
-    if name == key and not name.startswith(".") and len(name) <= _MAX_NAME:
+    if name == key and not name.startswith(".") and len(name) <= MAX_NAME:
         return name
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{name.lstrip('.')[:_MAX_NAME]}-{digest}"
+    return f"{name.lstrip('.')[:MAX_NAME]}-{digest}"
 
 
 def chunk_path(fingerprint: str, fmt: str) -> str:

@@ -51,11 +51,14 @@ def _rate_limited(exc: BaseException | None) -> bool:
     return isinstance(exc, HTTPStatusError) and exc.status == 429
 
 
+HINT_JITTER = 0.02  # a share of the provider's wait added at random, so many workers do not return at once
+
+
 class wait_provider_hint(wait_base):
     """Wait what the provider asked for, plus a little jitter, at most `longest`; fall back to
     `fallback` when it did not ask. After a 429, only the jitter: the throttle holds the rest."""
 
-    def __init__(self, fallback: wait_base, longest: float, jitter: float = 0.02) -> None:
+    def __init__(self, fallback: wait_base, longest: float, jitter: float = HINT_JITTER) -> None:
         self.fallback = fallback
         self.longest = longest
         self.jitter = jitter
