@@ -356,7 +356,10 @@ def from_text(book: Path, out: Path, chapter_pattern: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: bool) -> None:
     """List the provider's speech models with their price and input limit (cached for a day)."""
+    from . import log as logs
     from .models import speech_models
+
+    logs.configure("auto")  # a stale cache or one that cannot be written is said on stderr
 
     try:
         job = load_job(job_file) if job_file else None

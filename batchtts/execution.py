@@ -57,7 +57,7 @@ async def narrate(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, pr
                         interval=job.progress_interval)
     throttle = Throttle(job.concurrency, job.requests_per_minute)
     # Publishing waits on fsync: with a handful of threads the disk, not the provider, would set the
-    # pace of a fast run. The run's own threads, so a caller's event loop keeps its executor.
+    # pace of a fast run. Threads of the run's own, so the caller's default executor is not resized.
     executor = ThreadPoolExecutor(max_workers=min(64, 2 * job.concurrency), thread_name_prefix="batchtts")
     pool: WorkerPool[WorkItem]
     narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress, throttle,
@@ -110,7 +110,7 @@ async def narrate(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, pr
                 loop.remove_signal_handler(signum)
         progress.close()
         await provider.aclose()
-        executor.shutdown(wait=False)
+        await asyncio.to_thread(executor.shutdown)  # threads still publishing finish before the ledger closes
     if pool.fault is not None:
         return narrator.counters, halted(pool.fault)
     if narrator.provider_stop is not None:

@@ -2,7 +2,7 @@
 
 WAL mode with synchronous=NORMAL: a commit survives kill -9 (it is in the WAL before the call
 returns) without an fsync. Commits are grouped: the first write of a transaction asks the caller
-(`on_write`, the runner's event loop) to commit soon, and every row that finishes before then joins
+(`on_write`, the run's event loop) to commit soon, and every row that finishes before then joins
 that commit, so finished rows reach the WAL within a turn of the event loop and a kill -9 costs
 only the rows in flight. A row is written only after its audio file has been renamed into place,
 so "done" in the ledger always names a complete file.
@@ -96,10 +96,16 @@ RUNS = Table("runs", "id", (
 ))
 TABLES = (ROWS, RUNS, CHUNKS)
 VERSION = 3  # PRAGMA user_version records how far a file is
+# The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
+# the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
+_LOGGED_SETTINGS = {
+    "out": "json_extract(config, '$.out')", "model": "json_extract(config, '$.defaults.model')",
+    "voice": "json_extract(config, '$.defaults.voice')", "format": "json_extract(config, '$.defaults.format')",
+    "speed": "json_extract(config, '$.defaults.speed')",
+    "shard": "json_extract(config, '$.shard.index') || '/' || json_extract(config, '$.shard.count')",
+}
 _BACKFILL = {  # data each upgrade carries over, after its DDL
-    3: "UPDATE runs SET out = json_extract(config, '$.out'), model = json_extract(config, '$.defaults.model'), "
-       "voice = json_extract(config, '$.defaults.voice'), format = json_extract(config, '$.defaults.format'), "
-       "speed = json_extract(config, '$.defaults.speed'), shard = json_extract(config, '$.shard');",
+    3: f"UPDATE runs SET {', '.join(f'{name} = {logged}' for name, logged in _LOGGED_SETTINGS.items())};",
 }
 
 
@@ -308,9 +314,18 @@ class Ledger:
         return self._get(ROWS, key)
 
     def _get(self, table: Table, key: str) -> dict[str, Any] | None:
-        found = self.db.execute(f"SELECT {', '.join(table.names)} FROM {table.name} WHERE {table.key} = ?",
-                                (key,)).fetchone()
-        return dict(zip(table.names, found, strict=True)) if found else None
+        """One record; from a ledger of an earlier schema (read as it is), the columns it has."""
+        version = self.version
+        if table.since > version:
+            return None
+        names = [c.name for c in table.columns if c.since <= version]
+        found = self.db.execute(f"SELECT {', '.join(names)} FROM {table.name} WHERE {table.key} = ?", (key,)).fetchone()
+        return {**dict.fromkeys(table.names), **dict(zip(names, found, strict=True))} if found else None
+
+    @functools.cached_property
+    def version(self) -> int:
+        """The schema version of the file: the latest once a run opened it, earlier if only read."""
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     @_guarded
     def start_run(self, settings: RunSettings, config: dict[str, Any]) -> int:
@@ -335,8 +350,10 @@ class Ledger:
 
     @_guarded
     def last_run(self) -> RunSettings | None:
-        found = self.db.execute("SELECT manifest, out, model, voice, format, speed, shard, started_at FROM runs "
-                                "ORDER BY id DESC LIMIT 1").fetchone()
+        """The newest run's settings; from a ledger of an earlier schema, read only, as it logged them."""
+        upgraded = self.version >= 3
+        settings = ", ".join(_LOGGED_SETTINGS if upgraded else _LOGGED_SETTINGS.values())
+        found = self.db.execute(f"SELECT manifest, {settings}, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if found is None:
             return None
         manifest, out, model, voice, fmt, speed, shard, started_at = found

@@ -532,13 +532,16 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
     return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags)  # type: ignore[arg-type]
 
 
-def iter_rows(path: Path, defaults: Defaults,
-              only: Callable[[int], bool] | None = None) -> Iterator[Row | list[ManifestProblem]]:
-    """Every row in order; with `only`, just the rows whose numbers it accepts (others are not built)."""
+def iter_rows(path: Path, defaults: Defaults, only: Callable[[int], bool] | None = None,
+              last: int | None = None) -> Iterator[Row | list[ManifestProblem]]:
+    """Every row in order; with `only`, just the rows whose numbers it accepts (others are not
+    built); with `last`, none after that row (the rest is not read)."""
     number = 0
     for batch in read_records(path):
         for record in batch:
             number += 1
+            if last is not None and number > last:
+                return
             if only is None or only(number):
                 yield make_row(number, record, defaults)
 

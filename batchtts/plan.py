@@ -8,7 +8,8 @@ feed hands their work to the pool (`pending_work`), and `status` counts them aga
 
 A run plans twice over one read of the manifest each: the first pass counts and notes which rows
 have work, the second builds only those rows again and decides them again, with the run's own
-budget. Nothing else has changed in between: the run holds the ledger's lock.
+budget. No other run writes the ledger meanwhile (the run holds its lock); a manifest edited in
+between is met by the second decision, which checks each row afresh.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from .manifest import Row
 from .names import OutputChecks, owned_files
 from .storage import OutputFolder
 from .work import Assembly, ChunkJob, Part, PassedOver, WorkItem, characters
+
+
+class PlanCancelled(Exception):
+    """The run was cancelled while it planned."""
 
 
 class State(Enum):
@@ -123,8 +128,10 @@ class RowNumbers:
 
     def __init__(self) -> None:
         self._bits = bytearray()
+        self.last = 0
 
     def add(self, number: int) -> None:
+        self.last = max(self.last, number)
         byte = number >> 3
         if byte >= len(self._bits):
             self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
@@ -179,11 +186,11 @@ class Plan:
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
               owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
-              for_run: bool = False) -> Plan:
+              for_run: bool = False, cancelled: Callable[[], bool] | None = None) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
     rows `owns` accepts (default: the job's shard, or every row); `budget` is played through as the
     feed plays it. For a run, every row's file name is checked against the others and the disk, and
-    local rows no run could narrate are refused."""
+    local rows no run could narrate are refused. Once `cancelled()` says so, PlanCancelled."""
     checks = _output_checks(job, folder) if for_run else None
     if owns is None and job.shard is not None:
         owns = job.shard.owns
@@ -191,10 +198,12 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     planner = Planner(job, ledger, folder, owns, budget)
 
     def count(row: Row) -> None:
+        if cancelled is not None and cancelled():
+            raise PlanCancelled
         decision = planner.decide(row)
         plan.count(decision)
-        if checks is not None:
-            checks.see(row, pending=decision.state not in (State.DONE, State.FAILED, State.BEYOND_LIMIT))
+        if checks is not None:  # rows with work are checked on disk too; another shard's are its own
+            checks.see(row, pending=decision.state not in (State.DONE, State.FAILED, State.ELSEWHERE))
 
     if checks is None:  # counting what a ledger holds (status): rows are counted as they are
         manifest.validate(job.manifest, job.defaults, on_row=count)
@@ -215,10 +224,13 @@ def _output_checks(job: Job, folder: OutputFolder) -> OutputChecks:
 def pending_work(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, spending: Spending,
                  batch_size: int = 512) -> Iterator[list[WorkItem]]:
     """The work left, in manifest order, in batches: rows the plan found work for are built and
-    decided again. Ends at the first row the budget or --limit leaves to the next run."""
+    decided again, and the manifest is read up to the last of them. Ends early at the first row the
+    budget leaves to the next run."""
     planner = Planner(job, ledger, folder, job.shard.owns if job.shard is not None else None, spending)
     batch: list[WorkItem] = []
-    for row in manifest.iter_rows(job.manifest, job.defaults, only=plan.with_work.__contains__):
+    rows = manifest.iter_rows(job.manifest, job.defaults, only=plan.with_work.__contains__,
+                              last=plan.with_work.last)
+    for row in rows:
         if not isinstance(row, Row):
             continue  # the manifest changed since it was checked: its rows are checked by the next run
         decision = planner.decide(row)

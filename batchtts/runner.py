@@ -71,16 +71,33 @@ def run(job: Job, provider: SpeechProvider | None = None, *, signals: bool = Fal
         raise UsageError("signals=True needs run() from the main thread without a running event loop: "
                          "inside one, await arun(job) and stop it as the application does")
     outcome: list[RunResult | BaseException] = []
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[RunResult]]] = []
+    interrupted = threading.Event()
+
+    async def narrated() -> RunResult:
+        task = asyncio.current_task()
+        assert task is not None
+        running.append((asyncio.get_running_loop(), task))
+        if interrupted.is_set():
+            raise asyncio.CancelledError
+        return await arun(job, provider)
 
     def own_loop() -> None:
         try:
-            outcome.append(asyncio.run(arun(job, provider)))
+            outcome.append(asyncio.run(narrated()))
         except BaseException as exc:
             outcome.append(exc)
 
     thread = threading.Thread(target=own_loop, name="batchtts-run")
     thread.start()
-    thread.join()
+    try:
+        thread.join()
+    except BaseException:  # Ctrl-C in the caller: the run stops as a cancelled one does, then this returns
+        interrupted.set()
+        for loop, task in running:
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join()
+        raise
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
@@ -90,10 +107,12 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
     """`run` in the running event loop. With `signals`, SIGINT and SIGTERM stop the run gracefully
     (a second one at once), as the CLI does; it needs the main thread."""
     job.validate()
+    if signals and threading.current_thread() is not threading.main_thread():
+        raise UsageError("signals=True needs the main thread: Python delivers signals there alone")
     started = time.monotonic()
     held = contextlib.ExitStack()  # the lock and the ledger, once taken
     try:
-        setup = await asyncio.to_thread(_set_up, job, provider, held, started)
+        setup = await _setting_up(job, provider, held, started)
         if isinstance(setup, RunResult):
             return setup
         plan, result, ledger = setup.plan, setup.result, setup.ledger
@@ -125,6 +144,21 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
         await asyncio.to_thread(held.close)
 
 
+async def _setting_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStack,
+                      started: float) -> RunResult | _Setup:
+    """`_set_up` in a thread. Cancelled meanwhile, the planning stops at its next row and undoes
+    what it did before this returns: the lock is never let go while planning goes on."""
+    cancelled = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, _set_up, job, provider, held, started, cancelled)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancelled.set()
+        with contextlib.suppress(Exception):  # PlanCancelled, or whatever else ended the planning
+            await future
+        raise
+
+
 @dataclass
 class _Setup:
     """A run ready to send its first request."""
@@ -138,8 +172,8 @@ class _Setup:
     cleaned: int  # partial files a killed run left, removed
 
 
-def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStack, started: float
-            ) -> RunResult | _Setup:
+def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStack, started: float,
+            cancelled: threading.Event) -> RunResult | _Setup:
     """Everything before the first request, blocking: the dry run's whole answer, or for a run the
     lock, the ledger and the plan (`held` releases them)."""
     check_layout(job.named_ledger, job.shard)
@@ -149,7 +183,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     if job.dry_run:
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
-            plan = make_plan(job, ledger, folder, budget=budget, for_run=True)
+            plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -165,7 +199,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     ledger = Ledger(job.ledger_path)
     try:
         ledger.check_place(job)
-        plan = make_plan(job, ledger, folder, budget=budget, for_run=True)
+        plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set)
         spending = Spending(job.budget, prices)
         _check_models(job, plan, spending, listed=provider is None)
         if provider is None and plan.total.pending:

@@ -4,6 +4,7 @@ inside a running event loop, with a provider of its own; status and export read 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import wave
@@ -19,7 +20,9 @@ import structlog
 from conftest import write_csv
 
 import batchtts
-from batchtts.errors import EXIT_FAILED_ROWS, EXIT_OK, RejectedError, UsageError
+from batchtts.errors import EXIT_FAILED_ROWS, EXIT_OK, ManifestError, RejectedError, UsageError
+from batchtts.lock import hold, lock_path
+from batchtts.sharding import shard_of
 
 TEXTS = ["The first line.", "The second line.", "The third line."]
 RATE = 16000
@@ -149,3 +152,46 @@ def test_a_provider_of_its_own_plugs_in_and_status_and_export_read_the_run_back(
 
     again = batchtts.run(the_job, provider)  # the refused row is not retried: a 400 is for good
     assert again.counters.done == 0 and len(provider.requests) == 3
+
+
+def test_signals_need_the_main_thread_and_nothing_is_started_without_it(tmp_path):
+    raised: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            batchtts.run(job(tmp_path), signals=True)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(timeout=60)
+    assert isinstance(raised[0], UsageError) and "main thread" in str(raised[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_cancelled_while_it_plans_leaves_no_ledger_and_lets_go_of_the_lock(tmp_path):
+    manifest = write_csv(tmp_path / "big.csv", [{"id": f"r{i}", "text": f"Line {i}."} for i in range(200_000)])
+    the_job = batchtts.Job(manifest=manifest, out=tmp_path / "out",
+                           defaults=batchtts.Defaults(model="local/espeak-ng", voice="alloy", format="wav"))
+
+    async def cancelled_early() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batchtts.arun(the_job), 0.3)
+
+    asyncio.run(cancelled_early())
+    assert not the_job.ledger_path.exists()  # planning stopped and undid itself before the call returned
+    with hold(lock_path(the_job.ledger_path), tmp_path / "out"):
+        pass  # free: no planning goes on behind the caller's back
+
+
+def test_a_shard_is_not_held_up_by_another_shards_file_names(tmp_path):
+    rows = [{"id": f"r{i}", "text": f"Line {i}."} for i in range(12)]
+    theirs = next(r["id"] for r in rows if shard_of(r["id"], 2) == 1)
+    (tmp_path / "out" / f"{theirs}.wav").mkdir(parents=True)  # shard 1 will refuse this row; shard 0 never meets it
+    mine = batchtts.Job(manifest=write_csv(tmp_path / "m.csv", rows), out=tmp_path / "out",
+                        defaults=batchtts.Defaults(model="local/espeak-ng", voice="alloy", format="wav"),
+                        shard=batchtts.Shard(0, 2), dry_run=True)
+    assert batchtts.run(mine).exit_code == EXIT_OK
+    with pytest.raises(ManifestError, match="folder"):
+        batchtts.run(dataclasses.replace(mine, shard=batchtts.Shard(1, 2)))

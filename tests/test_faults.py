@@ -32,6 +32,7 @@ from conftest import (
     write_csv,
 )
 
+import batchtts
 import batchtts as api
 from batchtts.errors import EXIT_FAILED_ROWS, EXIT_HALTED, EXIT_INTERNAL
 from batchtts.ledger import VERSION, Ledger
@@ -388,6 +389,19 @@ def test_a_ledger_of_every_earlier_schema_is_upgraded_and_trusted(tmp_path, vers
     for name in ("greeting.mp3", "farewell.wav"):
         decoded = miniaudio.decode_file(str(out / name))
         assert decoded.num_frames > 0.2 * decoded.sample_rate
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_status_and_export_read_a_ledger_of_an_earlier_schema_as_it_is(tmp_path, version):
+    out = tmp_path / "out"
+    shutil.copytree(FIXTURES / "ledgers" / version, out)
+    written = (out / "ledger.sqlite").read_bytes()
+    manifest = FIXTURES / "ledgers" / "manifest.csv"
+    report = batchtts.status([out], manifest=manifest)
+    assert (report["total"], report["done"], report["failed"], report["pending"]) == (2, 2, 0, 0)
+    where, rows = batchtts.export([out], to=tmp_path / "results.csv", manifest=manifest)
+    assert rows == 2 and where.read_text().count("done") == 2
+    assert (out / "ledger.sqlite").read_bytes() == written  # readers never upgrade a ledger
 
 
 # --- secrets --------------------------------------------------------------------------------------
