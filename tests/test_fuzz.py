@@ -121,7 +121,7 @@ _flag_values: dict[str, st.SearchStrategy[str]] = {
     "--max-chars": st.sampled_from(["0", "100", "-5", "x"]),
     "--max-cost": st.sampled_from(["0", "0.01", "-1", "nan"]),
     "--shard": st.sampled_from(["0/2", "1/2", "2/2", "x", "0/0"]),
-    "--rpm": st.sampled_from(["60", "0", "-1", "x"]),
+    "--rpm": st.sampled_from(["600", "0", "-1", "x"]),
     "--max-runtime": st.sampled_from(["1h", "30s", "x", "-5", "0"]),
     "--backoff-max": st.sampled_from(["0.01", "-1", "x"]),
     "--progress-interval": st.sampled_from(["1", "0", "-1", "x"]),

@@ -150,7 +150,12 @@ def test_ratelimit_reset_header_alone_is_honoured(serve, tmp_path):
     assert result.returncode == 0, result.stderr
     assert_all_done(out, 12)
     stats = server.stats()
-    assert stats["by_status"].get("429", 0) <= 12  # paused instead of hammering
+    # Paused instead of hammering: refused are the requests already on their way when the first 429
+    # came back (the 8 a cold start lets in flight, and the few the pool grew by with the first
+    # successes), then one probe a window; a client that retried on its 10-50 ms backoff instead of
+    # waiting for the reset would draw dozens a row. (A bound of 12 failed one run in 20: the burst
+    # is 8 to 12 requests, by how the first window's successes fall.)
+    assert stats["by_status"].get("429", 0) <= 12 + 8
 
 
 def test_bad_request_fails_only_its_row(serve, tmp_path):

@@ -566,28 +566,46 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "s3-S
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
+def listening_port(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """The port a server started with port 0 listens on, read from /proc: no port is picked here and
+    taken there a moment later (by then, perhaps, by another test worker's connection)."""
+    found: list[int] = []
+
+    def listening() -> bool:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        inodes = set()
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+            try:
+                inodes.add(os.readlink(f"/proc/{proc.pid}/fd/{fd}"))
+            except OSError:
+                continue
+        with open("/proc/net/tcp") as table:
+            for line in list(table)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:  # LISTEN
+                    found.append(int(fields[1].split(":")[1], 16))
+        return bool(found)
+
+    wait_for(listening, timeout=timeout)
+    return found[0]
+
+
+@pytest.fixture
+def refusing_port():
+    """A port bound and never listened on: every connection to it is refused, and no other process
+    can take it while the test runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
+        yield s.getsockname()[1]
 
 
 @pytest.fixture
 def s3():
     """moto's S3 server on loopback with an empty bucket; stopped when the test ends."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: port_open(port), timeout=30)
+        port = listening_port(proc)
         fs = pafs.S3FileSystem(access_key=S3_ENV["AWS_ACCESS_KEY_ID"], secret_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
                                region="us-east-1", endpoint_override=f"127.0.0.1:{port}", scheme="http",
                                allow_bucket_creation=True)
@@ -603,7 +621,7 @@ def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
     return {i.path.removeprefix(prefix + "/"): i.size for i in infos if i.type == pafs.FileType.File}
 
 
-def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3, tmp_path):
+def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3, tmp_path, refusing_port):
     fs, endpoint = s3
     server = serve()
     manifest = write_csv(tmp_path / "m.csv", rows(12))
@@ -618,7 +636,7 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
     assert server.stats()["requests"] == 0  # refused before any audio was bought
 
     # A dry run (and status) uses the ledger alone: no store needs to answer.
-    unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{refusing_port}"}
     dry = cli(*run_args(manifest, uri, server, "--ledger", ledger, "--format", "wav", "--dry-run"), **unreachable)
     assert dry.returncode == 0 and "12 rows" in dry.stdout, dry.stderr
 
@@ -662,11 +680,10 @@ def test_output_to_s3_publishes_whole_objects_and_exports_next_to_them(serve, s3
 @pytest.fixture
 def gcs():
     """A Google Cloud Storage emulator on loopback with an empty bucket; stopped when the test ends."""
-    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--port", "0", "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: port_open(port), timeout=30)
+        port = listening_port(proc)
         fs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=f"127.0.0.1:{port}", project_id="test")
         fs.create_dir("audio-bucket")
         yield fs, port
