@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import codecs
+import contextlib
 import csv
 import functools
 import gzip
@@ -17,7 +18,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,8 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
     with _open_bytes(path) as f:
         try:
             # Strict: a quote left open in the header runs to the end of the file, and fails here.
-            names = next(_csv_records(f, delimiter, strict=True), None)
+            with contextlib.closing(_csv_records(f, delimiter, strict=True)) as records:
+                names = next(records, None)
         except csv.Error as exc:
             raise _refuse(path, f"the header cannot be read ({exc}): check its quotes") from exc
     if names is None:
@@ -256,11 +258,14 @@ def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, st
         yield records
 
 
-def _csv_records(stream: _ByteStream, delimiter: str, strict: bool = False) -> Iterator[list[str]]:
+def _csv_records(stream: _ByteStream, delimiter: str, strict: bool = False) -> Generator[list[str], None, None]:
     """Python's own reading of the bytes pyarrow reads, which counts rows where pyarrow cannot; bytes
     that are not UTF-8 stay in as surrogates (U+DC80-U+DCFF) to be found, not to stop the reading."""
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
-    return (record for record in csv.reader(text, delimiter=delimiter, strict=strict) if record)
+    try:
+        yield from (record for record in csv.reader(text, delimiter=delimiter, strict=strict) if record)
+    finally:
+        text.detach()  # the stream is the caller's to close
 
 
 def _csv_fault(path: Path, delimiter: str, names: list[str], tail: bytes) -> ManifestProblem | None:
@@ -270,8 +275,7 @@ def _csv_fault(path: Path, delimiter: str, names: list[str], tail: bytes) -> Man
     limit = csv.field_size_limit(MAX_ROW_BYTES)
     number = 0
     try:
-        with _open_bytes(path, tail) as f:
-            records = _csv_records(f, delimiter)
+        with _open_bytes(path, tail) as f, contextlib.closing(_csv_records(f, delimiter)) as records:
             next(records)
             for number, record in enumerate(records, 1):
                 if record[-1].endswith(swallowed):

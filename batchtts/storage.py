@@ -26,6 +26,7 @@ from .lock import hold, lock_path
 from .names import CHUNK_DIR, PARTIAL_DIR
 
 COPY_BUFFER = 1024 * 1024
+_PUBLISH_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,19 @@ class OutputFolder:
         final = self.root / relpath
         try:
             self._makedirs(final.parent)
-            try:
-                os.replace(partial, final)
-            except FileNotFoundError:
-                if not partial.exists():
-                    self._restage(partial, f)
-                self._remake(final.parent)
-                os.replace(partial, final)
+            for attempt in range(_PUBLISH_ATTEMPTS):
+                try:
+                    os.replace(partial, final)
+                    break
+                except FileNotFoundError:
+                    if attempt == _PUBLISH_ATTEMPTS - 1:
+                        raise
+                    # A folder was removed under the run (a cleanup, an rm -rf that may still be going
+                    # on): put back what it took, from the file still open, and try again.
+                    with contextlib.suppress(FileNotFoundError):
+                        if not partial.exists():
+                            self._restage(partial, f)
+                        self._remake(final.parent)
         finally:
             f.close()
         return Published(final, size, digest)
