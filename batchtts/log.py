@@ -7,11 +7,13 @@ standard library's "batchtts" logger, which shows nothing until the application'
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
+if TYPE_CHECKING:
+    import structlog
 
 
 class _BarSafeStream:
@@ -33,6 +35,7 @@ class _BarSafeStream:
 def _for_people(hidden_events: frozenset[str]) -> structlog.types.Processor:
     """Console rendering leaves the full configuration to JSON logs, and on a terminal leaves
     retries to the progress bar and the summary to the CLI's closing lines."""
+    import structlog
 
     def processor(logger: object, name: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
         if event.get("event") in hidden_events:
@@ -44,20 +47,29 @@ def _for_people(hidden_events: frozenset[str]) -> structlog.types.Processor:
 
 
 logging.getLogger("batchtts").addHandler(logging.NullHandler())
-_UNCONFIGURED = structlog.wrap_logger(
-    logging.getLogger("batchtts"),
-    processors=[structlog.stdlib.filter_by_level, structlog.processors.KeyValueRenderer(key_order=["event"])],
-    wrapper_class=structlog.stdlib.BoundLogger,
-)
+
+
+@functools.cache
+def _unconfigured() -> Any:
+    import structlog
+
+    return structlog.wrap_logger(
+        logging.getLogger("batchtts"),
+        processors=[structlog.stdlib.filter_by_level, structlog.processors.KeyValueRenderer(key_order=["event"])],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
 
 
 class _Log:
-    """Decides at each event, so configuring structlog after import still takes effect."""
+    """Decides at each event, so configuring structlog after import still takes effect. structlog
+    is loaded with the first event: commands that log nothing (status, --version) never load it."""
 
     def __getattr__(self, name: str) -> Any:
+        import structlog
+
         if structlog.is_configured():
             return getattr(structlog.get_logger("batchtts"), name)
-        return getattr(_UNCONFIGURED, name)
+        return getattr(_unconfigured(), name)
 
 
 log = _Log()
@@ -71,6 +83,8 @@ def chosen() -> str:
 
 def configure(log_format: str = "auto", stream: TextIO | None = None) -> str:
     """Set up structlog; returns the format chosen ("console" or "json")."""
+    import structlog
+
     global _chosen
     stream = stream or sys.stderr
     if log_format == "auto":
