@@ -12,14 +12,13 @@ import array
 import codecs
 import contextlib
 import csv
-import functools
 import gzip
 import hashlib
 import io
 import json
 import math
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +43,11 @@ _WIDE_BOMS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     """One manifest row with the job's defaults applied: everything needed to narrate it. Its
-    fingerprint, key and file name are worked out once, when first asked for."""
+    fingerprint, key and file name are worked out once, when first asked for (a property that keeps
+    its answer: functools.cached_property takes a lock on every first use, and a plan asks millions)."""
 
     number: int
     id: str | None
@@ -59,30 +59,46 @@ class Row:
     provider_options: dict[str, Any] | None
     output: str | None
     tags: dict[str, str]
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    _key: str | None = field(default=None, init=False, repr=False, compare=False)
+    _relpath: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def _hash(self, text: str, fmt: str) -> str:
         shape = [self.model, self.voice, text, fmt, self.speed, self.provider_options]
         return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-    @functools.cached_property
+    @property
     def fingerprint(self) -> str:
         """Hash of everything that shapes the audio: a change here means the file must be redone."""
-        return self._hash(self.text, self.format)
+        if self._fingerprint is None:
+            object.__setattr__(self, "_fingerprint", self._hash(self.text, self.format))
+        assert self._fingerprint is not None
+        return self._fingerprint
 
     def chunk_fingerprint(self, text: str) -> str:
         """The same for one piece of a long row, as it is requested (wav rows ask for pcm)."""
         return self._hash(text, "pcm" if self.format == "wav" else self.format)
 
-    @functools.cached_property
+    @property
     def key(self) -> str:
         """The ledger key: the id when given, else a content key that stays put while the row does."""
-        return self.id if self.id is not None else "k-" + self.fingerprint[:24]
+        if self.id is not None:
+            return self.id
+        if self._key is None:
+            object.__setattr__(self, "_key", "k-" + self.fingerprint[:24])
+        assert self._key is not None
+        return self._key
 
-    @functools.cached_property
+    @property
     def relpath(self) -> str:
-        if self.output is not None:
-            return self.output if Path(self.output).suffix else f"{self.output}.{self.format}"
-        return f"{names.safe_name(self.key)}.{self.format}"
+        if self._relpath is None:
+            if self.output is not None:
+                relpath = self.output if Path(self.output).suffix else f"{self.output}.{self.format}"
+            else:
+                relpath = f"{names.safe_name(self.key)}.{self.format}"
+            object.__setattr__(self, "_relpath", relpath)
+        assert self._relpath is not None
+        return self._relpath
 
 
 def detect_format(path: Path) -> str:

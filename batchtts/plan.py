@@ -83,8 +83,11 @@ class Planner:
         if self.job.limit is not None and self.taken >= self.job.limit:
             return Decision(row, State.BEYOND_LIMIT)
         work = self._work(row)
-        requests = sum(1 for item in work if not isinstance(item, Assembly))
-        sent = sum(map(characters, work))
+        if len(work) == 1 and work[0] is row:  # the common case: one request for the whole row
+            requests, sent = 1, len(row.text)
+        else:
+            requests = sum(1 for item in work if not isinstance(item, Assembly))
+            sent = sum(map(characters, work))
         verdict = self.spending.admit(row, sent) if self.spending is not None else Verdict.TAKE
         if verdict is Verdict.OVER:  # not taken on, so not counted against --limit
             assert self.spending is not None and self.spending.last_over is not None
