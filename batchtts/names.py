@@ -112,6 +112,9 @@ class OutputChecks:
         if root is not None:
             self._real_root = os.path.realpath(root)
             self._name_max, self._path_max = _limits(root)
+            # Strings, not Paths: a plan checks millions of names, and a Path costs microseconds each.
+            self._root = os.fspath(root) + os.sep
+            self._root_bytes = len(os.fsencode(self._root))
 
     def _problem(self, row: Row, message: str) -> None:
         self.total += 1
@@ -142,8 +145,7 @@ class OutputChecks:
             if len(os.fsencode(part)) > self._name_max:
                 return (f"output name {part[:40]!r}… is {len(os.fsencode(part))} bytes long; this file system takes "
                         f"at most {self._name_max}")
-        assert self.root is not None
-        if len(os.fsencode(self.root / relpath)) >= self._path_max:
+        if self._root_bytes + len(os.fsencode(relpath)) >= self._path_max:
             return f"output path {relpath[:40]!r}… is too long for this file system (at most {self._path_max} bytes)"
         return None
 
@@ -155,7 +157,7 @@ class OutputChecks:
                 self._folder_verdicts[parent] = self._folder_problem(parent)
             if (verdict := self._folder_verdicts[parent]) is not None:
                 return verdict
-        if os.path.isdir(self.root / relpath) and not os.path.islink(self.root / relpath):
+        if os.path.isdir(self._root + relpath) and not os.path.islink(self._root + relpath):
             return f"output {relpath!r} is a folder on disk: the audio file cannot take its place"
         return None
 
