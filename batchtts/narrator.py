@@ -46,6 +46,7 @@ from .ledger import Ledger, Stored
 from .log import log
 from .manifest import Row
 from .names import chunk_path
+from .plan import needs_work
 from .progress import Progress
 from .providers import SpeechProvider, SpeechRequest, is_local
 from .retry import build_retrying, is_transient, retried_next_run
@@ -204,8 +205,7 @@ class Narrator:
     def _already_done(self, row: Row) -> bool:
         """Done since the feed planned it: by an identical row without id earlier in this run."""
         entry = self.ledger.lookup(row.key)
-        return (entry is not None and entry.fingerprint == row.fingerprint and entry.status == "done"
-                and entry.path == row.relpath and self.folder.has(row.relpath, entry.bytes))
+        return entry is not None and entry.status == "done" and not needs_work(row, entry, self.folder, False)
 
     async def _narrate_row(self, row: Row) -> None:
         request = SpeechRequest(row.model, row.text, row.voice, wire_format(row.format), row.speed, row.provider_options)
