@@ -115,7 +115,8 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
         setup = await _setting_up(job, provider, held, started)
         if isinstance(setup, RunResult):
             return setup
-        plan, result, ledger = setup.plan, setup.result, setup.ledger
+        result, ledger = setup.result, setup.ledger
+        plan = result.plan
         total = plan.total
         run_id = await asyncio.to_thread(ledger.start_run, RunSettings.of(job), job.redacted())
         log.info(
@@ -165,7 +166,6 @@ class _Setup:
 
     ledger: Ledger
     folder: OutputFolder
-    plan: Plan
     spending: Spending
     provider: SpeechProvider | None
     result: RunResult
@@ -211,7 +211,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
             ledger.remove()
         raise
     held.callback(ledger.close)
-    return _Setup(ledger, folder, plan, spending, provider, RunResult(EXIT_OK, plan, prices), cleaned)
+    return _Setup(ledger, folder, spending, provider, RunResult(EXIT_OK, plan, prices), cleaned)
 
 
 def _check_models(job: Job, plan: Plan, spending: Spending, listed: bool) -> None:
