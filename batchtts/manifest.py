@@ -572,17 +572,30 @@ class ManifestSummary:
     characters: int
 
 
-def _duplicates(hashes: array.array[int], keep: int = 10_000) -> tuple[set[int], int]:
+# Below this many keys a set finds repeats sooner than loading pyarrow.compute (a seventh of a second)
+# takes; from it on, sorting holds memory to three 8-byte arrays where a set would need several times that.
+SORT_FROM = 100_000
+
+
+def _duplicates(hashes: array.array[int], keep: int = 10_000, sort_from: int = SORT_FROM) -> tuple[set[int], int]:
     """How many rows repeat an earlier hash, and (some of) the repeated hashes, to name them."""
     if not hashes:
         return set(), 0
-    # Sorting needs two more 8-byte arrays; a hash table of counts would need several times that.
-    import pyarrow.compute as pc  # loaded once a manifest has ids or named files to compare
+    if len(hashes) < sort_from:
+        seen: set[int] = set()
+        repeated: list[int] = []
+        for value in hashes:
+            if value in seen:
+                repeated.append(value)
+            else:
+                seen.add(value)
+        return set(repeated[:keep]), len(repeated)
+    import pyarrow.compute as pc
 
     values = pa.Array.from_buffers(pa.uint64(), len(hashes), [None, pa.py_buffer(hashes)])
     ordered = values.take(pc.array_sort_indices(values))
-    repeated = pc.filter(ordered.slice(1), pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))
-    return {h for h in repeated.slice(0, keep).to_pylist() if h is not None}, len(repeated)
+    repeated_sorted = pc.filter(ordered.slice(1), pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)))
+    return {h for h in repeated_sorted.slice(0, keep).to_pylist() if h is not None}, len(repeated_sorted)
 
 
 def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None) -> ManifestSummary:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batchtts.client import HTTPSpeechClient, error_message, rate_hint
 from batchtts.config import DEFAULT_RETRY_STATUSES, Provider, RetryPolicy, Timeouts, load_job
@@ -371,3 +374,18 @@ def test_audio_of_the_wrong_kind_or_shape_is_refused():
         bad = AudioWriter(io.BytesIO(), "mp3", "audio/mpeg")
         bad.write(b"<html>not audio</html>" * 20)
         bad.finish()
+
+
+@given(st.lists(st.integers(min_value=0, max_value=40), max_size=300))
+def test_repeats_are_counted_alike_by_the_set_and_by_sorting(values):
+    from collections import Counter
+
+    from batchtts.manifest import _duplicates
+
+    hashes = array.array("Q", values)
+    repeats = {value for value, count in Counter(values).items() if count > 1}
+    expected = sum(count - 1 for count in Counter(values).values())
+    assert _duplicates(hashes, sort_from=len(values) + 1) == (repeats, expected)
+    assert _duplicates(hashes, sort_from=0) == (repeats, expected)
+    few, count = _duplicates(hashes, keep=1, sort_from=len(values) + 1)
+    assert count == expected and len(few) == min(1, len(repeats)) and few <= repeats
