@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from . import __version__, sharding
 from .config import (
@@ -25,12 +30,14 @@ from .config import (
     load_job,
     parse_duration,
 )
-from .errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, BatchTTSError
+from .errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, BatchTTSError, UsageError
 from .money import usd
 from .redact import redact_uri
 
 if TYPE_CHECKING:
     from .runner import RunResult
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _fail(exc: BatchTTSError) -> None:
@@ -45,6 +52,61 @@ def _ranged(settings: type, name: str) -> click.IntRange | click.FloatRange:
         low, high = (None if b is None else int(b) for b in (bounds.low, bounds.high))
         return click.IntRange(low, high, min_open=bounds.above)
     return click.FloatRange(bounds.low, bounds.high, min_open=bounds.above)
+
+
+def _setting_flag(settings: type, name: str, *decls: str, **kwargs: Any) -> Callable[[_F], _F]:
+    """A flag for a job setting: its range and its default come from the setting itself, so help
+    shows what a run without the flag does. `_given` drops it unless it was given: the job file's wins."""
+    spec = next(f for f in dataclasses.fields(settings) if f.name == name)
+    default = spec.default
+    if "type" not in kwargs and spec.metadata.get("bounds") is not None:
+        kwargs["type"] = _ranged(settings, name)
+    if default is not None and default is not False:
+        kwargs.update(default=default, show_default=True)
+    return click.option(*decls, **kwargs)
+
+
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags the user gave (on the line or through the environment); None for the rest."""
+    ctx = click.get_current_context()
+    return {name: None if ctx.get_parameter_source(name) is ParameterSource.DEFAULT else value
+            for name, value in flags.items()}
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of examples, kept as written (click rewraps other paragraphs)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _load_env_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Read KEY=VALUE lines into the environment before anything reads them. A variable already set
+    wins, as with the systemd recipe's EnvironmentFile; nothing is expanded, as there."""
+    from dotenv.parser import parse_stream
+
+    path = value if value is not None else Path(".env")
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            bindings = list(parse_stream(f))
+    except FileNotFoundError:
+        if value is None:
+            return None
+        _fail(UsageError(f"--env-file {path}: no such file"))
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(UsageError(f"{path}: cannot be read ({exc})"))
+    for binding in bindings:
+        if binding.error or (binding.key is not None and binding.value is None):
+            # The line is not echoed: it may hold a key.
+            _fail(UsageError(f"{path}, line {binding.original.line}: not KEY=VALUE (or a # comment)"))
+    for binding in bindings:
+        if binding.key is not None and binding.value is not None:
+            os.environ.setdefault(binding.key, binding.value)
+    return value
+
+
+_env_file_option = click.option(
+    "--env-file", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False,
+    callback=_load_env_file, help="KEY=VALUE lines to read into the environment (default: ./.env if there is one); "
+    "a variable already set is kept.")
 
 
 def _say_error(message: str, exit_code: int) -> None:
@@ -74,64 +136,85 @@ class _Commands(click.Group):
             sys.exit(EXIT_INTERNAL)
 
 
-@click.group(cls=_Commands)
+@click.group(cls=_Commands, context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchtts")
 def main() -> None:
     """Narrate a manifest of texts into one audio file per row, resumably."""
 
 
-@main.command()
+@main.command(epilog=_examples(
+    "batchtts run jobs/demo.toml",
+    "batchtts run sample_manifests/lines.csv -o out/lines -m openai/gpt-4o-mini-tts -v alloy",
+    "batchtts run big.parquet -o out/big -c 64 --max-cost 20 --dry-run",
+    "BATCHTTS_BASE_URL=http://127.0.0.1:8787/api/v1 batchtts run lines.csv -o out/rehearsal",
+))
 @click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--out", help="Output folder for audio and the ledger, or s3://bucket/prefix (also gs://, hdfs://).")
-@click.option("--model", help="Default model for rows without a model column.")
-@click.option("--voice", help="Default voice for rows without a voice column.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
-@click.option("--speed", type=_ranged(Defaults, "speed"), help="Default speed multiplier.")
-@click.option("--concurrency", type=_ranged(Job, "concurrency"), help="Most requests in flight at once (lowered for a while after 429s).")
-@click.option("--rpm", type=_ranged(Job, "requests_per_minute"), help="Cap on requests per minute, for accounts whose limit is known.")
-@click.option("--max-attempts", type=_ranged(RetryPolicy, "max_attempts"), help="Attempts per row before it is recorded as failed.")
-@click.option("--timeout", type=_ranged(Timeouts, "read"), help="Read timeout in seconds (the wait for each chunk of a body).")
-@click.option("--connect-timeout", type=_ranged(Timeouts, "connect"), help="Connect timeout in seconds.")
-@click.option("--backoff-initial", type=_ranged(RetryPolicy, "backoff_initial"), help="First retry waits up to this many seconds (doubling after).")
-@click.option("--backoff-max", type=_ranged(RetryPolicy, "backoff_max"), help="Longest wait between two attempts, in seconds.")
-@click.option("--max-row-seconds", type=_ranged(RetryPolicy, "max_row_seconds"), help="Give up on a row after this many seconds of retrying.")
-@click.option("--base-url", envvar="BATCHTTS_BASE_URL", help="Speech API base URL (default OpenRouter's).")
-@click.option("--api-key-env", help="Environment variable that holds the API key.")
+@click.option("-o", "--out", help="Output folder for audio and the ledger, or s3://bucket/prefix (also gs://, hdfs://). "
+              "Required unless the job file names it.")
+@_setting_flag(Defaults, "model", "-m", "--model", help="Default model for rows without a model column.")
+@_setting_flag(Defaults, "voice", "-v", "--voice", help="Default voice for rows without a voice column.")
+@_setting_flag(Defaults, "format", "-f", "--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
+@_setting_flag(Defaults, "speed", "--speed", help="Default speed multiplier.")
+@_setting_flag(Job, "concurrency", "-c", "--concurrency", help="Most requests in flight at once (lowered for a while after 429s).")
+@_setting_flag(Job, "requests_per_minute", "--rpm", help="Cap on requests per minute, for accounts whose limit is known.")
+@_setting_flag(RetryPolicy, "max_attempts", "--max-attempts", help="Attempts per row before it is recorded as failed.")
+@_setting_flag(Timeouts, "read", "--timeout", help="Read timeout in seconds (the wait for each chunk of a body).")
+@_setting_flag(Timeouts, "connect", "--connect-timeout", help="Connect timeout in seconds.")
+@_setting_flag(RetryPolicy, "backoff_initial", "--backoff-initial", help="First retry waits up to this many seconds (doubling after).")
+@_setting_flag(RetryPolicy, "backoff_max", "--backoff-max", help="Longest wait between two attempts, in seconds.")
+@_setting_flag(RetryPolicy, "max_row_seconds", "--max-row-seconds", help="Give up on a row after this many seconds of retrying.")
+@_setting_flag(Provider, "base_url", "--base-url", envvar="BATCHTTS_BASE_URL", show_envvar=True, help="Speech API base URL.")
+@_setting_flag(Provider, "api_key_env", "--api-key-env", help="Environment variable that holds the API key.")
 @click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False),
               help="Ledger file (default OUT/ledger.sqlite; needed with object-store output).")
 @click.option("--retry-failed", is_flag=True, default=None, help="Also retry rows that failed permanently before.")
-@click.option("--limit", type=_ranged(Job, "limit"), help="Narrate at most N of the rows left to do.")
-@click.option("--chunk-chars", type=_ranged(Job, "chunk_chars"),
-              help="Split rows longer than this into chunks (default: the model's input limit, 4096 if unknown).")
-@click.option("--max-cost", type=_ranged(Budget, "max_cost"), help="Budget in USD for this run: stop taking rows before passing it.")
-@click.option("--max-chars", type=_ranged(Budget, "max_chars"), help="Budget in characters sent for this run.")
+@_setting_flag(Job, "limit", "--limit", help="Narrate at most N of the rows left to do.")
+@_setting_flag(Job, "chunk_chars", "--chunk-chars",
+               help="Split rows longer than this into chunks (default: the model's input limit, 4096 if unknown).")
+@_setting_flag(Budget, "max_cost", "--max-cost", help="Budget in USD for this run: stop taking rows before passing it.")
+@_setting_flag(Budget, "max_chars", "--max-chars", help="Budget in characters sent for this run.")
 @click.option("--max-runtime", help="End cleanly within this time: 3600, 50m, 2h, 1h30m.")
-@click.option("--max-wait", help="Longest wait a rate limit may ask for before the run stops with exit 3 "
-              "(default 5m): 90, 10m, 1h.")
+@click.option("--max-wait", default="5m", show_default=True,
+              help="Longest wait a rate limit may ask for before the run stops with exit 3: 90, 10m, 1h.")
 @click.option("--shard", help="Take only shard I of N: --shard 3/8.")
 @click.option("--shards", type=click.IntRange(min=1),
               help="Number of shards, the index coming from JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID.")
-@click.option("--dry-run", is_flag=True, default=None,
+@click.option("-n", "--dry-run", is_flag=True, default=None,
               help="Check the manifest, count what is left and estimate its cost; send nothing.")
-@click.option("--grace", "grace_seconds", type=_ranged(Job, "grace_seconds"), help="Seconds in-flight requests get to finish after Ctrl-C.")
-@click.option("--progress-interval", type=_ranged(Job, "progress_interval"), help="Seconds between progress events when not on a terminal.")
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), help="Log rendering (default: auto).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as one JSON object.")
+@_setting_flag(Job, "grace_seconds", "--grace", "grace_seconds", help="Seconds in-flight requests get to finish after Ctrl-C.")
+@_setting_flag(Job, "progress_interval", "--progress-interval", help="Seconds between progress events when not on a terminal.")
+@_setting_flag(Job, "log_format", "--log-format", type=click.Choice(["auto", "console", "json"]),
+               help="Log rendering: a console for people on a terminal, JSON lines otherwise (auto).")
 @click.option("--strict", is_flag=True, default=None,
               help="Refuse to start when a model is not in the provider's model list (default: warn).")
+@_env_file_option
 def run(target: Path, **flags: Any) -> None:
     """Narrate TARGET: a job file (.toml) or a manifest (.csv, .tsv, .parquet, .jsonl).
+
+    Flags override the job file. Run the same command again at any time: only the rows left are
+    narrated.
+
+    \b
+    Environment:
+      OPENROUTER_API_KEY   the API key (or the variable --api-key-env names); not needed for local/* models
+      BATCHTTS_BASE_URL    another OpenAI-compatible endpoint, or a `batchtts serve` rehearsal
+      JOB_COMPLETION_INDEX, SLURM_ARRAY_TASK_ID   the shard index, with --shards N
+      .env                 read from the working folder (or --env-file); never overrides the environment
 
     \b
     Exit codes: 0 all done; 1 some rows failed; 2 usage, config or manifest error (nothing sent);
     3 stopped by the provider (bad key, no credits), progress kept; 4 budget reached; 5 --max-runtime
     reached; 6 halted by a full disk or an unwritable ledger, progress kept; 75 another run holds the
-    ledger; 130/143 interrupted, progress kept. Run the same
-    command again to resume.
+    ledger; 130/143 interrupted, progress kept.
     """
     from . import log as logs
 
+    flags = _given(flags)
     logs.configure(flags.get("log_format") or "auto")
     is_job = target.suffix.lower() == ".toml"
+    if flags["as_json"] and not flags["dry_run"]:
+        raise click.UsageError("--json goes with --dry-run: a run reports as JSON lines with --log-format json")
     try:
         shard = sharding.detect(flags["shard"], flags["shards"])
         max_runtime = parse_duration(flags["max_runtime"]) if flags["max_runtime"] is not None else None
@@ -176,17 +259,44 @@ def run(target: Path, **flags: Any) -> None:
             logs.configure(job.log_format)
         from .runner import run as run_job
 
-        result = run_job(job, signals=True)
+        with _no_echoed_interrupt():
+            result = run_job(job, signals=True)
     except BatchTTSError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         click.echo("batchtts: interrupted before any request was sent", err=True)
         sys.exit(EXIT_SIGINT)
-    if job.dry_run:
+    if job.dry_run and flags["as_json"]:
+        click.echo(json.dumps({"manifest": str(job.manifest), "shard": None if job.shard is None else str(job.shard),
+                               "limit": job.limit, **result.plan.as_dict(result.prices),
+                               "stop_reason": result.stop_reason, "exit_code": result.exit_code}))
+    elif job.dry_run:
         _print_plan(result, job)
     else:
         _print_summary(result, job)
     sys.exit(result.exit_code)
+
+
+@contextlib.contextmanager
+def _no_echoed_interrupt() -> Iterator[None]:
+    """On a terminal, keep Ctrl-C from echoing `^C` into the progress bar's line while the run stops."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        before = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError):
+        before = None
+    if before is None:
+        yield
+        return
+    quiet = list(before)
+    quiet[3] &= ~termios.ECHOCTL
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
 def _print_plan(result: RunResult, job: Job) -> None:
@@ -262,68 +372,140 @@ def _print_summary(result: RunResult, job: Job) -> None:
         f"files in {_where(job.out)}, ledger at {job.ledger_path}"
         + (f" (shard {job.shard}, from {job.shard.source})" if job.shard is not None else ""),
     ]
+    left = max(total.pending - c.done - c.failed, 0)
     if result.stop_reason:
-        lines.insert(0, f"stopped: {result.stop_reason}")
+        lines.insert(0, f"stopped: {result.stop_reason}" + (f"; {_count(left, 'row')} left" if left else ""))
     if result.advice:
         lines.append(result.advice)
     elif result.exit_code == 1:
         lines.append(f"see the failed rows with: batchtts status {job.ledger_path}")
     elif result.stop_reason:
-        lines.append("run the same command again to resume")
+        lines.append(f"to resume, run the same command again: {shlex.join(['batchtts', *sys.argv[1:]])}")
     click.echo("\n".join(lines))
 
 
-@main.command()
+@main.command(epilog=_examples(
+    "batchtts status out/lines",
+    "batchtts status out/lines --json | jq .pending",
+    "batchtts status out/big --watch",
+    "batchtts status out/nightly --check || mail -s 'narration failures' me@example.com",
+))
 @click.argument("targets", nargs=-1)
-@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest to count pending rows against.")
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
+              help="Manifest to count pending rows against (default: the last run's).")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | None, as_json: bool) -> None:
-    """Show what output folders or ledger files hold: done, failed, pending. Several ledgers (the
-    shards of a job, or a folder of them) are merged."""
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (one line per job).")
+@click.option("--check", is_flag=True, help="Exit 1 when rows failed, 2 on an error: for cron alerts.")
+@click.option("-w", "--watch", is_flag=True, help="Follow a running job: report again every --interval seconds "
+              "until its run ends.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between two reports with --watch.")
+def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | None, as_json: bool, check: bool,
+           watch: bool, interval: float) -> None:
+    """Show what output folders or ledger files hold: rows done, failed and pending, counted as the
+    next run would count them. The shards of a job (or a folder of them) are read as one job;
+    different jobs are reported one by one."""
+    from .results import by_job
     from .results import status as status_report
 
     try:
-        report = status_report(targets, manifest, load_job(job_file) if job_file else None)
+        job = load_job(job_file) if job_file else None
+        groups = by_job(targets) if targets else [[]]
+        while True:
+            reports = [status_report(group, manifest, job) for group in groups]
+            for report in reports:
+                click.echo(json.dumps(report) if as_json else _status_text(report))
+            if not watch or not any(r["running"] for r in reports):
+                break
+            time.sleep(interval)
+            if not as_json:
+                click.echo()
     except BatchTTSError as exc:
         _fail(exc)
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    total = "?" if report["total"] is None else report["total"]
-    pending = ("? (pass --manifest)" if report["pending"] is None
-               else f"{report['pending']} (with the failed rows the next run retries)" if report["pending"] else "0")
+    except KeyboardInterrupt:
+        sys.exit(0)  # the end of --watch
+    if check and any(r["failed"] for r in reports):
+        sys.exit(1)
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    total = "?" if report["total"] is None else f"{report['total']:,}"
+    pending = "? (pass --manifest)" if report["pending"] is None else f"{report['pending']:,}"
+    failed = f"{report['failed']:,}"
+    retried = report.get("retried_next_run")
+    if report["failed"] and retried is not None:
+        later = report["failed"] - retried
+        failed += (" (the next run retries them)" if not later else
+                   " (rerun with --retry-failed to retry them)" if not retried else
+                   f" ({retried:,} retried by the next run, {later:,} with --retry-failed)")
     ledgers = report["ledgers"]
-    title = ledgers[0] if len(ledgers) == 1 else f"{os.path.commonpath(ledgers)}/: {len(ledgers)} ledgers, merged"
+    title = ledgers[0] if len(ledgers) == 1 else f"{os.path.commonpath(ledgers)}/: {len(ledgers)} ledgers of one job"
+    if report["running"]:
+        title += f" (a run is going: pid {report['running']})"
     if report["missing_shards"]:
         title += (f"\n  no ledger yet for shard{'s' if len(report['missing_shards']) > 1 else ''} "
                   f"{', '.join(map(str, report['missing_shards']))}: their rows count as pending")
-    click.echo(
-        f"{title}\n  total {total}, done {report['done']}, failed {report['failed']}, pending {pending}\n"
-        f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"
-    )
+    lines = [title, f"  total {total}, done {report['done']:,}, failed {failed}, pending {pending}",
+             f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"]
     for f in report["failures"]:
         again = "retried on next run" if f["retryable"] else "rerun with --retry-failed"
         where, _, error = f["error"].partition(": ") if f["error"].startswith("chunk ") else ("", "", f["error"])
-        status = f"HTTP {f['http_status']}: " if f["http_status"] is not None else ""
-        click.echo(f"  row {f['row_number']} ({f['key']}): {where + ': ' if where else ''}{status}{error} [{again}]")
+        http = f"HTTP {f['http_status']}: " if f["http_status"] is not None else ""
+        lines.append(f"  row {f['row_number']} ({f['key']}): {where + ': ' if where else ''}{http}{error} [{again}]")
+    return "\n".join(lines)
 
 
-@main.command()
+@main.command(epilog=_examples(
+    "batchtts export out/lines",
+    "batchtts export out/lines --to results.csv",
+    "batchtts export out/lines --to - --format jsonl | jq -c 'select(.status == \"failed\")'",
+    "batchtts export out/big --to s3://bucket/big/results.parquet",
+))
 @click.argument("targets", nargs=-1)
-@click.option("--to", "to", help="results.parquet or results.csv, a path or s3://… (default: next to the audio).")
+@click.option("--to", "to", help="results.parquet, .csv or .jsonl, a path or s3://…, or - for stdout "
+              "(default: OUT/results.parquet).")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]),
+              help="Format, when --to's name does not say it (with --to -: csv).")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest (default: the last run's).")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
-def export(targets: tuple[str, ...], to: str | None, manifest: Path | None, job_file: Path | None) -> None:
-    """Write one row per manifest row with its audio file, status and carried columns. Several
-    ledgers (the shards of a job, or a folder of them) are merged."""
+def export(targets: tuple[str, ...], to: str | None, fmt: str | None, manifest: Path | None, job_file: Path | None) -> None:
+    """Write one row per manifest row with its audio file, status and carried columns. The shards of
+    a job (or a folder of them) are read as one job."""
     from .results import export as export_results
 
+    stream = sys.stdout.buffer if to == "-" else None
     try:
-        destination, rows = export_results(targets, to, manifest, load_job(job_file) if job_file else None)
+        destination, rows = export_results(targets, stream or to, manifest, load_job(job_file) if job_file else None,
+                                           format=fmt)
     except BatchTTSError as exc:
         _fail(exc)
-    click.echo(f"wrote {rows} rows to {_where(destination)}")
+    if stream is None:
+        assert isinstance(destination, str | Path)
+        click.echo(f"wrote {rows} rows to {_where(destination)}")
+
+
+@main.command(epilog=_examples(
+    "batchtts report out/nightly",
+    "batchtts report out/nightly --to logs/nightly-$(date +%F).html",
+    "batchtts report out/big/ledger-shard-3-of-8.sqlite --run all",
+))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Path(path_type=Path, dir_okay=False),
+              help="HTML file to write.  [default: report.html beside the ledger]")
+@click.option("--run", "run", default="last", show_default=True,
+              help="Which run: its number, last (each ledger's newest) or all.")
+def report(target: Path, to: Path | None, run: str) -> None:
+    """Draw how a run went into one HTML page that opens offline: requests and successes per second,
+    latency percentiles, 429s and 5xx, the throttle's concurrency and pace, characters and cost,
+    failed rows by reason. TARGET is an output folder or a ledger file. Needs the report extra:
+    pip install 'batchtts[report]'."""
+    from .report import write_report
+
+    try:
+        destination = write_report(target, to, run)
+    except BatchTTSError as exc:
+        _fail(exc)
+    click.echo(f"wrote the report to {destination}")
 
 
 @main.group()
@@ -331,9 +513,12 @@ def manifest() -> None:
     """Make manifests."""
 
 
-@manifest.command("from-text")
+@manifest.command("from-text", epilog=_examples(
+    "batchtts manifest from-text sample_manifests/book.md -o chapters.csv",
+    "batchtts manifest from-text novel.txt -o chapters.csv --chapter-pattern '^CHAPTER [IVXLC]+'",
+))
 @click.argument("book", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="chapters.csv to write.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="chapters.csv to write.")
 @click.option("--chapter-pattern", help="Regular expression for the lines that start a chapter.")
 def from_text(book: Path, out: Path, chapter_pattern: str | None) -> None:
     """Turn a plain-text or Markdown BOOK into a manifest with one row per chapter (id, title, track, text)."""
@@ -349,13 +534,20 @@ def from_text(book: Path, out: Path, chapter_pattern: str | None) -> None:
         click.echo(f"  {i:>3}  {len(c.text):>8} chars  {c.title}")
 
 
-@main.command()
-@click.option("--base-url", envvar="BATCHTTS_BASE_URL", help="Speech API base URL (default OpenRouter's).")
+@main.command(epilog=_examples(
+    "batchtts models",
+    "batchtts models --refresh --json | jq '.models[].id'",
+    "BATCHTTS_BASE_URL=http://127.0.0.1:8787/api/v1 batchtts models",
+))
+@click.option("--base-url", envvar="BATCHTTS_BASE_URL", show_envvar=True, default=Provider.base_url, show_default=True,
+              help="Speech API base URL.")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Use the job file's provider.")
 @click.option("--refresh", is_flag=True, help="Ask the provider now instead of using the day-old cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@_env_file_option
 def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: bool) -> None:
-    """List the provider's speech models with their price and input limit (cached for a day)."""
+    """List the provider's speech models with their price and input limit (cached for a day).
+    Reads the key from OPENROUTER_API_KEY (or the job file's api_key_env) where the provider wants one."""
     from . import log as logs
     from .models import speech_models
 
@@ -364,7 +556,7 @@ def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: 
     try:
         job = load_job(job_file) if job_file else None
         provider = job.provider if job is not None else Provider()
-        if base_url is not None:
+        if base_url is not None and _given({"base_url": base_url})["base_url"] is not None:  # or BATCHTTS_BASE_URL
             provider = Provider(base_url=base_url, api_key_env=provider.api_key_env)
         listing = speech_models(provider, job.timeouts if job is not None else Timeouts(), refresh=refresh)
     except BatchTTSError as exc:
@@ -383,8 +575,8 @@ def models(base_url: str | None, job_file: Path | None, refresh: bool, as_json: 
         click.echo(f"  {m.id:<36} {usd(m.usd_per_million, cents=True):>10} {limit:>12}  {m.name}")
 
 
-@main.command()
-@click.option("--model", default="local/espeak-ng", show_default=True, help="Model whose voices to list.")
+@main.command(epilog=_examples("batchtts voices", "batchtts voices | grep -i scot", "batchtts voices -m openai/gpt-4o-mini-tts"))
+@click.option("-m", "--model", default="local/espeak-ng", show_default=True, help="Model whose voices to list.")
 def voices(model: str) -> None:
     """List the voices a model takes (every eSpeak NG voice and variant for local/* models)."""
     from .engine import engine
@@ -408,8 +600,13 @@ def voices(model: str) -> None:
     click.echo(f"\nvariants ({len(eng.variants)}): {', '.join(eng.variants)}")
 
 
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@main.command(context_settings={"show_default": True}, epilog=_examples(
+    "batchtts serve                                  # then, in another shell:",
+    "BATCHTTS_BASE_URL=http://127.0.0.1:8787/api/v1 batchtts run sample_manifests/lines.csv -o out/rehearsal",
+    "batchtts serve --fail-rate 0.2 --limiter bucket --rate-limit 20 --burst 3",
+    "batchtts serve --port 0 --engine tone --latency 0.05   # a free port, printed on start",
+))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on: keep it loopback.")
 @click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--api-key", envvar="BATCHTTS_SERVE_KEY",
               help="Require this bearer key, on the API and on the /_batchtts admin endpoints.")
@@ -445,8 +642,13 @@ def voices(model: str) -> None:
 @click.option("--seed", type=int, help="Seed for the random faults.")
 @click.option("--engine", default="espeak", show_default=True, type=click.Choice(["espeak", "tone"]),
               help="espeak: real speech from the embedded engine; tone: a cheap synthetic tone for load tests.")
+@click.option("--any-model", is_flag=True,
+              help="Serve models the table does not list too, with any voice, instead of answering 404.")
 def serve(**options: Any) -> None:
-    """Run an OpenRouter-compatible speech server on loopback, with faults on demand."""
+    """Run an OpenRouter-compatible speech server on loopback, with faults on demand: a rehearsal of a
+    job, free and offline. Point the runner at the URL it prints, http://HOST:PORT/api/v1, through
+    BATCHTTS_BASE_URL or --base-url (any key will do unless --api-key is set). Needs the serve extra:
+    pip install 'batchtts[serve]'."""
     try:
         from .server import ServeConfig, run_server
     except ImportError as exc:

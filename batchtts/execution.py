@@ -53,9 +53,10 @@ async def narrate(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, pr
     # Under a budget, the bar runs to what the budget lets this run take, as the plan played it through.
     rows, characters = ((plan.budget.rows, plan.budget.sent_characters) if plan.budget is not None
                         else (plan.total.pending, plan.total.pending_characters))
-    progress = Progress(rows, characters, interactive=sys.stderr.isatty() and job.log_format != "json",
-                        interval=job.progress_interval)
     throttle = Throttle(job.concurrency, job.requests_per_minute)
+    progress = Progress(rows, characters, interactive=sys.stderr.isatty() and job.log_format != "json",
+                        interval=job.progress_interval, job_rows=plan.total.rows, done_before=plan.total.done,
+                        throttle=throttle)
     # Publishing waits on fsync: with a handful of threads the disk, not the provider, would set the
     # pace of a fast run. Threads of the run's own, so the caller's default executor is not resized.
     executor = ThreadPoolExecutor(max_workers=min(64, 2 * job.concurrency), thread_name_prefix="batchtts")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from .config import Defaults, Job
 from .errors import LedgerError, SpeechError, UsageError
@@ -94,8 +94,20 @@ RUNS = Table("runs", "id", (
     Column("out", "TEXT", since=3), Column("model", "TEXT", since=3), Column("voice", "TEXT", since=3),
     Column("format", "TEXT", since=3), Column("speed", "REAL", since=3), Column("shard", "TEXT", since=3),
 ))
-TABLES = (ROWS, RUNS, CHUNKS)
-VERSION = 3  # PRAGMA user_version records how far a file is
+# One row per request sent (or local synthesis tried), for `batchtts report`: millions a night, so
+# each is kept narrow (numbers, NULL for what does not apply; no text but the key and a short kind).
+ATTEMPTS = Table("attempts", "rowid", (
+    Column("run_id", "INTEGER", since=4), Column("started", "REAL NOT NULL", since=4),  # epoch s
+    Column("latency_s", "REAL", since=4), Column("row_number", "INTEGER", since=4),
+    Column("row_key", "TEXT", since=4), Column("chunk_index", "INTEGER", since=4),
+    # An HTTP status, or the kind of fault of a request that got none ('no-answer', 'transport', ...).
+    Column("status", "", since=4), Column("bytes", "INTEGER", since=4), Column("characters", "INTEGER", since=4),
+    Column("retry_after", "REAL", since=4), Column("cost", "REAL", since=4),
+    # The throttle's limits when the request went out: requests awaiting an answer, and requests a second.
+    Column("concurrency", "INTEGER", since=4), Column("pace", "REAL", since=4),
+), since=4, index=("attempts_run", "run_id"))
+TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS)
+VERSION = 4  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
 _LOGGED_SETTINGS = {
@@ -143,6 +155,27 @@ class Stored:
     sample_rate: int | None
     channels: int | None
     duration_s: float | None
+
+
+class Attempt(NamedTuple):
+    """One request as it settled: the columns of `attempts` after run_id, in order (a tuple, so a
+    night's millions cost the run little)."""
+
+    started: float  # epoch s
+    latency_s: float
+    row_number: int
+    row_key: str
+    chunk_index: int | None
+    status: int | str  # an HTTP status, or the kind of fault of a request that got none
+    bytes: int | None
+    characters: int
+    retry_after: float | None
+    cost: float | None
+    concurrency: int | None
+    pace: float | None
+
+
+_ADD_ATTEMPT = f"INSERT INTO attempts ({', '.join(ATTEMPTS.names)}) VALUES ({', '.join('?' * len(ATTEMPTS.names))})"
 
 
 @dataclass(frozen=True)
@@ -222,6 +255,8 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(f"cannot open ledger {path}: {exc.strerror or exc}") from exc
         self._in_transaction = False
+        self.run_id: int | None = None  # the run this connection records, once started
+        self._attempts: list[tuple[Any, ...]] = []
 
     @classmethod
     def open_existing(cls, path: Path) -> Ledger:
@@ -278,14 +313,25 @@ class Ledger:
         })
 
     @_guarded
-    def _upsert(self, table: Table, values: dict[str, Any]) -> None:
-        """Insert or replace one record; attempts add up while the fingerprint stays the same, and
-        columns not given are reset to their defaults."""
+    def record_attempt(self, attempt: Attempt) -> None:
+        """Held until the next group commit, which inserts them all in one statement: a request costs
+        the ledger no statement of its own."""
+        self._write()
+        self._attempts.append((self.run_id, *attempt))
+
+    def _write(self) -> None:
+        """The first write since a commit opens the transaction and asks for the (group) commit."""
         if not self._in_transaction:
             self.db.execute("BEGIN")
             self._in_transaction = True
             if self.on_write is not None:
                 self.on_write()
+
+    @_guarded
+    def _upsert(self, table: Table, values: dict[str, Any]) -> None:
+        """Insert or replace one record; attempts add up while the fingerprint stays the same, and
+        columns not given are reset to their defaults."""
+        self._write()
         stamp = now()
         values = {**dict.fromkeys(table.names), "retryable": 0, "attempts": 0, **values,
                   "created_at": stamp, "updated_at": stamp}
@@ -302,6 +348,9 @@ class Ledger:
     @_guarded
     def commit(self) -> None:
         if self._in_transaction:
+            if self._attempts:
+                self.db.executemany(_ADD_ATTEMPT, self._attempts)
+                self._attempts = []
             self._in_transaction = False
             self.db.execute("COMMIT")
 
@@ -338,6 +387,7 @@ class Ledger:
              defaults.format, defaults.speed, settings.shard),
         )
         assert cur.lastrowid is not None
+        self.run_id = cur.lastrowid
         return cur.lastrowid
 
     @_guarded
@@ -347,6 +397,12 @@ class Ledger:
             "UPDATE runs SET finished_at = ?, exit_code = ?, summary = ? WHERE id = ?",
             (now(), exit_code, json.dumps(summary), run_id),
         )
+
+    @_guarded
+    def running(self) -> bool:
+        """Whether the last run has not ended: it is going, or was killed."""
+        last = self.db.execute("SELECT finished_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return last is not None and last[0] is None
 
     @_guarded
     def last_run(self) -> RunSettings | None:
@@ -412,9 +468,15 @@ def _audio(audio: Stored | None) -> dict[str, Any]:
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open a ledger to read it, changing nothing. A ledger in WAL mode needs its -shm file, which a
-    read-only folder cannot hold: there, with no run writing (none could), it is read as immutable."""
+    """Open a ledger to read it, changing nothing. Where the folder is writable the connection may
+    write but refuses to (query_only), so that SQLite, closing the last connection, removes the -wal
+    and -shm files that reading a ledger in WAL mode makes. A read-only folder cannot hold them:
+    there, with no run writing (none could), the ledger is read as immutable."""
     uri = path.resolve().as_uri()
+    if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
+        db = sqlite3.connect(f"{uri}?mode=rw", uri=True, check_same_thread=False)
+        db.execute("PRAGMA query_only = ON")
+        return db
     db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
     try:
         db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()

@@ -8,6 +8,7 @@ by kill -9: a lock is never left behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -22,9 +23,28 @@ def lock_path(ledger: Path) -> Path:
     return real.parent / f".batchtts-{real.name}.lock"
 
 
+class Held:
+    """A lock held, and what taking it made: a start refused before any work undoes both."""
+
+    def __init__(self, path: Path, made: list[Path]) -> None:
+        self.path = path
+        self.made = made
+
+    def undo(self) -> None:
+        """Remove the lock file and the folders taking it made, where nothing else has come into them."""
+        if not self.made:
+            return  # the folder was there: its lock file stays, as after any run
+        self.path.unlink(missing_ok=True)
+        for folder in reversed(self.made):
+            with contextlib.suppress(OSError):  # not empty: something else came into it
+                folder.rmdir()
+
+
 @contextmanager
-def hold(path: Path, root: Path) -> Iterator[None]:
+def hold(path: Path, root: Path) -> Iterator[Held]:
     """Hold the lock at `path` while the body runs; `root`, the output folder, is made first."""
+    made = sorted({p for folder in (root, path.parent) for p in (folder, *folder.parents) if not p.exists()},
+                  key=lambda p: len(p.parts))
     try:
         root.mkdir(parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +62,24 @@ def hold(path: Path, root: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        yield Held(path, made)
     finally:
         os.close(fd)
+
+
+def holder(ledger: Path) -> int | None:
+    """The process of the run that holds the ledger, if one is alive: read from the lock file, not
+    by testing the lock, which a run starting at that moment would find taken and leave."""
+    try:
+        pid = int(lock_path(ledger).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, another user's
+    return pid

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -44,6 +45,42 @@ def _for_people(hidden_events: frozenset[str]) -> structlog.types.Processor:
         return event
 
     return processor
+
+
+# On a terminal: retries, throttle changes and progress are in the bar, the summary in the CLI's
+# closing lines; a model list that could not be had is said where it matters (prices, --strict).
+_SHOWN_ELSEWHERE = frozenset({"retry", "summary", "throttle", "progress", "models_unchecked"})
+
+
+def _line_for_people(logger: object, name: str, event: MutableMapping[str, Any]) -> str:
+    """One plain line an event: the start as what the run is about to do; anything else as its level
+    (warnings and errors alone: a person acts on them), its message and the facts it carries."""
+    kind = event.pop("event", "")
+    level = event.pop("level", "info")
+    event.pop("timestamp", None)
+    if kind == "start":
+        return _start_line(event)
+    prefix = "" if level == "info" else f"{level}: "
+    if event.get("message"):  # written for people already
+        return f"{prefix}{event['message']}"
+    said = event.pop("reason", None) or event.pop("error", None)
+    facts = ", ".join(f"{k} {v}" for k, v in event.items() if v is not None)
+    return f"{prefix}{kind.replace('_', ' ')}: " + "; ".join(str(p) for p in (said, facts) if p)
+
+
+def _start_line(event: MutableMapping[str, Any]) -> str:
+    from .money import usd
+
+    cost = event.get("estimated_cost_usd")
+    facts = [f"{event.get('rows', 0):,} rows", f"{event.get('already_done', 0):,} done before",
+             f"{event.get('pending', 0):,} to do"]
+    if event.get("skipped_failed"):
+        facts.append(f"{event['skipped_failed']:,} failed before (--retry-failed retries them)")
+    if event.get("budget_rows") is not None:
+        facts.append(f"{event['budget_rows']:,} under the budget")
+    facts.append(f"estimate {usd(cost)}" if cost is not None else "estimate unknown (no price)")
+    shard = f" (shard {event['shard']})" if event.get("shard") else ""
+    return f"{event.get('manifest')}{shard} → {event.get('out')}: {', '.join(facts)}"
 
 
 logging.getLogger("batchtts").addHandler(logging.NullHandler())
@@ -97,10 +134,12 @@ def configure(log_format: str = "auto", stream: TextIO | None = None) -> str:
     if log_format == "json":
         processors.append(structlog.processors.JSONRenderer())
         out: TextIO = stream
-    else:
-        hidden = frozenset({"retry", "summary"}) if stream.isatty() else frozenset()
-        processors += [_for_people(hidden), structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    elif stream.isatty():
+        processors += [_for_people(_SHOWN_ELSEWHERE), _line_for_people]
         out = _BarSafeStream(stream)  # type: ignore[assignment]
+    else:
+        processors += [_for_people(frozenset()), structlog.dev.ConsoleRenderer(colors=False)]
+        out = stream
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

@@ -42,7 +42,7 @@ from .errors import (
     UnexpectedError,
     UnreachableError,
 )
-from .ledger import Ledger, Stored
+from .ledger import Attempt, Ledger, Stored
 from .log import log
 from .manifest import Row
 from .names import chunk_path
@@ -233,7 +233,7 @@ class Narrator:
         attempts = [0]
         try:
             outcome = await self._request(request, fmt, chunk_path(fingerprint, fmt), {}, row, attempts,
-                                          chunk=f"{job.index + 1}/{len(assembly.chunks)}")
+                                          chunk=f"{job.index + 1}/{len(assembly.chunks)}", chunk_index=job.index)
         except _Stopped:
             assembly.abandoned = True
             return
@@ -324,7 +324,7 @@ class Narrator:
 
     async def _request(
         self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str], row: Row, attempts: list[int],
-        chunk: str | None = None,
+        chunk: str | None = None, chunk_index: int | None = None,
     ) -> _Outcome:
         """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
         started = time.monotonic()
@@ -340,7 +340,7 @@ class Narrator:
                         raise _Stopped
                     self.counters.requests += 1
                     try:
-                        body = await self._receive(request, fmt)
+                        body = await self._recorded(request, fmt, row, chunk_index, ticket)
                     except HTTPStatusError as exc:
                         self._answered()
                         if ticket is not None and exc.status == 429:
@@ -362,6 +362,26 @@ class Narrator:
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
         return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
+
+    async def _recorded(self, request: SpeechRequest, fmt: str, row: Row, chunk_index: int | None,
+                        ticket: Ticket | None) -> _Body:
+        """`_receive`, and a row of the ledger's attempts however it ends, with the throttle's limits
+        as they were when it went out: what `batchtts report` draws."""
+        limits = (self.throttle.limit, self.throttle.rate) if ticket is not None else (None, None)
+        started, clock = time.time(), time.monotonic()
+        status: int | str = 200
+        received = retry_after = cost = None
+        try:
+            body = await self._receive(request, fmt)
+            received, cost = body.writer.received, self.prices.cost(request.model, len(request.input))
+            return body
+        except BaseException as exc:
+            status, retry_after = _settled_as(exc)
+            raise
+        finally:
+            self.ledger.record_attempt(Attempt(started, round(time.monotonic() - clock, 4), row.number, row.key,
+                                               chunk_index, status, received, len(request.input), retry_after, cost,
+                                               *limits))
 
     def _rate_limited(self, exc: HTTPStatusError, ticket: Ticket) -> None:
         """A 429: the throttle holds or slows down, unless the wait is longer than the run should
@@ -471,6 +491,19 @@ class Narrator:
         log.error("row_failed", row=row.number, id=row.id, status=exc.status, error=where + exc.message,
                   attempts=attempts, will_retry_on_rerun=retryable)
         self.progress.row_finished(ok=False)
+
+
+def _settled_as(exc: BaseException) -> tuple[int | str, float | None]:
+    """An attempt's status as the ledger keeps it, and the wait its answer asked for."""
+    if isinstance(exc, HTTPStatusError):
+        return exc.status or 0, exc.hint.wait
+    if isinstance(exc, NoAnswerError):
+        return "no-answer", None
+    if isinstance(exc, TransportError):
+        return "transport", None
+    if isinstance(exc, RejectedError):
+        return "rejected", None
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error", None
 
 
 def _stored(relpath: str, published: Published, info: AudioInfo) -> Stored:

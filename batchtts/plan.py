@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 from . import manifest
 from .budget import Prices, Spending, Verdict
@@ -50,6 +51,7 @@ class Decision:
     work: tuple[WorkItem, ...] = ()
     requests: int = 0  # one per row, or per missing chunk of a long row
     characters: int = 0  # what those requests send
+    failed_before: bool = False  # its last attempt failed, at this text: a retry, not a first try
 
 
 def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed: bool) -> bool:
@@ -80,6 +82,7 @@ class Planner:
         entry = self.ledger.lookup(row.key) if self.ledger is not None else None
         if not needs_work(row, entry, self.folder, self.job.retry_failed):
             return Decision(row, State.FAILED if entry is not None and entry.status == "failed" else State.DONE)
+        retry = entry is not None and entry.status == "failed" and entry.fingerprint == row.fingerprint
         if self.job.limit is not None and self.taken >= self.job.limit:
             return Decision(row, State.BEYOND_LIMIT)
         work = self._work(row)
@@ -91,9 +94,9 @@ class Planner:
         verdict = self.spending.admit(row, sent) if self.spending is not None else Verdict.TAKE
         if verdict is Verdict.OVER:  # not taken on, so not counted against --limit
             assert self.spending is not None and self.spending.last_over is not None
-            return Decision(row, State.OVER, (PassedOver(row, self.spending.last_over),), requests, sent)
+            return Decision(row, State.OVER, (PassedOver(row, self.spending.last_over),), requests, sent, retry)
         self.taken += 1
-        return Decision(row, State.WORK if verdict is Verdict.TAKE else State.DEFERRED, work, requests, sent)
+        return Decision(row, State.WORK if verdict is Verdict.TAKE else State.DEFERRED, work, requests, sent, retry)
 
     def _work(self, row: Row) -> tuple[WorkItem, ...]:
         """The whole row; or, over its model's limit, the chunks not yet on disk (or the stitching alone)."""
@@ -124,6 +127,7 @@ class ModelPlan:
     pending: int = 0
     requests: int = 0  # requests the pending rows need: one per row, or per missing chunk of a long row
     pending_characters: int = 0  # characters those requests send
+    retrying: int = 0  # of the pending rows, those whose last attempt failed
 
 
 class RowNumbers:
@@ -169,6 +173,7 @@ class Plan:
             model.failed += 1
         elif decision.state is not State.BEYOND_LIMIT:
             model.pending += 1
+            model.retrying += decision.failed_before
             model.requests += decision.requests
             model.pending_characters += decision.characters
             self.with_work.add(row.number)
@@ -185,6 +190,30 @@ class Plan:
         """Estimated cost of everything left, or None if a model with work left has no known price."""
         costs = self.estimates(prices).values()
         return None if None in costs else round(sum(c for c in costs if c is not None), 6)
+
+    def as_dict(self, prices: Prices) -> dict[str, Any]:
+        """The plan for a program to read (`run --dry-run --json`): counts per model and in total,
+        prices in USD per million characters, estimates in USD (None where a price is unknown)."""
+        estimates = self.estimates(prices)
+
+        def counts(m: ModelPlan) -> dict[str, int]:
+            return {f.name: getattr(m, f.name) for f in fields(ModelPlan)}
+
+        def per_million(name: str) -> float | None:
+            price = prices.of(name)
+            return None if price is None else round(price * 1e6, 6)
+
+        budget = self.budget
+        return {
+            "models": {name: {**counts(m), "usd_per_million_chars": per_million(name), "estimate_usd": estimates[name]}
+                       for name, m in sorted(self.models.items())},
+            "total": {**counts(self.total), "estimate_usd": self.estimate(prices)},
+            "prices": prices.source,
+            "budget": None if budget is None else {
+                "rows": budget.rows, "characters": budget.characters, "cost_usd": round(budget.cost, 6),
+                "unpriced_characters": budget.unpriced_characters, "refused": budget.refused,
+                "passed_over": budget.passed_over},
+        }
 
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,

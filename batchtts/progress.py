@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tqdm import tqdm
 
 from .log import log
 
+if TYPE_CHECKING:
+    from .throttle import Throttle
+
 
 class Progress:
-    def __init__(self, total: int, characters: int, interactive: bool, interval: float) -> None:
+    """`total` rows and `characters` are this run's work, which the bar and its ETA follow; `job_rows`
+    and `done_before` place them in the whole job, which the rows count shows. The throttle is read
+    for the pace and concurrency it has set."""
+
+    def __init__(self, total: int, characters: int, interactive: bool, interval: float, job_rows: int = 0,
+                 done_before: int = 0, throttle: Throttle | None = None) -> None:
         self.total = total
         self.characters = characters
+        self.job_rows = max(job_rows, total + done_before)
+        self.done_before = done_before
+        self.throttle = throttle
         self.interval = interval
         self.done = self.failed = self.retries = self.characters_done = 0
         self.cost_usd = 0.0
@@ -23,8 +35,14 @@ class Progress:
         self.bar: tqdm[NoReturn] | None = None
         self._ticker: asyncio.Task[None] | None = None
         if interactive:
-            self.bar = tqdm(total=characters, unit="char", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
-                            smoothing=0.1)
+            # A terminal that reports no size (a bare pseudo-terminal) would get no bar: take it as 100 by 24.
+            try:
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError):
+                sized = False
+            self.bar = tqdm(total=characters, unit="char", unit_scale=True, dynamic_ncols=sized,
+                            ncols=None if sized else 100, nrows=None if sized else 24, file=sys.stderr, smoothing=0.1)
+            self._postfix()
 
     def start(self) -> None:
         if self.bar is None and self.interval > 0:
@@ -55,9 +73,15 @@ class Progress:
 
     def _postfix(self) -> None:
         assert self.bar is not None
-        cost = f", ~${self.cost_usd:.4f}" if self.cost_usd else ""
-        self.bar.set_postfix_str(f"rows {self.done}/{self.total}, failed {self.failed}, retries {self.retries}{cost}",
-                                 refresh=False)
+        before = f" ({self.done_before:,} before)" if self.done_before else ""
+        parts = [f"rows {self.done_before + self.done:,}/{self.job_rows:,}{before}", f"failed {self.failed}",
+                 f"retries {self.retries}"]
+        if self.throttle is not None:
+            pace = self.throttle.rate
+            parts.append(f"≤{self.throttle.limit} at once" + (f", ≤{pace:.3g} req/s" if pace else ""))
+        if self.cost_usd:
+            parts.append(f"~${self.cost_usd:.4f}")
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)
 
     def event(self) -> None:
         elapsed = time.monotonic() - self.started

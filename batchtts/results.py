@@ -4,17 +4,20 @@
     batchtts.export(["out"], to="results.csv")   # one row per manifest row, with its file
 
 Both take output folders or ledger files (or a job), one ledger or many (the shards of a job, or a
-folder holding them), and merge them. Neither needs the network nor changes a ledger.
+folder holding them), and read them as one job; the ledgers of different jobs are refused, never
+merged (`by_job` sorts targets into jobs). Rows are counted by the planner a run uses, so status,
+export and the next run agree. Neither needs the network nor changes a ledger.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow as pa
 
@@ -22,8 +25,9 @@ from . import manifest
 from .config import Defaults, Job, is_uri
 from .errors import UsageError
 from .ledger import Ledger, LedgerSet, ledger_family, usage
+from .lock import holder
 from .manifest import KNOWN_COLUMNS, Row
-from .plan import make_plan
+from .plan import Planner, State, make_plan
 from .redact import redact_uri
 from .sharding import Shard, named_ledger
 from .storage import open_output
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
 _LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+EXPORT_FORMATS = ("parquet", "csv", "jsonl")
+_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
 _TYPES = {
     "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "model": pa.string(),
@@ -56,6 +62,21 @@ def ledger_files(folder: Path) -> list[Path]:
         names = ", ".join(p.name for p in jobs)
         raise UsageError(f"{folder} holds the ledgers of several jobs ({names}): name the files, or pass --job")
     return list(next(iter(jobs.values())))
+
+
+def by_job(targets: Sequence[str]) -> list[list[str]]:
+    """Targets grouped by the job whose ledgers they are, in the order given: a job's shards together,
+    different jobs apart, so that each is reported on its own and never merged with another."""
+    groups: dict[Path | str, list[str]] = {}
+    for target in targets:
+        path = Path(target)
+        try:
+            files = ledger_files(path) if path.is_dir() else [path]
+        except UsageError:
+            files = []
+        key: Path | str = named_ledger(files[0])[0].resolve() if files and not is_uri(target) else target
+        groups.setdefault(key, []).append(target)
+    return list(groups.values())
 
 
 @dataclass
@@ -82,6 +103,10 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
         if path.is_file() and usage(path) is None:
             raise UsageError(f"{target}: not a batchtts ledger")
         files += ledger_files(path) if path.is_dir() else [path]
+    jobs = {named_ledger(f)[0].resolve() for f in files}
+    if len(jobs) > 1:
+        raise UsageError(f"these are the ledgers of {len(jobs)} different jobs ({', '.join(sorted(map(str, jobs)))}): "
+                         "name one job's ledgers at a time")
     whole_job = not targets or any(Path(t).is_dir() for t in targets)
     if not targets:
         if job is None:
@@ -129,14 +154,23 @@ def status(targets: Sequence[str | Path] = (), manifest: Path | None = None, job
         ctx.ledger.close()
 
 
-def export(targets: Sequence[str | Path] = (), to: Path | str | None = None, manifest: Path | None = None,
-           job: Job | None = None) -> tuple[Path | str, int]:
-    """Write the results table (.parquet or .csv; by default `results.parquet` next to the audio);
-    returns where it went and how many rows it has."""
+def export(targets: Sequence[str | Path] = (), to: Path | str | BinaryIO | None = None, manifest: Path | None = None,
+           job: Job | None = None, format: str | None = None) -> tuple[Path | str | BinaryIO, int]:
+    """Write the results table: Parquet, CSV or JSON Lines (`format`, or the name's suffix); by default
+    `results.parquet` next to the audio; `to` may be an open binary stream (CSV or JSON Lines only).
+    Returns where it went and how many rows it has."""
+    if format is not None and format not in EXPORT_FORMATS:
+        raise UsageError(f"export writes {', '.join(EXPORT_FORMATS)}, not {format!r}")
     ctx = open_context([str(t) for t in targets], manifest, job)
     try:
+        if to is not None and not isinstance(to, str | Path):
+            kind = format or "csv"
+            if kind == "parquet":
+                raise UsageError("Parquet needs a file (it is written with its footer last): give --to a path")
+            _need_manifest(ctx)
+            return to, _write_export(ctx, to, kind)
         destination = default_export(ctx.out) if to is None else to if isinstance(to, Path) or is_uri(to) else Path(to)
-        return destination, _export(ctx, destination)
+        return destination, _export(ctx, destination, format)
     finally:
         ctx.ledger.close()
 
@@ -156,34 +190,38 @@ def _report(ctx: JobContext) -> dict[str, Any]:
         "bytes": int(done["bytes"]),
         "audio_s": round(float(done["duration_s"]), 3),
         "failures": ctx.ledger.failures(limit=50),
+        # A run that has not ended, and whose process is alive (one killed never ends).
+        "running": next((pid for ledger in ctx.ledger.ledgers if ledger.running() and (pid := holder(ledger.path))), None),
     }
     if ctx.manifest is not None and ctx.manifest.exists():
         job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)
         plan = make_plan(job, ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns).total
-        report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed, pending=plan.pending)
+        report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed + plan.retrying,
+                      retried_next_run=plan.retrying, pending=plan.pending - plan.retrying)
     return report
 
 
 def _export_records(ctx: JobContext) -> Iterator[list[dict[str, Any]]]:
+    """Each manifest row with its outcome as the planner decides it, so export says what status counts."""
     assert ctx.manifest is not None
+    job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)
+    planner = Planner(job, ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns)
     number = 0
     for batch in manifest.read_records(ctx.manifest):
         out: list[dict[str, Any]] = []
         for record in batch:
             number += 1
             row = manifest.make_row(number, record, ctx.defaults)
-            if isinstance(row, Row) and not ctx.ledger.owns(row.key):
-                continue
-            entry = ctx.ledger.get(row.key) if isinstance(row, Row) else None
-            if isinstance(row, Row) and entry is not None and entry["fingerprint"] != row.fingerprint:
-                entry = None
-            result: dict[str, Any] = {
-                "row": number,
-                "id": row.id if isinstance(row, Row) else record.get("id"),
-                "text": record.get("text"),
-                "voice": row.voice if isinstance(row, Row) else record.get("voice"),
-                "model": row.model if isinstance(row, Row) else record.get("model"),
-            }
+            result: dict[str, Any] = {"row": number, "id": record.get("id"), "text": record.get("text"),
+                                      "voice": record.get("voice"), "model": record.get("model")}
+            entry: dict[str, Any] | None = None
+            if isinstance(row, Row):
+                decision = planner.decide(row)
+                if decision.state is State.ELSEWHERE:
+                    continue
+                result.update(id=row.id, voice=row.voice, model=row.model)
+                if decision.state in (State.DONE, State.FAILED) or decision.failed_before:
+                    entry = ctx.ledger.get(row.key)
             for name in _LEDGER_FIELDS:
                 result[name] = entry[name] if entry is not None else None
             if entry is None:
@@ -203,15 +241,20 @@ def default_export(out: Path | str) -> Path | str:
     return out / "results.parquet"
 
 
-def _export(ctx: JobContext, to: Path | str) -> int:
-    """Write one row per manifest row, joined with the ledgers; returns the number of rows. The file
-    appears whole or not at all: it is written aside, then renamed (or uploaded, then moved)."""
+def _need_manifest(ctx: JobContext) -> None:
     if ctx.manifest is None or not ctx.manifest.exists():
         raise UsageError("export needs the manifest: pass --manifest (the last run's manifest is not there)")
+
+
+def _export(ctx: JobContext, to: Path | str, format: str | None) -> int:
+    """Write one row per manifest row, joined with the ledgers; returns the number of rows. The file
+    appears whole or not at all: it is written aside, then renamed (or uploaded, then moved)."""
+    _need_manifest(ctx)
     name = to.partition("?")[0] if isinstance(to, str) else to.name
     suffix = os.path.splitext(name)[1].lower()
-    if suffix not in (".parquet", ".csv"):
-        raise UsageError("export writes .parquet or .csv: name the file accordingly")
+    kind = format or _SUFFIXES.get(suffix)
+    if kind is None:
+        raise UsageError("export writes .parquet, .csv or .jsonl: name the file accordingly, or pass --format")
     try:
         if isinstance(to, Path):
             to.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +265,8 @@ def _export(ctx: JobContext, to: Path | str) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write {to}: {exc.strerror or exc}") from exc
     try:
-        rows = _write_export(ctx, aside, suffix)
+        with aside.open("wb") as stream:
+            rows = _write_export(ctx, stream, kind)
         if isinstance(to, Path):
             os.chmod(aside, 0o666 & ~_umask())  # as a file written in place would be, not the temporary's 0600
             os.replace(aside, to)
@@ -243,7 +287,9 @@ def _umask() -> int:
     return mask
 
 
-def _write_export(ctx: JobContext, to: Path, suffix: str) -> int:
+def _write_export(ctx: JobContext, to: BinaryIO, kind: str) -> int:
+    if kind == "jsonl":
+        return _write_jsonl(ctx, to)
     schema: pa.Schema | None = None
     import pyarrow.csv as pacsv  # the writers, loaded by export alone
     import pyarrow.parquet as pq
@@ -263,10 +309,19 @@ def _write_export(ctx: JobContext, to: Path, suffix: str) -> int:
                 ])
             table = pa.Table.from_pylist(records, schema=schema)
             if writer is None:
-                writer = pq.ParquetWriter(to, schema) if suffix == ".parquet" else pacsv.CSVWriter(to, schema)
+                writer = pq.ParquetWriter(to, schema) if kind == "parquet" else pacsv.CSVWriter(to, schema)
             writer.write_table(table)
             rows += len(records)
     finally:
         if writer is not None:
             writer.close()
+    return rows
+
+
+def _write_jsonl(ctx: JobContext, to: BinaryIO) -> int:
+    rows = 0
+    for records in _export_records(ctx):
+        to.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode())
+        rows += len(records)
+    to.flush()
     return rows

@@ -194,7 +194,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
             result.exit_code, result.stop_reason = exc.exit_code, str(exc)
         result.wall_s = time.monotonic() - started
         return result
-    held.enter_context(folder.lock())
+    lock = held.enter_context(folder.lock())
     fresh = not job.ledger_path.exists()
     ledger = Ledger(job.ledger_path)
     try:
@@ -207,8 +207,9 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
         cleaned = folder.clean_partials() if plan.total.pending else 0  # a store is reached only for work
     except BaseException:
         ledger.close()
-        if fresh:  # refused before it started: leave no ledger behind to speak for the job
+        if fresh:  # refused before it started: leave no ledger behind to speak for the job, nor its folder
             ledger.remove()
+            lock.undo()
         raise
     held.callback(ledger.close)
     return _Setup(ledger, folder, spending, provider, RunResult(EXIT_OK, plan, prices), cleaned)

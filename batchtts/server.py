@@ -1,10 +1,11 @@
 """`batchtts serve`: an OpenRouter-compatible speech server on loopback, with faults on demand.
 
-Tests and rehearsals point the real CLI at it. It validates requests like the API, answers with
-audio from the embedded eSpeak NG engine (or, with `engine="tone"`, a cheap synthetic tone for
-load tests), and injects what production does to a batch job: latency, error statuses, the
-limiters API gateways use (a token bucket, fixed or sliding windows, a cap on requests in flight, a
-quota: limiters.py) with the 429 headers they send, connections cut after the headers or mid-body,
+Tests and rehearsals point the real CLI at it. It validates requests like the API against a model
+table of its own (serve_models.json: a model it does not list is a 404, a voice its model does not
+take a 400), answers with audio from the embedded eSpeak NG engine (or, with `engine="tone"`, a
+cheap synthetic tone for load tests), and injects what production does to a batch job: latency,
+error statuses, the limiters API gateways use (a token bucket, fixed or sliding windows, a cap on
+requests in flight, a quota: limiters.py) with the 429 headers they send, connections cut after the headers or mid-body,
 stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice,
 and, per limiter, what a benchmark needs to set goodput against capacity.
 
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import random
+import re
 import socket
 import sys
 import time
@@ -49,6 +51,7 @@ from . import local
 from .engine import UnknownVoiceError, engine
 from .errors import UsageError
 from .limiters import SLACK, FixedWindow, InFlightCap, Limiter, Quota, Refusal, SlidingWindow, TokenBucket
+from .suggest import did_you_mean
 from .tone import synthesize_tone
 
 Endpoint = typing.Callable[[Request], typing.Awaitable[JSONResponse]]
@@ -69,12 +72,70 @@ MODELS_FIXTURE = "serve_models.json"
 INJECTED_429_WAIT = 1.0  # seconds an injected 429 asks a client to wait when `retry_after` is unset
 
 
+@dataclass(frozen=True)
+class Voices:
+    """The voices one model takes, and what speaks each: the OpenAI names (mapped to eSpeak NG voices as
+    the local engine maps them), any eSpeak NG voice (`espeak`, for local/*), and provider voice ids
+    matching `ids` (ElevenLabs' 21m00Tcm4TlvDq8ikWAM), each spoken with a stand-in picked by the id, so
+    a manifest's speakers still sound apart in a rehearsal."""
+
+    names: tuple[str, ...] = ()
+    espeak: bool = False
+    ids: re.Pattern[str] | None = None
+    example_id: str | None = None
+    stand_ins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, spec: Mapping[str, Any]) -> Voices:
+        ids = spec.get("ids")
+        return cls(tuple(spec.get("names", ())), bool(spec.get("espeak", False)),
+                   None if ids is None else re.compile(ids["pattern"]), None if ids is None else ids.get("example"),
+                   tuple(spec.get("stand_ins", ())))
+
+    def speaker(self, voice: str) -> str:
+        """The voice the engine speaks `voice` with. UnknownVoiceError says what the model takes instead."""
+        if voice.lower() in self.names:
+            return voice
+        if self.ids is not None and self.ids.fullmatch(voice):
+            pick = int.from_bytes(hashlib.sha256(voice.encode()).digest()[:4], "big")
+            return self.stand_ins[pick % len(self.stand_ins)]
+        if self.espeak:
+            engine().check_voice(voice)  # its refusal names eSpeak NG's closest voices
+            return voice
+        takes = ", ".join(self.names)
+        if self.ids is not None:
+            takes += f", or a voice id like {self.example_id}" if self.example_id else ", or a voice id"
+        raise UnknownVoiceError(f"unknown voice {voice!r}{did_you_mean(voice.lower(), self.names)}; it takes {takes}")
+
+
+@dataclass(frozen=True)
+class ModelTable:
+    """The server's own fixture: what `GET /models` lists, and the voices of each listed speech model
+    (which the listing does not show). `unlisted` are the voices of a model it does not list, served
+    only with `any_model`."""
+
+    listed: tuple[dict[str, Any], ...]
+    voices: Mapping[str, Voices]
+    unlisted: Voices
+
+
 @functools.cache
+def model_table() -> ModelTable:
+    """The fixture is the server's own, not the client's tables, so a client that prices, splits or
+    names models wrongly is caught. ValueError when a listed speech model has no voices, or voices
+    name a model not listed: the listing and the endpoint must agree."""
+    fixture = json.loads(resources.files("batchtts").joinpath(MODELS_FIXTURE).read_text(encoding="utf-8"))
+    speech = {m["id"] for m in fixture["data"] if "speech" in m["architecture"]["output_modalities"]}
+    if speech != set(fixture["voices"]):
+        raise ValueError(f"{MODELS_FIXTURE}: the speech models listed and those with voices differ: "
+                         f"{sorted(speech ^ set(fixture['voices']))}")
+    voices = {model: Voices.from_json(spec) for model, spec in fixture["voices"].items()}
+    return ModelTable(tuple(fixture["data"]), voices, Voices.from_json(fixture["unlisted_voices"]))
+
+
 def listed_models() -> tuple[dict[str, Any], ...]:
-    """The models the server lists, prices and serves, in the API's /models shape. They are a fixture of
-    the server's own, not the client's tables, so a client that prices or splits wrongly is caught."""
-    fixture = resources.files("batchtts").joinpath(MODELS_FIXTURE).read_text(encoding="utf-8")
-    return tuple(json.loads(fixture)["data"])
+    """The models the server lists, prices and serves, in the API's /models shape."""
+    return model_table().listed
 
 
 def models_listing(output_modalities: str | None) -> list[dict[str, Any]]:
@@ -87,7 +148,8 @@ def models_listing(output_modalities: str | None) -> list[dict[str, Any]]:
 
 def input_limit(model_id: str) -> int:
     """A listed model's context_length, in characters for a speech model. A model the server does not
-    list is held to the strictest listed limit, which a client splitting for any listed model meets."""
+    list (served with `any_model`) is held to the strictest listed limit, which a client splitting for
+    any listed model meets."""
     limits: dict[str, int] = {model["id"]: model["context_length"] for model in listed_models()}
     return limits.get(model_id, min(limits.values()))
 
@@ -122,6 +184,7 @@ class ServeConfig:
     seed: int | None = None
     engine: str = "espeak"
     max_body_bytes: int = 1 << 20
+    any_model: bool = False  # serve models the table does not list too, as an endpoint that lists less than it serves
 
     def __post_init__(self) -> None:
         """Limiter settings no limiter can work with are refused whether they come from flags or /faults."""
@@ -441,7 +504,7 @@ class SpeechServer:
         if config.credits is not None and self.stats.successes >= config.credits:
             await self._error(send, entry, 402)
         await self._admit(send, entry, admitted)
-        request_format, speed = await self._validate(body, send, entry)
+        request_format, speed, speaker = await self._validate(body, send, entry)
         assert isinstance(text, str)
 
         attempt = self.attempts[text]
@@ -467,7 +530,7 @@ class SpeechServer:
             await self._error(send, entry, statuses[(self.attempts[text] - 1) % len(statuses)])
 
         if config.engine == "espeak":
-            audio, content_type = await local.synthesize(text, body["voice"], request_format, speed)
+            audio, content_type = await local.synthesize(text, speaker, request_format, speed)
         else:
             audio, content_type = synthesize_tone(text, request_format, speed)
         headers = [
@@ -495,7 +558,10 @@ class SpeechServer:
         entry["outcome"] = "ok"
         await send({"type": "http.response.body", "body": audio})
 
-    async def _validate(self, body: Any, send: Send, entry: dict[str, Any]) -> tuple[str, float]:
+    async def _validate(self, body: Any, send: Send, entry: dict[str, Any]) -> tuple[str, float, str]:
+        """Refuse what the API refuses; for a request it takes, its format, speed, and the voice that
+        speaks it. A model it does not list is the API's 404, naming the model; a voice the model does
+        not take, a 400."""
         if not isinstance(body, dict):
             await self._error(send, entry, 400, "Request body must be a JSON object")
         for name in ("model", "input", "voice"):
@@ -508,19 +574,22 @@ class SpeechServer:
         speed = body.get("speed", 1.0)
         if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0.25 <= speed <= 4.0:
             await self._error(send, entry, 400, "Invalid request parameters: speed must be a number from 0.25 to 4")
-        limit = self.config.max_input_chars or input_limit(body["model"])
+        model, table = body["model"], model_table()
+        voices = table.voices.get(model)
+        if voices is None:
+            if not self.config.any_model:
+                await self._error(send, entry, 404, f"Model not found: {model}{did_you_mean(model, table.voices)}")
+            voices = table.unlisted
+        limit = self.config.max_input_chars or input_limit(model)
         if len(body["input"]) > limit:
             await self._error(send, entry, 400, f"Invalid request parameters: input is longer than {limit} characters")
-        if self.config.engine == "espeak":
-            try:
-                engine().check_voice(local.espeak_voice(body["voice"]))
-            except UnknownVoiceError as exc:
-                await self._error(send, entry, 400, f"Invalid request parameters: {exc}")
-        if "missing" in body["model"]:
-            await self._error(send, entry, 404, f"Model not found: {body['model']}")
+        try:
+            speaker = voices.speaker(body["voice"])
+        except UnknownVoiceError as exc:
+            await self._error(send, entry, 400, f"Invalid request parameters: {model}: {exc}")
         if self.config.reject_marker and self.config.reject_marker in body["input"]:
             await self._error(send, entry, 400)
-        return request_format, float(speed)
+        return request_format, float(speed), speaker
 
     async def _error(self, send: Send, entry: dict[str, Any], status: int, message: str | None = None,
                      close: bool = False, refusal: Refusal | None = None) -> None:
@@ -545,6 +614,7 @@ class SpeechServer:
 
 
 def create_app(config: ServeConfig) -> Starlette:
+    model_table()  # a broken fixture stops the server at its start, not at its first request
     speech = SpeechServer(config)
 
     async def models(request: Request) -> JSONResponse:

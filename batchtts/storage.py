@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import UsageError
-from .lock import hold, lock_path
+from .lock import Held, hold, lock_path
 from .names import CHUNK_DIR, PARTIAL_DIR
 
 COPY_BUFFER = 1024 * 1024
@@ -59,7 +59,7 @@ class OutputFolder:
         except OSError:
             return False
 
-    def lock(self) -> contextlib.AbstractContextManager[None]:
+    def lock(self) -> contextlib.AbstractContextManager[Held]:
         """Hold an exclusive lock on the ledger so an overlapping run (cron) leaves at once."""
         return hold(self.lock_path, self.root)
 

@@ -130,9 +130,9 @@ def test_serve_answers_with_the_engine_by_default(serve):
     ok = http.post(speech, json={"model": "openai/gpt-4o-mini-tts", "input": SENTENCE, "voice": "coral"})
     assert ok.status_code == 200 and ok.headers["content-type"] == "audio/pcm;rate=22050;channels=1"
     assert 0.15 <= len(ok.content) / 2 / 22050 / WORDS <= 1.0
-    mp3 = http.post(speech, json={"model": "m", "input": SENTENCE, "voice": "coral", "response_format": "mp3"})
+    mp3 = http.post(speech, json={"model": "openai/gpt-4o-mini-tts", "input": SENTENCE, "voice": "coral", "response_format": "mp3"})
     assert mpeg_frames(mp3.content)[1] == 22050
-    bad = http.post(speech, json={"model": "m", "input": SENTENCE, "voice": "vulcan"})
+    bad = http.post(speech, json={"model": "openai/gpt-4o-mini-tts", "input": SENTENCE, "voice": "vulcan"})
     assert bad.status_code == 400 and "vulcan" in bad.json()["error"]["message"]
 
 

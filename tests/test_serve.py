@@ -1,8 +1,11 @@
 """`batchtts serve` hardened: admin endpoints behind the key, bounded request bodies, every refusal in
-the API's JSON error shape, quiet client disconnects, start-up mistakes as usage errors."""
+the API's JSON error shape, quiet client disconnects, start-up mistakes as usage errors. And it
+rehearses any manifest: its own model table answers an unknown model with the API's 404, knows each
+model's voices (provider voice ids spoken with a stand-in), and lists its models as the API does."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import struct
@@ -10,13 +13,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import Server, batchtts, wait_for
+from conftest import FAST_RETRY, Server, batchtts, cli, ledger_rows, wait_for, write_csv
 
-from batchtts.server import MODELS_FIXTURE, ServeConfig
+from batchtts import models
+from batchtts.config import Provider, Timeouts
+from batchtts.engine import engine
+from batchtts.server import MODELS_FIXTURE, ServeConfig, model_table
 
 SPEECH = {"model": "openai/gpt-4o-mini-tts", "input": "hello", "voice": "alloy"}
 DEEP = b"[" * 5000 + b"]" * 5000
@@ -174,7 +182,7 @@ def test_the_model_table_is_the_shipped_fixture_and_max_input_chars_overrides_it
     server = serve()
     shipped = json.loads(resources.files("batchtts").joinpath(MODELS_FIXTURE).read_text(encoding="utf-8"))
     listed = httpx.get(f"{server.url}/models", params={"output_modalities": "all"}, timeout=5).json()
-    assert listed == shipped
+    assert listed == {"data": shipped["data"]}  # the voices are the server's to know, not the listing's
     limit = next(m["context_length"] for m in shipped["data"] if m["id"] == SPEECH["model"])
     assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * limit}, timeout=5).status_code == 200
 
@@ -249,3 +257,96 @@ def test_bad_serve_options_are_usage_errors(args, says):
         pytest.fail(f"batchtts serve started despite {args}")
     assert result.returncode == 2
     assert says in result.stderr and "Traceback" not in result.stderr
+
+
+# --- rehearsing any manifest: the model table -----------------------------------------------------
+
+TYPO = "openai/gpt-4o-mini-ts"
+ELEVEN = "elevenlabs/eleven-turbo-v2"
+ELEVEN_IDS = ("21m00Tcm4TlvDq8ikWAM", "JBFqnCBsd6RMkjVDRZzb", "pNInz6obpgDQGcFmaJgB")  # ElevenLabs' premade voices
+
+
+def rehearse(server: Server, manifest: Path, out: Path, *extra: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Run the real CLI against the server: its exit code and the ledger's rows by id."""
+    result = cli("run", manifest, "--out", out, "--base-url", server.url, "--format", "wav", *FAST_RETRY, *extra,
+                 timeout=30)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, ledger_rows(out / "ledger.sqlite")
+
+
+def test_an_unknown_model_is_the_apis_404_naming_it_and_fails_its_rows(serve, tmp_path):
+    server = serve()
+    answer = httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO}, timeout=5)
+    message = assert_json_error(answer, 404)
+    assert message == f"Model not found: {TYPO} (did you mean {SPEECH['model']}?)"
+
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "typo", "text": "Hello.", "voice": "alloy", "model": TYPO},
+                                              {"id": "good", "text": "Hello.", "voice": "alloy"}])
+    code, rows = rehearse(server, manifest, tmp_path / "out", "--model", SPEECH["model"])
+    assert code == 1  # the typo fails its row, and only it, with the provider's words: not retried
+    assert rows["good"]["status"] == "done"
+    assert rows["typo"]["status"] == "failed" and rows["typo"]["http_status"] == 404
+    assert message in rows["typo"]["error"]
+    assert server.stats()["by_status"] == {"404": 2, "200": 1}
+
+    assert server.faults(any_model=True)["any_model"] is True  # --any-model: the old "every model is served"
+    assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO, "voice": "v"}, timeout=5).status_code == 200
+
+
+def test_an_elevenlabs_manifest_rehearses_unchanged_its_voice_ids_spoken_by_stand_ins(serve, tmp_path):
+    server = serve("--engine", "espeak")
+    voices = (*ELEVEN_IDS, "alloy")  # OpenRouter's own example asks elevenlabs/eleven-turbo-v2 for alloy
+    manifest = write_csv(tmp_path / "m.csv", [{"id": f"v{i}", "text": "The lamp is lit.", "voice": voice}
+                                              for i, voice in enumerate(voices)])
+    code, rows = rehearse(server, manifest, tmp_path / "out", "--model", ELEVEN)
+    assert code == 0 and {row["status"] for row in rows.values()} == {"done"}
+    audio = {hashlib.sha256((tmp_path / "out" / row["path"]).read_bytes()).hexdigest() for row in rows.values()}
+    assert len(audio) == len(voices)  # each voice id has a stand-in of its own, so speakers stay apart
+    assert server.stats()["by_status"] == {"200": len(voices)}
+
+
+@pytest.mark.parametrize("engine_name", ["tone", "espeak"])
+def test_a_voice_its_model_does_not_take_fails_its_row_only(serve, tmp_path, engine_name):
+    server = serve("--engine", engine_name)
+    openai = SPEECH["model"]
+    manifest = write_csv(tmp_path / "m.csv", [
+        {"id": "ok", "text": "Fine.", "voice": "nova", "model": openai},
+        {"id": "id-to-openai", "text": "Wrong provider.", "voice": ELEVEN_IDS[0], "model": openai},
+        {"id": "espeak-to-openai", "text": "Not an OpenAI voice.", "voice": "en-gb", "model": openai},
+        {"id": "name-to-eleven", "text": "A name, not an id.", "voice": "rachel", "model": ELEVEN},
+    ])
+    code, rows = rehearse(server, manifest, tmp_path / "out")
+    assert code == 1 and rows["ok"]["status"] == "done"
+    for row_id, voice, model in (("id-to-openai", ELEVEN_IDS[0], openai), ("espeak-to-openai", "en-gb", openai),
+                                 ("name-to-eleven", "rachel", ELEVEN)):
+        row = rows[row_id]
+        assert row["status"] == "failed" and row["http_status"] == 400, row
+        assert f"{model}: unknown voice {voice!r}" in row["error"] and "it takes alloy, ash" in row["error"]
+    assert "or a voice id like 21m00Tcm4TlvDq8ikWAM" in rows["name-to-eleven"]["error"]
+    assert server.stats()["by_status"] == {"200": 1, "400": 3}  # a 400 is not asked again
+
+
+def test_the_model_list_is_what_the_client_parses(serve):
+    server = serve()
+    answer = httpx.get(f"{server.url}/models", params={"output_modalities": "speech"}, timeout=5)
+    body = answer.json()
+    assert answer.status_code == 200 and set(body) == {"data"}
+    for model in body["data"]:  # OpenRouter's Model object, as much of it as a speech model fills
+        assert {"id", "name", "pricing", "architecture", "context_length", "top_provider"} <= set(model)
+        assert model["architecture"]["input_modalities"] == ["text"]
+        assert model["architecture"]["output_modalities"] == ["speech"]
+
+    listing = models.fetch(Provider(base_url=server.url), Timeouts(connect=5, read=5))  # the client's own reading
+    by_id = {model.id: model for model in listing.models}
+    assert set(by_id) == set(model_table().voices)  # every model it lists, it serves, and no other
+    assert by_id["openai/gpt-4o-mini-tts"].usd_per_million == pytest.approx(0.60)  # OpenRouter's listed price
+    assert by_id["openai/gpt-4o-mini-tts"].max_input_chars == 4096
+    assert by_id["local/espeak-ng"].usd_per_million == 0
+
+
+def test_every_stand_in_is_an_espeak_ng_voice():
+    """A stand-in the engine could not speak would fail, as a 500, every request that needs it."""
+    table = model_table()
+    for voices in (*table.voices.values(), table.unlisted):
+        for stand_in in voices.stand_ins:
+            engine().check_voice(stand_in)

@@ -130,7 +130,7 @@ def test_dry_run_sends_nothing_and_its_estimate_is_what_the_run_sends(serve, tmp
     manifest = write_csv(tmp_path / "m.csv", [
         *rows(6),
         {"id": "chapter", "text": long_text, "voice": "nova"},
-        {"id": "eleven", "text": "A row for another model.", "voice": "rachel", "model": "elevenlabs/eleven-turbo-v2"},
+        {"id": "eleven", "text": "A row for another model.", "voice": "21m00Tcm4TlvDq8ikWAM", "model": "elevenlabs/eleven-turbo-v2"},
         {"id": "offline", "text": "A row the embedded engine narrates.", "voice": "en", "model": "local/espeak-ng"},
     ])
     chunking = ("--chunk-chars", "500")
@@ -236,7 +236,7 @@ def test_a_row_over_the_budget_fails_by_name_and_free_local_rows_are_not_counted
 
 
 def test_max_cost_uses_the_job_files_prices_and_refuses_unpriced_models(serve, tmp_path):
-    server = serve()
+    server = serve("--any-model")  # serves acme/new-tts, which its model list does not price
     out = tmp_path / "out"
     manifest = write_csv(tmp_path / "m.csv", rows(8))
     length = len(rows(8)[0]["text"])
@@ -527,7 +527,8 @@ def test_ledger_and_shard_mistakes_are_told_plainly(tmp_path):
     # A run refused before it starts (here: no key) leaves no ledger behind to speak for the job.
     manifest = write_csv(tmp_path / "m.csv", rows(2))
     keyless = cli("run", manifest, "--out", tmp_path / "out", "--model", MODEL, key=None)
-    assert keyless.returncode == EXIT_USAGE and not (tmp_path / "out" / "ledger.sqlite").exists()
+    assert keyless.returncode == EXIT_USAGE and not (tmp_path / "out").exists()  # nor the folder it made
+    (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ledger-shard-0000-of-0002.sqlite").touch()  # a shard's ledger not yet set up
     dry = cli("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--dry-run", "--base-url",
                    "http://127.0.0.1:9/api/v1", key=None)

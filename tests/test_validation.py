@@ -368,8 +368,10 @@ def test_strict_refuses_an_unlisted_model_and_without_it_the_run_warns(serve, tm
     assert server.stats()["requests"] == 0 and ledger_rows(tmp_path / "strict" / "ledger.sqlite") == {}
     warned = cli(*args, "--out", tmp_path / "warned")
     events = [json.loads(line) for line in warned.stderr.splitlines() if line.startswith("{")]
-    assert warned.returncode == 0 and [e["model"] for e in events if e["event"] == "unknown_model"] == ["openai/gpt-4o-mini-ts"]
+    # Warned, the row is sent, and the provider's 404 fails it: its message names the model.
+    assert warned.returncode == 1 and [e["model"] for e in events if e["event"] == "unknown_model"] == ["openai/gpt-4o-mini-ts"]
     assert server.stats()["requests"] == 1
+    assert "Model not found: openai/gpt-4o-mini-ts" in ledger_rows(tmp_path / "warned" / "ledger.sqlite")["a"]["error"]
 
 
 def test_a_base_url_with_a_key_sends_nothing_and_records_nothing(serve, tmp_path):
@@ -392,7 +394,7 @@ def test_language_codes_narrate_locally_and_through_serve(serve, tmp_path):
     server = serve("--engine", "espeak")
     for voice in ("en-gb", "pt-br", "es-419", "en-gb+f3"):
         answer = http.post(f"{server.url}/audio/speech", timeout=30,
-                            json={"model": "openai/gpt-4o-mini-tts", "input": "Good morning.", "voice": voice})
+                            json={"model": LOCAL, "input": "Good morning.", "voice": voice})
         assert answer.status_code == 200 and answer.content, (voice, answer.text)
 
 
