@@ -115,6 +115,37 @@ class _Body:
     file: BinaryIO
 
 
+# Answers of 404 to this many requests for one model, and audio to none: the provider has no such
+# model, and its other rows are failed without being sent.
+NOT_FOUND_AFTER = 3
+
+
+class MissingModels:
+    """Models the provider answers 404 for, request after request, and never with audio. A 404 alone
+    may be the row's (a voice id the provider lacks): one success for the model clears it for good."""
+
+    def __init__(self, after: int = NOT_FOUND_AFTER) -> None:
+        self.after = after
+        self._misses: dict[str, int] = {}
+        self._answered: set[str] = set()
+        self.missing: dict[str, str] = {}  # model: why its rows are not sent
+
+    def succeeded(self, model: str) -> None:
+        self._answered.add(model)
+        self._misses.pop(model, None)
+
+    def not_found(self, model: str, message: str) -> bool:
+        """Count a 404; True when it makes the model missing."""
+        if model in self._answered or model in self.missing:
+            return False
+        self._misses[model] = self._misses.get(model, 0) + 1
+        if self._misses[model] < self.after:
+            return False
+        self.missing[model] = (f"{message} (not sent: the provider answered 404 to {self.after} requests for {model} "
+                               "and audio to none; check the model's name with `batchtts models`)")
+        return True
+
+
 class _Stopped(Exception):
     """The run began winding down before this work was sent."""
 
@@ -154,6 +185,7 @@ class Narrator:
         self._assemblies: dict[str, Assembly] = {}
         self._no_answers = 0
         self._no_answer_since: float | None = None
+        self.missing_models = MissingModels()
 
     @property
     def stopping(self) -> bool:
@@ -331,13 +363,15 @@ class Narrator:
         remote = not is_local(request.model)
         async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row, chunk)):
             with attempt:
-                attempts[0] += 1
                 # The throttle's slot covers the request, its body and its landing on disk: audio paid
                 # for is in flight until the ledger can record it, so a kill -9 pays again for at most
                 # `concurrency` rows, however fast the answers come.
                 async with self.throttle.slot() if remote else contextlib.nullcontext() as ticket:
                     if self.stopping:
                         raise _Stopped
+                    if (missing := self.missing_models.missing.get(request.model)) is not None:
+                        raise HTTPStatusError(missing, 404)  # found while this one waited for its turn
+                    attempts[0] += 1
                     self.counters.requests += 1
                     try:
                         body = await self._recorded(request, fmt, row, chunk_index, ticket)
@@ -345,6 +379,9 @@ class Narrator:
                         self._answered()
                         if ticket is not None and exc.status == 429:
                             self._rate_limited(exc, ticket)
+                        if exc.status == 404 and self.missing_models.not_found(request.model, exc.message):
+                            log.warning("model_not_found", model=request.model, message=f"the provider has no model "
+                                        f"{request.model} (404, {NOT_FOUND_AFTER} times): its other rows fail unsent")
                         raise
                     except NoAnswerError as exc:
                         self._not_answered(exc)
@@ -353,6 +390,7 @@ class Narrator:
                         raise
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
+                    self.missing_models.succeeded(request.model)
                     if ticket is not None:
                         self._answered()
                         self.throttle.succeeded(ticket)

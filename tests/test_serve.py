@@ -293,6 +293,32 @@ def test_an_unknown_model_is_the_apis_404_naming_it_and_fails_its_rows(serve, tm
     assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO, "voice": "v"}, timeout=5).status_code == 200
 
 
+def test_a_model_the_provider_lacks_costs_a_few_requests_not_one_a_row(serve, tmp_path):
+    from batchtts.narrator import NOT_FOUND_AFTER
+
+    server = serve()
+    rows = [{"id": f"t{i:02d}", "text": f"Row {i}.", "voice": "alloy", "model": TYPO} for i in range(20)]
+    manifest = write_csv(tmp_path / "m.csv", [*rows, {"id": "good", "text": "Hello.", "voice": "alloy"}])
+    code, ledger = rehearse(server, manifest, tmp_path / "out", "--model", SPEECH["model"], "--concurrency", "1")
+    assert code == 1 and ledger["good"]["status"] == "done"
+    assert server.stats()["by_status"] == {"404": NOT_FOUND_AFTER, "200": 1}
+    typos = [ledger[row["id"]] for row in rows]
+    assert all(r["status"] == "failed" and r["http_status"] == 404 and "Model not found" in r["error"] for r in typos)
+    unsent = [r for r in typos if "not sent" in r["error"]]
+    assert len(unsent) == len(rows) - NOT_FOUND_AFTER and all(r["attempts"] == 0 for r in unsent)
+
+
+def test_a_model_with_any_audio_is_never_taken_for_missing():
+    from batchtts.narrator import MissingModels
+
+    models = MissingModels(after=2)
+    models.not_found("m", "Resource not found")
+    models.succeeded("m")  # a 404 was the row's (a voice id the provider lacks), not the model's
+    assert not any(models.not_found("m", "Resource not found") for _ in range(5)) and models.missing == {}
+    assert not models.not_found("x", "gone") and models.not_found("x", "gone") and "x" in models.missing
+    assert not models.not_found("x", "gone")  # said once
+
+
 def test_an_elevenlabs_manifest_rehearses_unchanged_its_voice_ids_spoken_by_stand_ins(serve, tmp_path):
     server = serve("--engine", "espeak")
     voices = (*ELEVEN_IDS, "alloy")  # OpenRouter's own example asks elevenlabs/eleven-turbo-v2 for alloy
