@@ -60,12 +60,24 @@ def _line_for_people(logger: object, name: str, event: MutableMapping[str, Any])
     event.pop("timestamp", None)
     if kind == "start":
         return _start_line(event)
+    if kind == "row_failed":
+        return _failed_row_line(event)
     prefix = "" if level == "info" else f"{level}: "
     if event.get("message"):  # written for people already
         return f"{prefix}{event['message']}"
     said = event.pop("reason", None) or event.pop("error", None)
     facts = ", ".join(f"{k} {v}" for k, v in event.items() if v is not None)
     return f"{prefix}{kind.replace('_', ' ')}: " + "; ".join(str(p) for p in (said, facts) if p)
+
+
+def _failed_row_line(event: MutableMapping[str, Any]) -> str:
+    """row 4 (r4) failed: HTTP 400: the provider's words [after 6 attempts; retried by the next run]"""
+    name = f"row {event.get('row')}" + (f" ({event['id']})" if event.get("id") is not None else "")
+    http = f"HTTP {event['status']}: " if event.get("status") is not None else ""
+    attempts = event.get("attempts") or 0
+    facts = [f"after {attempts} attempts"] if attempts > 1 else []
+    facts.append("retried by the next run" if event.get("will_retry_on_rerun") else "rerun with --retry-failed to retry")
+    return f"{name} failed: {http}{event.get('error')} [{'; '.join(facts)}]"
 
 
 def _start_line(event: MutableMapping[str, Any]) -> str:

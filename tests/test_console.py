@@ -35,8 +35,8 @@ def _read_until(fd: int, seen: bytearray, pattern: bytes, timeout: float) -> boo
 
 def test_a_run_on_a_terminal_shows_one_start_line_the_bar_and_how_to_resume(serve, tmp_path):
     server = serve("--latency", "0.2")
-    manifest = write_csv(tmp_path / "m.csv", [{"id": f"r{i}", "text": f"Row number {i}.", "voice": "alloy"}
-                                              for i in range(40)])
+    manifest = write_csv(tmp_path / "m.csv", [{"id": f"r{i}", "text": f"Row number {i}.",
+                                               "voice": "zz-nope" if i == 5 else "alloy"} for i in range(40)])
     out = tmp_path / "out"
     args = [sys.executable, "-m", "batchtts", "run", str(manifest), "-o", str(out), "-m", MODEL,
             "--base-url", server.url, "-c", "2", *FAST_RETRY]
@@ -48,7 +48,7 @@ def test_a_run_on_a_terminal_shows_one_start_line_the_bar_and_how_to_resume(serv
     os.close(slave)
     seen = bytearray()
     try:
-        assert _read_until(master, seen, rb"rows \d+/40 \(4 before\)", 30), seen.decode(errors="replace")
+        assert _read_until(master, seen, rb"rows \d+/40 \(4 before\), failed 1", 30), seen.decode(errors="replace")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
         _read_until(master, seen, rb"to resume, run the same command again: batchtts run [^\r\n]*\r?\n", 10)
@@ -61,7 +61,9 @@ def test_a_run_on_a_terminal_shows_one_start_line_the_bar_and_how_to_resume(serv
     lines = [line for line in re.split(r"[\r\n]+", screen) if line.strip()]
     starts = [line for line in lines if "→" in line]
     assert len(starts) == 1 and re.search(r"40 rows, 4 done before, 36 to do, estimate \$", starts[0]), screen
-    assert re.search(r"\d+%\|.*rows \d+/40 \(4 before\), failed 0, retries \d+, ≤\d+ at once", screen)
+    assert re.search(r"\d+%\|.*rows \d+/40 \(4 before\), failed 1, retries \d+, ≤\d+ at once", screen)
+    assert "row 6 (r5) failed: HTTP 400: Invalid request parameters: " in screen  # what a person acts on
+    assert "[rerun with --retry-failed to retry]" in screen
     assert re.search(r"stopped: interrupted by SIGINT; \d+ rows? left", screen)
     assert f"to resume, run the same command again: batchtts run {manifest}" in screen
     # Log records are for machines: no timestamps, levels in brackets or key=value dumps on a terminal.
