@@ -73,8 +73,10 @@ def chunk_path(fingerprint: str, fmt: str) -> str:
 
 
 def hash64(value: str) -> int:
-    """An 8-byte hash of a key or a file name: enough to find repeats among millions in little memory."""
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    """An 8-byte hash of a key or a file name: enough to find repeats among millions in little memory.
+    Python's own string hash (SipHash, 64 bits, keyed anew in each process), which a string keeps once
+    made: these hashes never leave the process that made them."""
+    return hash(value) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 _LEDGER_COMPANIONS = ("", "-wal", "-shm", "-journal")
@@ -108,6 +110,7 @@ class OutputChecks:
         self._files = array.array("Q")
         self._folders: dict[int, tuple[str, Row]] = {}  # hash -> (folder, first row writing into it)
         self._folder_verdicts: dict[str, str | None] = {}
+        self._listed: dict[str, frozenset[str]] = {}
         self._name_max = self._path_max = 0
         if root is not None:
             self._real_root = os.path.realpath(root)
@@ -141,6 +144,8 @@ class OutputChecks:
             self._problem(row, on_disk)
 
     def _too_long(self, relpath: str) -> str | None:
+        if 4 * len(relpath) <= self._name_max and self._root_bytes + 4 * len(relpath) < self._path_max:
+            return None  # no UTF-8 character takes more than 4 bytes: short enough without encoding it
         for part in relpath.split("/"):
             if len(os.fsencode(part)) > self._name_max:
                 return (f"output name {part[:40]!r}… is {len(os.fsencode(part))} bytes long; this file system takes "
@@ -157,9 +162,20 @@ class OutputChecks:
                 self._folder_verdicts[parent] = self._folder_problem(parent)
             if (verdict := self._folder_verdicts[parent]) is not None:
                 return verdict
-        if os.path.isdir(self._root + relpath) and not os.path.islink(self._root + relpath):
+        if relpath.rpartition("/")[2] in self._subfolders(parent):
             return f"output {relpath!r} is a folder on disk: the audio file cannot take its place"
         return None
+
+    def _subfolders(self, folder: str) -> frozenset[str]:
+        """The folders (not links to folders) in one folder of the output: one listing of it, not a
+        look per row, whatever the number of rows writing there."""
+        if folder not in self._listed:
+            try:
+                with os.scandir(self._root + folder if folder else self._root) as entries:
+                    self._listed[folder] = frozenset(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except OSError:  # not there (yet), or not to be listed: as os.path.isdir would say, no folder
+                self._listed[folder] = frozenset()
+        return self._listed[folder]
 
     def _folder_problem(self, folder: str) -> str | None:
         assert self.root is not None
