@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Callable
@@ -500,6 +499,8 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    import tomllib  # for job files alone: commands given none (status, --version) do not load it
+
     try:
         data = path.read_bytes()
     except OSError as exc:
