@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -95,8 +96,12 @@ def _load_env_file(ctx: click.Context, param: click.Parameter, value: Path | Non
         _fail(UsageError(f"{path}: cannot be read ({exc})"))
     for binding in bindings:
         if binding.error or (binding.key is not None and binding.value is None):
-            # The line is not echoed: it may hold a key.
-            _fail(UsageError(f"{path}, line {binding.original.line}: not KEY=VALUE (or a # comment)"))
+            # The line is not echoed: it may hold a key. A .env found in the folder may be another
+            # tool's (docker compose takes a bare NAME): its other lines are still read.
+            said = f"{path}, line {binding.original.line}: not KEY=VALUE (or a # comment)"
+            if value is not None:
+                _fail(UsageError(said))
+            click.echo(f"batchtts: {said}; line skipped", err=True)
     for binding in bindings:
         if binding.key is not None and binding.value is not None:
             os.environ.setdefault(binding.key, binding.value)
@@ -279,12 +284,14 @@ def run(target: Path, **flags: Any) -> None:
 
 @contextlib.contextmanager
 def _no_echoed_interrupt() -> Iterator[None]:
-    """On a terminal, keep Ctrl-C from echoing `^C` into the progress bar's line while the run stops."""
+    """On a terminal, keep Ctrl-C from echoing `^C` into the progress bar's line while the run stops.
+    Only a run in the terminal's foreground changes it: one started with `&` would be stopped
+    (SIGTTOU) for trying; one sent to the background meanwhile puts it back without being stopped."""
     try:
         import termios
 
         fd = sys.stdin.fileno()
-        before = termios.tcgetattr(fd) if os.isatty(fd) else None
+        before = termios.tcgetattr(fd) if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp() else None
     except (ImportError, OSError, ValueError):
         before = None
     if before is None:
@@ -296,7 +303,13 @@ def _no_echoed_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, before)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, before)
+        except termios.error:
+            pass  # the terminal went away with the session: nothing to put back
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _print_plan(result: RunResult, job: Job) -> None:
@@ -415,7 +428,7 @@ def status(targets: tuple[str, ...], manifest: Path | None, job_file: Path | Non
             reports = [status_report(group, manifest, job) for group in groups]
             for report in reports:
                 click.echo(json.dumps(report) if as_json else _status_text(report))
-            if not watch or not any(r["running"] for r in reports):
+            if not watch or all(r["running"] is None for r in reports):
                 break
             time.sleep(interval)
             if not as_json:
@@ -440,8 +453,8 @@ def _status_text(report: dict[str, Any]) -> str:
                    f" ({retried:,} retried by the next run, {later:,} with --retry-failed)")
     ledgers = report["ledgers"]
     title = ledgers[0] if len(ledgers) == 1 else f"{os.path.commonpath(ledgers)}/: {len(ledgers)} ledgers of one job"
-    if report["running"]:
-        title += f" (a run is going: pid {report['running']})"
+    if report["running"] is not None:
+        title += f" (a run is going: pid {report['running'] or '?'})"
     if report["missing_shards"]:
         title += (f"\n  no ledger yet for shard{'s' if len(report['missing_shards']) > 1 else ''} "
                   f"{', '.join(map(str, report['missing_shards']))}: their rows count as pending")
@@ -479,6 +492,14 @@ def export(targets: tuple[str, ...], to: str | None, fmt: str | None, manifest: 
                                            format=fmt)
     except BatchTTSError as exc:
         _fail(exc)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): nothing to say; exit as a tool killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+    except OSError as exc:
+        if stream is None:
+            raise
+        _fail(UsageError(f"cannot write the export to standard output: {exc.strerror or exc}"))
     if stream is None:
         assert isinstance(destination, str | Path)
         click.echo(f"wrote {rows} rows to {_where(destination)}")

@@ -399,12 +399,6 @@ class Ledger:
         )
 
     @_guarded
-    def running(self) -> bool:
-        """Whether the last run has not ended: it is going, or was killed."""
-        last = self.db.execute("SELECT finished_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        return last is not None and last[0] is None
-
-    @_guarded
     def last_run(self) -> RunSettings | None:
         """The newest run's settings; from a ledger of an earlier schema, read only, as it logged them."""
         upgraded = self.version >= 3

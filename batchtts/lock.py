@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,23 @@ class Held:
                 folder.rmdir()
 
 
+# A `status` asking whether a run is going holds a shared lock for a few microseconds: a run starting
+# at that instant tries again for this long before it takes the lock for another run's.
+_PATIENCE = 0.05
+
+
+def _take(fd: int) -> bool:
+    deadline = time.monotonic() + _PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
+
 @contextmanager
 def hold(path: Path, root: Path) -> Iterator[Held]:
     """Hold the lock at `path` while the body runs; `root`, the output folder, is made first."""
@@ -52,9 +70,7 @@ def hold(path: Path, root: Path) -> Iterator[Held]:
     except OSError as exc:
         raise UsageError(f"cannot use output folder {root}: {exc.strerror}") from exc
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _take(fd):
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise FolderLockedError(
                 f"another batchtts run (pid {holder}) is using {path.parent} with the same ledger; "
@@ -68,18 +84,23 @@ def hold(path: Path, root: Path) -> Iterator[Held]:
 
 
 def holder(ledger: Path) -> int | None:
-    """The process of the run that holds the ledger, if one is alive: read from the lock file, not
-    by testing the lock, which a run starting at that moment would find taken and leave."""
+    """The process of the run that holds the ledger now, or None: the lock itself is asked (a shared
+    lock taken and let go at once; `hold` gives a run starting at that instant a moment to get it),
+    so a pid left in the file by a run killed long ago, or alive in another container, never counts.
+    0 when a run holds it but its pid cannot be read."""
     try:
-        pid = int(lock_path(ledger).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
+        fd = os.open(lock_path(ledger), os.O_RDONLY)
+    except OSError:
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.pread(fd, 64, 0).decode(errors="replace").strip() or 0)
+            except ValueError:
+                return 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return None
-    except PermissionError:
-        return pid  # alive, another user's
-    return pid
+    finally:
+        os.close(fd)

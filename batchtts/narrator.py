@@ -359,6 +359,8 @@ class Narrator:
         chunk: str | None = None, chunk_index: int | None = None,
     ) -> _Outcome:
         """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
+        if (missing := self.missing_models.missing.get(request.model)) is not None:
+            raise HTTPStatusError(missing, 404)  # not even a turn under the rate limit
         started = time.monotonic()
         remote = not is_local(request.model)
         async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row, chunk)):

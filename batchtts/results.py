@@ -190,8 +190,8 @@ def _report(ctx: JobContext) -> dict[str, Any]:
         "bytes": int(done["bytes"]),
         "audio_s": round(float(done["duration_s"]), 3),
         "failures": ctx.ledger.failures(limit=50),
-        # A run that has not ended, and whose process is alive (one killed never ends).
-        "running": next((pid for ledger in ctx.ledger.ledgers if ledger.running() and (pid := holder(ledger.path))), None),
+        # The pid of a run holding one of the ledgers now (0 when it cannot be read), else None.
+        "running": next((pid for ledger in ctx.ledger.ledgers if (pid := holder(ledger.path)) is not None), None),
     }
     if ctx.manifest is not None and ctx.manifest.exists():
         job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)

@@ -147,6 +147,26 @@ def test_status_watch_follows_a_run_until_it_ends(serve, tmp_path):
     assert watch.returncode == 0 and len(reports) >= 2
     assert reports[0]["running"] == run.pid and reports[-1]["running"] is None
     assert reports[-1]["done"] == 6 and reports[0]["done"] < 6
+    # A pid left in the lock file, alive or not, is no run: the lock itself is asked.
+    lock = next(out.glob(".batchtts-*.lock"))
+    for pid in (os.getpid(), 1):
+        lock.write_text(str(pid))
+        assert json.loads(cli("status", out, "--json").stdout)["running"] is None
+
+
+def test_export_to_a_reader_that_stops_early_ends_quietly(tmp_path):
+    out = tmp_path / "out"
+    rows = [{"id": f"r{i:04d}", "text": f"Row number {i}.", "voice": "en-us"} for i in range(200)]
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    assert cli("run", manifest, "-o", out, "-m", "local/espeak-ng", "--limit", "1").returncode == 0
+    export = f"{sys.executable} -m batchtts export {out} --to -"
+    for fmt in ("csv", "jsonl"):  # `true` has gone before the first line is written
+        piped = subprocess.run(f"set -o pipefail; {export} --format {fmt} | true", shell=True, executable="/bin/bash",
+                               capture_output=True, text=True, timeout=60, env=cli_env())
+        assert piped.returncode == 141 and piped.stderr == "", piped.stderr  # as a tool killed by SIGPIPE
+    full = subprocess.run(f"{export} > /dev/full", shell=True, capture_output=True, text=True, timeout=60, env=cli_env())
+    assert full.returncode == 2 and "cannot write the export to standard output: No space left" in full.stderr
+    assert "Traceback" not in full.stderr and "unexpected" not in full.stderr
 
 
 def test_env_file_fills_the_environment_but_never_overrides_it(serve, tmp_path):
@@ -169,3 +189,11 @@ def test_env_file_fills_the_environment_but_never_overrides_it(serve, tmp_path):
     (tmp_path / "bad.env").write_text("GOOD=1\nsk-or-secret-key-pasted-alone\n")
     bad = cli("run", manifest, "-o", tmp_path / "o", "-m", MODEL, "--env-file", tmp_path / "bad.env")
     assert bad.returncode == 2 and "bad.env, line 2" in bad.stderr and "secret" not in bad.stderr
+    # A .env found in the folder may be another tool's: a line it cannot take is skipped, said, not fatal.
+    (tmp_path / ".env").write_text(f"DEBUG\nBATCHTTS_BASE_URL={server.url}\n")
+    os.chdir(tmp_path)
+    try:
+        lenient = cli("run", "m.csv", "-o", "out3", "-m", MODEL, "--dry-run")
+    finally:
+        os.chdir(here)
+    assert lenient.returncode == 0 and ".env, line 1: not KEY=VALUE (or a # comment); line skipped" in lenient.stderr
