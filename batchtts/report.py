@@ -12,6 +12,7 @@ caller's own matplotlib settings are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import re
@@ -24,8 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
-from .ledger import Ledger, usage
+from .errors import LedgerError, UsageError
+from .ledger import Ledger, describe, usage
 from .money import usd
 
 if TYPE_CHECKING:
@@ -98,18 +99,26 @@ def write_report(target: Path, to: Path | None = None, run: str = "last") -> Pat
         import numpy  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"batchtts report draws with matplotlib, which is not installed: {INSTALL} ({exc})") from None
-    sources = _open(target, run)
     try:
-        data = _gather(sources)
-        page = _page(sources, data)
-    finally:
-        for source in sources:
-            source.ledger.close()
+        sources = _open(target, run)
+        try:
+            data = _gather(sources)
+        finally:
+            for source in sources:
+                source.ledger.close()
+    except sqlite3.Error as exc:  # the report reads the ledger's tables itself, unguarded by Ledger's methods
+        raise LedgerError(describe(target, exc)) from exc
+    page = _page(sources, data)
     destination = to if to is not None else sources[0].ledger.path.parent / "report.html"
-    destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(f".{destination.name}.partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(destination)  # a page is never seen half written, by a browser or a mail job
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(page, encoding="utf-8")
+        partial.replace(destination)  # a page is never seen half written, by a browser or a mail job
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # what is said is why the page could not be written
+            partial.unlink()
+        raise UsageError(f"cannot write the report to {destination}: {exc.strerror or exc}") from exc
     return destination
 
 

@@ -113,3 +113,16 @@ def test_failures_group_by_what_went_wrong():
     assert reason(None, "body cut short: 100 of 2048 bytes") == reason(None, "body cut short: 7 of 9 bytes")
     assert reason(None, "chunk 4 of 15: read timed out: x") == "read timed out"
     assert reason(None, None) == "unknown"
+
+
+def test_a_ledger_it_cannot_read_or_a_page_it_cannot_write_is_a_message(tmp_path):
+    (tmp_path / "tiny.sqlite").write_bytes(b"x")  # SQLite reads it as an empty database: no tables
+    unreadable = cli("report", tmp_path / "tiny.sqlite")
+    assert unreadable.returncode == 2 and "no such table: runs" in unreadable.stderr
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "a", "text": "Hello.", "voice": "en-us"}])
+    assert cli("run", manifest, "-o", out, "-m", "local/espeak-ng").returncode == 0
+    (tmp_path / "file").write_text("a file, not a folder")
+    unwritable = cli("report", out, "--to", tmp_path / "file" / "report.html")
+    assert unwritable.returncode == 2 and "cannot write the report to" in unwritable.stderr
+    assert "unexpected" not in unreadable.stderr + unwritable.stderr
