@@ -71,7 +71,7 @@ def hold(path: Path, root: Path) -> Iterator[Held]:
         raise UsageError(f"cannot use output folder {root}: {exc.strerror}") from exc
     try:
         if not _take(fd):
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = _pid_in(fd) or "unknown"
             raise FolderLockedError(
                 f"another batchtts run (pid {holder}) is using {path.parent} with the same ledger; "
                 "this run exits without doing anything"
@@ -81,6 +81,11 @@ def hold(path: Path, root: Path) -> Iterator[Held]:
         yield Held(path, made)
     finally:
         os.close(fd)
+
+
+def _pid_in(fd: int) -> str:
+    """The pid the holder wrote into the lock file, as written."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip()
 
 
 def holder(ledger: Path) -> int | None:
@@ -96,10 +101,8 @@ def holder(ledger: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                return int(os.pread(fd, 64, 0).decode(errors="replace").strip() or 0)
-            except ValueError:
-                return 0
+            pid = _pid_in(fd)
+            return int(pid) if pid.isdigit() else 0
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

@@ -134,6 +134,11 @@ class MissingModels:
         self._answered.add(model)
         self._misses.pop(model, None)
 
+    def refuse(self, model: str) -> None:
+        """Raise, for a model found missing, the 404 its rows fail with unsent."""
+        if (why := self.missing.get(model)) is not None:
+            raise HTTPStatusError(why, 404)
+
     def not_found(self, model: str, message: str) -> bool:
         """Count a 404; True when it makes the model missing."""
         if model in self._answered or model in self.missing:
@@ -359,8 +364,7 @@ class Narrator:
         chunk: str | None = None, chunk_index: int | None = None,
     ) -> _Outcome:
         """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
-        if (missing := self.missing_models.missing.get(request.model)) is not None:
-            raise HTTPStatusError(missing, 404)  # not even a turn under the rate limit
+        self.missing_models.refuse(request.model)  # not even a turn under the rate limit
         started = time.monotonic()
         remote = not is_local(request.model)
         async for attempt in build_retrying(self.policy, lambda: self.stopping, self._before_retry(row, chunk)):
@@ -371,8 +375,7 @@ class Narrator:
                 async with self.throttle.slot() if remote else contextlib.nullcontext() as ticket:
                     if self.stopping:
                         raise _Stopped
-                    if (missing := self.missing_models.missing.get(request.model)) is not None:
-                        raise HTTPStatusError(missing, 404)  # found while this one waited for its turn
+                    self.missing_models.refuse(request.model)  # found missing while this one waited
                     attempts[0] += 1
                     self.counters.requests += 1
                     try:

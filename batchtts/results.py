@@ -64,17 +64,26 @@ def ledger_files(folder: Path) -> list[Path]:
     return list(next(iter(jobs.values())))
 
 
+def _files_of(path: Path) -> list[Path]:
+    """The ledgers a target names: a ledger file, or those of the job a folder holds."""
+    return ledger_files(path) if path.is_dir() else [path]
+
+
+def _job_of(ledger: Path) -> Path:
+    """Which job a ledger is of: the ledger its shards are named after."""
+    return named_ledger(ledger)[0].resolve()
+
+
 def by_job(targets: Sequence[str]) -> list[list[str]]:
     """Targets grouped by the job whose ledgers they are, in the order given: a job's shards together,
-    different jobs apart, so that each is reported on its own and never merged with another."""
+    different jobs apart, so that each is reported on its own and never merged with another. A target
+    that names no ledger is a group of its own, for `status` to say why."""
     groups: dict[Path | str, list[str]] = {}
     for target in targets:
-        path = Path(target)
         try:
-            files = ledger_files(path) if path.is_dir() else [path]
+            key: Path | str = target if is_uri(target) else _job_of(_files_of(Path(target))[0])
         except UsageError:
-            files = []
-        key: Path | str = named_ledger(files[0])[0].resolve() if files and not is_uri(target) else target
+            key = target
         groups.setdefault(key, []).append(target)
     return list(groups.values())
 
@@ -102,8 +111,8 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
             raise UsageError(f"{target}: no such ledger file or folder")
         if path.is_file() and usage(path) is None:
             raise UsageError(f"{target}: not a batchtts ledger")
-        files += ledger_files(path) if path.is_dir() else [path]
-    jobs = {named_ledger(f)[0].resolve() for f in files}
+        files += _files_of(path)
+    jobs = {_job_of(f) for f in files}
     if len(jobs) > 1:
         raise UsageError(f"these are the ledgers of {len(jobs)} different jobs ({', '.join(sorted(map(str, jobs)))}): "
                          "name one job's ledgers at a time")
