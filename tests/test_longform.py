@@ -72,10 +72,13 @@ def test_the_client_splits_within_every_limit_the_server_lists():
 
 def test_chunks_are_requested_concurrently_and_stitched_into_one_clean_mp3(serve, tmp_path):
     server = serve("--latency", "0.3")
-    manifest = write_csv(tmp_path / "m.csv", [{"id": "ch01", "text": chapter(12), "voice": "alloy",
+    # Paragraphs of about 360 characters under a limit of 600: one chunk a paragraph, each a few
+    # seconds of audio for the server to encode rather than minutes.
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "ch01", "text": chapter(12, repeat=2), "voice": "alloy",
                                                "title": "Chapter One", "artist": "The Narrator", "track": "1"}])
     out = tmp_path / "out"
-    result = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--concurrency", "8")
+    result = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--concurrency", "8",
+                      "--chunk-chars", "600")
     assert result.returncode == 0, result.stderr
     stats = server.stats()
     assert stats["requests"] == 12 and stats["max_in_flight"] >= 4
