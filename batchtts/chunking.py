@@ -52,9 +52,14 @@ def limit_for(model: str, overrides: dict[str, int] | None = None, chunk_chars: 
 
 @dataclass(frozen=True)
 class Chunk:
+    """A piece of a row requested on its own; `start` is where its words begin in the row's text."""
+
     text: str
     start: int
     paragraph_before: bool  # the seam before this chunk is a paragraph break (a longer pause)
+    voice: str | None = None  # the voice voice markup gives it; None: the row's own
+    pause: float | None = None  # seconds of silence markup asks for before it, in place of the seam's gap
+    caption: str | None = None  # its words as the manifest writes them, when the lexicon changed them
 
 
 @functools.cache
@@ -106,6 +111,11 @@ def _window_end(text: str, low: int, high: int) -> int:
 def _segment(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
     for span in _segmenter().segment(text[start:end]):
         yield start + span.start, start + span.end
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a text, as the chunker finds them, without the whitespace around them."""
+    return [sentence for a, b in _sentences(text, 0, len(text), DEFAULT_LIMIT) if (sentence := text[a:b].strip())]
 
 
 def _words_and_parts(text: str, start: int, end: int, limit: int) -> Iterator[tuple[int, int]]:

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 from . import sharding
 from .errors import MissingKeyError, UsageError
+from .lexicon import Lexicon
+from .markup import Cast
 from .redact import redact_uri
 from .sharding import Shard
 from .suggest import did_you_mean
@@ -180,6 +182,17 @@ class Budget:
         return self.max_cost is not None or self.max_chars is not None
 
 
+MasteringPreset = Literal["acx", "podcast", "none"]
+MASTERING_PRESETS: tuple[str, ...] = typing.get_args(MasteringPreset)
+
+
+@dataclass(frozen=True)
+class Mastering:
+    """The store spec each narrated file is mastered to, into OUT/mastered/ (none: no mastering)."""
+
+    preset: MasteringPreset = _setting("none", flag="--master")
+
+
 @dataclass(frozen=True)
 class Job:
     manifest: Path
@@ -191,6 +204,7 @@ class Job:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     stitching: Stitching = field(default_factory=Stitching)
     budget: Budget = field(default_factory=Budget)
+    mastering: Mastering = field(default_factory=Mastering)
     chunk_chars: int | None = _setting(None, flag="--chunk-chars", low=1)
     limits: dict[str, int] = _setting(default_factory=dict, low=1)  # characters per request, by model or prefix
     prices: dict[str, float] = _setting(default_factory=dict, low=0)  # USD per million characters, by model
@@ -205,6 +219,9 @@ class Job:
     progress_interval: float = _setting(10.0, flag="--progress-interval", low=0, above=True)
     log_format: Literal["auto", "console", "json"] = _setting("auto", flag="--log-format")
     strict: bool = _setting(False, flag="--strict")  # refuse, not just warn of, models the provider does not list
+    lexicon: Lexicon = _setting(default_factory=Lexicon, flag="--lexicon")  # words rewritten before they are sent
+    voices: Cast = _setting(default_factory=Cast)  # voice markup's names: the voice each speaks in, by model
+    captions: Literal["srt", "vtt"] | None = _setting(None, flag="--captions")  # a caption file beside each audio file
 
     def __post_init__(self) -> None:
         # A path may be given as a string; one stays a string only as an object-store URI (s3://, gs://,
@@ -251,6 +268,7 @@ _SECTIONS: dict[str, type[DataclassInstance]] = {
     "retry": RetryPolicy,
     "stitching": Stitching,
     "budget": Budget,
+    "mastering": Mastering,
 }
 _TABLES = ("limits", "prices")
 _PATHS = ("manifest", "out", "ledger")
@@ -453,6 +471,7 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
         if not is_uri(top[p]):  # os.path's expanduser leaves ~nobody as it is, where pathlib's raises
             top[p] = Path(os.path.normpath(base / os.path.expanduser(top[p])))
 
+    lexicon_file = overrides.pop("lexicon", None)  # --lexicon: in place of the job file's [lexicon] file
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -493,6 +512,10 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     for required in ("manifest", "out"):
         if top.get(required) is None:
             raise UsageError(f"no {required}: give it in the job file or on the command line")
+    top["lexicon"] = Lexicon.from_setting(top.get("lexicon"), base, where,
+                                          file=None if lexicon_file is None else Path(lexicon_file))
+    if not isinstance(top.get("voices", Cast()), Cast):
+        top["voices"] = Cast(top["voices"], where=f"{where}[voices]")
     job = Job(**top, **built)
     job.validate()
     return job

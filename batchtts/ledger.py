@@ -106,8 +106,19 @@ ATTEMPTS = Table("attempts", "rowid", (
     # The throttle's limits when the request went out: requests awaiting an answer, and requests a second.
     Column("concurrency", "INTEGER", since=4), Column("pace", "REAL", since=4),
 ), since=4, index=("attempts_run", "run_id"))
-TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS)
-VERSION = 4  # PRAGMA user_version records how far a file is
+# A row's mastered file: made from the row's audio (its sha256 then) to a preset, and as measured.
+MASTERED = Table("mastered", "key", (
+    Column("key", "TEXT PRIMARY KEY"), Column("row_number", "INTEGER"), Column("status", _STATUS),
+    Column("preset", "TEXT NOT NULL"), Column("source_sha256", "TEXT"), Column("path", "TEXT"), Column("bytes", "INTEGER"),
+    Column("sha256", "TEXT"), Column("passed", "INTEGER"), Column("problems", "TEXT"), Column("error", "TEXT"),
+    # The measurement of the file written (mastering.Measurement).
+    Column("loudness_lufs", "REAL"), Column("rms_db", "REAL"), Column("peak_db", "REAL"), Column("true_peak_db", "REAL"),
+    Column("noise_floor_db", "REAL"), Column("head_s", "REAL"), Column("tail_s", "REAL"), Column("room_tone_db", "REAL"),
+    Column("length_s", "REAL"), Column("sample_rate", "INTEGER"), Column("channels", "INTEGER"),
+    Column("container", "TEXT"), Column("bitrate_kbps", "INTEGER"), *_STAMPS,
+), since=5)
+TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED)
+VERSION = 5  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
 _LOGGED_SETTINGS = {
@@ -289,13 +300,13 @@ class Ledger:
                          error=where + error.message, chunks=chunks)
 
     def record_chunk_done(self, row: Row, index: int, text: str, audio: Stored, attempts: int,
-                          latency_s: float | None, generation_id: str | None) -> None:
-        self._record_chunk(row, index, text, "done", audio, attempts=attempts, http_status=200, latency_s=latency_s,
-                           generation_id=generation_id)
+                          latency_s: float | None, generation_id: str | None, voice: str | None = None) -> None:
+        self._record_chunk(row, index, text, voice, "done", audio, attempts=attempts, http_status=200,
+                           latency_s=latency_s, generation_id=generation_id)
 
     def record_chunk_failed(self, row: Row, index: int, text: str, error: SpeechError, attempts: int,
-                            retryable: bool) -> None:
-        self._record_chunk(row, index, text, "failed", None, retryable=int(retryable), attempts=attempts,
+                            retryable: bool, voice: str | None = None) -> None:
+        self._record_chunk(row, index, text, voice, "failed", None, retryable=int(retryable), attempts=attempts,
                            http_status=error.status, error=error.message)
 
     def _record_row(self, row: Row, status: str, audio: Stored | None, **values: Any) -> None:
@@ -305,11 +316,12 @@ class Ledger:
             **_audio(audio), **values,
         })
 
-    def _record_chunk(self, row: Row, index: int, text: str, status: str, audio: Stored | None,
+    def _record_chunk(self, row: Row, index: int, text: str, voice: str | None, status: str, audio: Stored | None,
                       **values: Any) -> None:
+        """`voice`: the chunk's own, when voice markup gives it one."""
         self._upsert(CHUNKS, {
-            "fingerprint": row.chunk_fingerprint(text), "row_key": row.key, "chunk_index": index, "status": status,
-            "characters": len(text), **_audio(audio), **values,
+            "fingerprint": row.chunk_fingerprint(text, voice), "row_key": row.key, "chunk_index": index,
+            "status": status, "characters": len(text), **_audio(audio), **values,
         })
 
     @_guarded
@@ -361,6 +373,34 @@ class Ledger:
     @_guarded
     def get(self, key: str) -> dict[str, Any] | None:
         return self._get(ROWS, key)
+
+    @_guarded
+    def mastered(self, key: str) -> dict[str, Any] | None:
+        return self._get(MASTERED, key)
+
+    @_guarded
+    def done_rows(self) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        """Each row done, in manifest order, with its mastered record (None when it has none): what
+        mastering and QC go through."""
+        columns = "key, row_number, path, bytes, sha256, format, sample_rate, channels, duration_s"
+        done = self.db.execute(f"SELECT {columns} FROM rows WHERE status = 'done' ORDER BY row_number")
+        names = [d[0] for d in done.description]
+        rows = [dict(zip(names, r, strict=True)) for r in done]
+        return [(row, self._get(MASTERED, row["key"])) for row in rows]
+
+    @_guarded
+    def record_mastered(self, key: str, **values: Any) -> None:
+        """What mastering made of a row, or why it could not: replaces what it made before."""
+        self._write()
+        stamp = now()
+        record = {**dict.fromkeys(MASTERED.names), **values, "key": key, "created_at": stamp, "updated_at": stamp}
+        names = MASTERED.names
+        updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in ("key", "created_at"))
+        self.db.execute(
+            f"INSERT INTO mastered ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT(key) DO UPDATE SET {updates}",
+            [record[c] for c in names],
+        )
 
     def _get(self, table: Table, key: str) -> dict[str, Any] | None:
         """One record; from a ledger of an earlier schema (read as it is), the columns it has."""
@@ -652,6 +692,9 @@ class LedgerSet:
 
     def chunk(self, fingerprint: str) -> dict[str, Any] | None:
         return next((c for ledger in self.ledgers if (c := ledger.chunk(fingerprint)) is not None), None)
+
+    def mastered(self, key: str) -> dict[str, Any] | None:
+        return next((m for ledger in self._for(key) if (m := ledger.mastered(key)) is not None), None)
 
     def last_run(self) -> RunSettings | None:
         """The newest run any of the ledgers recorded: it names the manifest and defaults."""

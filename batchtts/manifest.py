@@ -59,25 +59,33 @@ class Row:
     provider_options: dict[str, Any] | None
     output: str | None
     tags: dict[str, str]
+    language: str | None = None  # the `language` column: which lexicon entries apply; not sent
+    script: str | None = None  # what is said, when the lexicon or voice markup changes the text (script.py)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
     _key: str | None = field(default=None, init=False, repr=False, compare=False)
     _relpath: str | None = field(default=None, init=False, repr=False, compare=False)
 
-    def _hash(self, text: str, fmt: str) -> str:
-        shape = [self.model, self.voice, text, fmt, self.speed, self.provider_options]
+    def _hash(self, text: str, fmt: str, voice: str | None = None) -> str:
+        shape = [self.model, voice or self.voice, text, fmt, self.speed, self.provider_options]
         return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    @property
+    def spoken(self) -> str:
+        """The text as it is narrated: the script, or else the text as written."""
+        return self.text if self.script is None else self.script
 
     @property
     def fingerprint(self) -> str:
         """Hash of everything that shapes the audio: a change here means the file must be redone."""
         if self._fingerprint is None:
-            object.__setattr__(self, "_fingerprint", self._hash(self.text, self.format))
+            object.__setattr__(self, "_fingerprint", self._hash(self.spoken, self.format))
         assert self._fingerprint is not None
         return self._fingerprint
 
-    def chunk_fingerprint(self, text: str) -> str:
-        """The same for one piece of a long row, as it is requested (wav rows ask for pcm)."""
-        return self._hash(text, "pcm" if self.format == "wav" else self.format)
+    def chunk_fingerprint(self, text: str, voice: str | None = None) -> str:
+        """The same for one piece of a long row, as it is requested (wav rows ask for pcm), in its
+        own voice when markup gives it one."""
+        return self._hash(text, "pcm" if self.format == "wav" else self.format, voice)
 
     @property
     def key(self) -> str:
@@ -545,11 +553,13 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
                 output = names.normalise_relpath(output)
         tags = {name: value for name in TAG_COLUMNS
                 if name in record and (value := _text(record, name, problems)) is not None}
+        language = _text(record, "language", problems)
     except Exception as exc:  # a value no check above foresaw: still this row's problem
         problems.append(f"cannot be read: {exc!r}")
     if problems:
         return [ManifestProblem(number, p, row_id) for p in problems]
-    return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags)  # type: ignore[arg-type]
+    return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags,  # type: ignore[arg-type]
+               language)
 
 
 def iter_rows(path: Path, defaults: Defaults, only: Callable[[int], bool] | None = None,

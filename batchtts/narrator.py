@@ -27,6 +27,7 @@ from tenacity import RetryCallState
 
 from .audio import AudioInfo, AudioWriter, wire_format
 from .budget import Prices
+from .captions import caption_path, cues, render
 from .config import RetryPolicy, Stitching
 from .errors import (
     HaltError,
@@ -50,11 +51,11 @@ from .plan import needs_work
 from .progress import Progress
 from .providers import SpeechProvider, SpeechRequest, is_local
 from .retry import build_retrying, is_transient, retried_next_run
-from .stitch import stitch
+from .stitch import Stitched, stitch
 from .storage import OutputFolder, Published
 from .tags import write_tags
 from .throttle import Throttle, Ticket
-from .work import Assembly, ChunkJob, Part, PassedOver, WorkItem, row_of
+from .work import Assembly, ChunkJob, Part, PassedOver, Unreadable, WorkItem, row_of
 
 _T = TypeVar("_T")
 
@@ -172,6 +173,7 @@ class Narrator:
         stop: Callable[[str], None],
         stopping: Callable[[], bool],
         executor: Executor | None = None,
+        captions: str | None = None,
     ) -> None:
         self.provider = provider
         self.folder = folder
@@ -185,6 +187,7 @@ class Narrator:
         self.stop = stop
         self._stopping = stopping
         self.executor = executor
+        self.captions = captions  # srt or vtt: a caption file beside each row's audio
         self.provider_stop: RunStop | None = None
         self._in_flight: set[str] = set()
         self._assemblies: dict[str, Assembly] = {}
@@ -227,6 +230,8 @@ class Narrator:
             await self._finish(item)
         elif isinstance(item, PassedOver):
             self._row_failed(item.row, RejectedError(item.reason), attempts=0, retryable=True)
+        elif isinstance(item, Unreadable):
+            self._row_failed(item.row, RejectedError(item.reason), attempts=0, retryable=False)
         elif item.key in self._in_flight or (item.id is None and item.output is None and self._already_done(item)):
             return  # an identical row without id: one file serves both
         else:
@@ -245,28 +250,31 @@ class Narrator:
         return entry is not None and entry.status == "done" and not needs_work(row, entry, self.folder, False)
 
     async def _narrate_row(self, row: Row) -> None:
-        request = SpeechRequest(row.model, row.text, row.voice, wire_format(row.format), row.speed, row.provider_options)
+        spoken = row.spoken
+        request = SpeechRequest(row.model, spoken, row.voice, wire_format(row.format), row.speed, row.provider_options)
         attempts = [0]
         try:
             outcome = await self._request(request, row.format, row.relpath, row.tags, row, attempts)
+            if self.captions is not None:
+                await self._captioned(row, outcome.info.duration_s or 0.0)
         except _Stopped:
             return
         except SpeechError as exc:
             self._row_failed(row, exc, attempts[0], retryable=retried_next_run(exc, self.policy.statuses))
-            self.progress.advance(len(row.text))
+            self.progress.advance(len(spoken))
             return
         self._row_done(row, outcome.generation_id, outcome.published, outcome.info, outcome.attempts,
                        outcome.latency_s, chunks=None)
-        self.progress.advance(len(row.text))
+        self.progress.advance(len(spoken))
 
     async def _narrate_chunk(self, job: ChunkJob) -> None:
         assembly, chunk = job.assembly, job.assembly.chunks[job.index]
         if not self._claim(assembly):
             return
         row = assembly.row
-        fingerprint = row.chunk_fingerprint(chunk.text)
+        fingerprint = row.chunk_fingerprint(chunk.text, chunk.voice)
         fmt = wire_format(row.format)
-        request = SpeechRequest(row.model, chunk.text, row.voice, fmt, row.speed, row.provider_options)
+        request = SpeechRequest(row.model, chunk.text, chunk.voice or row.voice, fmt, row.speed, row.provider_options)
         attempts = [0]
         try:
             outcome = await self._request(request, fmt, chunk_path(fingerprint, fmt), {}, row, attempts,
@@ -281,8 +289,9 @@ class Narrator:
         self.counters.chunks += 1
         info, published = outcome.info, outcome.published
         self.ledger.record_chunk_done(row, job.index, chunk.text, _stored(chunk_path(fingerprint, fmt), published, info),
-                                      outcome.attempts, outcome.latency_s, outcome.generation_id)
-        assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels)
+                                      outcome.attempts, outcome.latency_s, outcome.generation_id, chunk.voice)
+        assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels,
+                                         chunk.pause)
         self.progress.advance(len(chunk.text))
         await self._settle(assembly)
 
@@ -295,7 +304,7 @@ class Narrator:
             self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
             return
         self.ledger.record_chunk_failed(row, job.index, chunk.text, exc, attempts,
-                                        retryable=retried_next_run(exc, self.policy.statuses))
+                                        retryable=retried_next_run(exc, self.policy.statuses), voice=chunk.voice)
         if assembly.failure is None:
             assembly.failure = (job.index, exc)
         self.progress.advance(len(chunk.text))
@@ -335,7 +344,7 @@ class Narrator:
         parts = [p for p in assembly.parts if p is not None]
         try:
             partial, f = self.folder.open_partial()
-            info, published = await self._in_thread(self._stitch, parts, row, partial, f)
+            info, published = await self._in_thread(self._stitch, assembly, parts, partial, f)
         except FileNotFoundError as exc:  # a chunk file removed since the run planned: ask for it again
             self._row_failed(row, TransportError(f"chunk file gone: {exc.filename}"), assembly.attempts,
                              retryable=True, chunks=len(assembly.chunks))
@@ -350,11 +359,36 @@ class Narrator:
         self._row_done(row, None, published, info, assembly.attempts,
                        round(time.monotonic() - assembly.started, 3), chunks=len(assembly.chunks))
 
-    def _stitch(self, parts: list[Part], row: Row, partial: Path, f: BinaryIO) -> tuple[AudioInfo, Published]:
+    def _stitch(self, assembly: Assembly, parts: list[Part], partial: Path, f: BinaryIO) -> tuple[AudioInfo, Published]:
+        row = assembly.row
+        stitched: Stitched
         try:
-            info = stitch(parts, row.format, f, self.stitching.sentence_gap, self.stitching.paragraph_gap)
+            stitched = stitch(parts, row.format, f, self.stitching.sentence_gap, self.stitching.paragraph_gap)
             write_tags(f, row.format, row.tags)
-            return info, self.folder.publish(partial, f, row.relpath)
+            published = self.folder.publish(partial, f, row.relpath)
+        except BaseException:
+            self.folder.discard(partial, f)
+            raise
+        if self.captions is not None:
+            words = [chunk.caption or chunk.text for chunk in assembly.chunks]
+            self._caption(row, [(w, a, b) for w, (a, b) in zip(words, stitched.spans, strict=True)],
+                          stitched.info.duration_s or 0.0)
+        return stitched.info, published
+
+    async def _captioned(self, row: Row, duration: float) -> None:
+        """The captions of a row narrated in one request: its words over the whole file."""
+        try:
+            await self._in_thread(self._caption, row, [(row.text, 0.0, duration)], duration)
+        except Exception as exc:
+            raise classify(exc, self._where(row.relpath)) from exc
+
+    def _caption(self, row: Row, chunks: list[tuple[str, float, float]], duration: float) -> None:
+        """Write the captions beside the row's audio, through the same storage: blocking, so in a thread."""
+        assert self.captions is not None
+        partial, f = self.folder.open_partial()
+        try:
+            f.write(render(cues(chunks, duration), self.captions).encode())
+            self.folder.publish(partial, f, caption_path(row.relpath, self.captions))
         except BaseException:
             self.folder.discard(partial, f)
             raise

@@ -1,9 +1,10 @@
 """Planning: what each manifest row needs, decided in one place.
 
-`Planner.decide` looks a row up in the ledger and the output folder and says what it needs: nothing
+`Planner.decide` takes a row as it will be narrated (the job's lexicon applied, its voice markup
+read: `script.py`), looks it up in the ledger and the output folder and says what it needs: nothing
 (done), nothing this run (failed for good, another shard's row, past --limit or the budget), or
-work (the whole row, or the chunks of a long row not yet on disk), admitted by --limit and the
-budget in manifest order. The dry run and the start event count the decisions (`make_plan`), the
+work (the whole row, or the chunks of a long or marked-up row not yet on disk), admitted by --limit
+and the budget in manifest order. The dry run and the start event count the decisions (`make_plan`), the
 feed hands their work to the pool (`pending_work`), and `status` counts them against a ledger.
 
 A run plans twice over one read of the manifest each: the first pass counts and notes which rows
@@ -21,13 +22,15 @@ from typing import Any
 
 from . import manifest
 from .budget import Prices, Spending, Verdict
-from .chunking import limit_for, split_text
+from .chunking import limit_for
 from .config import Job
 from .ledger import Entry, Ledger, LedgerSet
 from .manifest import Row
+from .markup import MarkupError
 from .names import OutputChecks, owned_files
+from .script import Script, prepare, split_script
 from .storage import OutputFolder
-from .work import Assembly, ChunkJob, Part, PassedOver, WorkItem, characters
+from .work import Assembly, ChunkJob, Part, PassedOver, Unreadable, WorkItem, characters
 
 
 class PlanCancelled(Exception):
@@ -77,6 +80,15 @@ class Planner:
         self._limits: dict[str, int] = {}
 
     def decide(self, row: Row) -> Decision:
+        """What the row needs, as it will be narrated (the lexicon applied, its voice markup read):
+        the decision's row is that one."""
+        script: Script | None = None
+        problem = ""
+        try:
+            script = prepare(row, self.job.lexicon, self.job.voices)
+            row = script.row
+        except MarkupError as exc:
+            problem = str(exc)
         if self.owns is not None and not self.owns(row.key):
             return Decision(row, State.ELSEWHERE)
         entry = self.ledger.lookup(row.key) if self.ledger is not None else None
@@ -85,9 +97,12 @@ class Planner:
         retry = entry is not None and entry.status == "failed" and entry.fingerprint == row.fingerprint
         if self.job.limit is not None and self.taken >= self.job.limit:
             return Decision(row, State.BEYOND_LIMIT)
-        work = self._work(row)
+        if script is None:  # nothing is sent: recorded as failed, with where the text is at fault
+            self.taken += 1
+            return Decision(row, State.WORK, (Unreadable(row, problem),), 0, 0, retry)
+        work = self._work(script)
         if len(work) == 1 and work[0] is row:  # the common case: one request for the whole row
-            requests, sent = 1, len(row.text)
+            requests, sent = 1, len(row.spoken)
         else:
             requests = sum(1 for item in work if not isinstance(item, Assembly))
             sent = sum(map(characters, work))
@@ -98,21 +113,24 @@ class Planner:
         self.taken += 1
         return Decision(row, State.WORK if verdict is Verdict.TAKE else State.DEFERRED, work, requests, sent, retry)
 
-    def _work(self, row: Row) -> tuple[WorkItem, ...]:
-        """The whole row; or, over its model's limit, the chunks not yet on disk (or the stitching alone)."""
+    def _work(self, script: Script) -> tuple[WorkItem, ...]:
+        """The whole row; or, over its model's limit or with voice markup, the chunks not yet on disk
+        (or the stitching alone)."""
+        row = script.row
         if row.model not in self._limits:
             self._limits[row.model] = limit_for(row.model, self.job.limits, self.job.chunk_chars)
-        if len(row.text) <= self._limits[row.model]:
+        if not script.marked and len(row.spoken) <= self._limits[row.model]:
             return (row,)
-        chunks = split_text(row.text, self._limits[row.model])
-        if len(chunks) == 1:
+        chunks = split_script(script, self._limits[row.model])
+        if len(chunks) == 1 and not script.marked:
             return (row,)
         parts: list[Part | None] = []
         for chunk in chunks:
-            done = self.ledger.chunk(row.chunk_fingerprint(chunk.text)) if self.ledger is not None else None
+            fingerprint = row.chunk_fingerprint(chunk.text, chunk.voice)
+            done = self.ledger.chunk(fingerprint) if self.ledger is not None else None
             have = done is not None and done["status"] == "done" and self.folder.has(done["path"], done["bytes"])
             parts.append(Part(self.folder.path_of(done["path"]), chunk.paragraph_before, done["sample_rate"],
-                              done["channels"]) if have and done is not None else None)
+                              done["channels"], chunk.pause) if have and done is not None else None)
         missing = [i for i, part in enumerate(parts) if part is None]
         assembly = Assembly(row, chunks, parts, remaining=len(missing))
         return tuple(ChunkJob(assembly, i) for i in missing) if missing else (assembly,)
@@ -235,7 +253,7 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
         decision = planner.decide(row)
         plan.count(decision)
         if checks is not None:  # rows with work are checked on disk too; another shard's are its own
-            checks.see(row, pending=decision.state not in (State.DONE, State.FAILED, State.ELSEWHERE))
+            checks.see(decision.row, pending=decision.state not in (State.DONE, State.FAILED, State.ELSEWHERE))
 
     if checks is None:  # counting what a ledger holds (status): rows are counted as they are
         manifest.validate(job.manifest, job.defaults, on_row=count)

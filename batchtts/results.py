@@ -11,6 +11,7 @@ export and the next run agree. Neither needs the network nor changes a ledger.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -44,7 +45,12 @@ _TYPES = {
     "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "model": pa.string(),
     "path": pa.string(), "status": pa.string(), "bytes": pa.int64(), "duration_s": pa.float64(),
     "sample_rate": pa.int64(), "error": pa.string(),
+    "mastered_path": pa.string(), "preset": pa.string(), "meets_preset": pa.bool_(),
 }
+# The measurements of a row's mastered file, as the ledger recorded them when it was made.
+_MASTERED_FIELDS = ("loudness_lufs", "rms_db", "peak_db", "true_peak_db", "noise_floor_db", "head_s", "tail_s",
+                    "room_tone_db", "length_s")
+_TYPES.update(dict.fromkeys(_MASTERED_FIELDS, pa.float64()))
 
 
 def ledger_files(folder: Path) -> list[Path]:
@@ -96,6 +102,13 @@ class JobContext:
     out: Path | str
     manifest: Path | None
     defaults: Defaults
+    job: Job | None = None  # the job given: its lexicon and [voices] shape what its rows say
+
+    def planning_job(self) -> Job:
+        """The job rows are counted with: the manifest and defaults, and the given job's lexicon and voices."""
+        assert self.manifest is not None
+        job = Job(manifest=self.manifest, out=self.out, ledger=self.ledger.path, defaults=self.defaults)
+        return job if self.job is None else dataclasses.replace(job, lexicon=self.job.lexicon, voices=self.job.voices)
 
 
 def open_context(targets: list[str], manifest_path: Path | None, job: Job | None) -> JobContext:
@@ -149,7 +162,7 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
         out = Path(targets[0])
     else:
         out = Path(recorded) if recorded else unique[0].parent
-    return JobContext(ledger, out, manifest_path, defaults)
+    return JobContext(ledger, out, manifest_path, defaults, job)
 
 
 def status(targets: Sequence[str | Path] = (), manifest: Path | None = None, job: Job | None = None
@@ -203,18 +216,17 @@ def _report(ctx: JobContext) -> dict[str, Any]:
         "running": next((pid for ledger in ctx.ledger.ledgers if (pid := holder(ledger.path)) is not None), None),
     }
     if ctx.manifest is not None and ctx.manifest.exists():
-        job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)
-        plan = make_plan(job, ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns).total
+        plan = make_plan(ctx.planning_job(), ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns).total
         report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed + plan.retrying,
                       retried_next_run=plan.retrying, pending=plan.pending - plan.retrying)
     return report
 
 
-def _export_records(ctx: JobContext) -> Iterator[list[dict[str, Any]]]:
-    """Each manifest row with its outcome as the planner decides it, so export says what status counts."""
+def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> Iterator[list[dict[str, Any]]]:
+    """Each manifest row with its outcome as the planner decides it, so export says what status counts;
+    `fields` are the ledger's columns each row carries."""
     assert ctx.manifest is not None
-    job = Job(manifest=ctx.manifest, out=ctx.out, ledger=ctx.ledger.path, defaults=ctx.defaults)
-    planner = Planner(job, ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns)
+    planner = Planner(ctx.planning_job(), ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns)
     number = 0
     for batch in manifest.read_records(ctx.manifest):
         out: list[dict[str, Any]] = []
@@ -231,8 +243,9 @@ def _export_records(ctx: JobContext) -> Iterator[list[dict[str, Any]]]:
                 result.update(id=row.id, voice=row.voice, model=row.model)
                 if decision.state in (State.DONE, State.FAILED) or decision.failed_before:
                     entry = ctx.ledger.get(row.key)
-            for name in _LEDGER_FIELDS:
+            for name in fields:
                 result[name] = entry[name] if entry is not None else None
+            result.update(_mastered(ctx.ledger, planner, entry))
             if entry is None:
                 result["status"] = "pending" if isinstance(row, Row) else "invalid"
             for name, value in record.items():
@@ -240,6 +253,16 @@ def _export_records(ctx: JobContext) -> Iterator[list[dict[str, Any]]]:
                     result[name] = value
             out.append(result)
         yield out
+
+
+def _mastered(ledger: LedgerSet, planner: Planner, entry: dict[str, Any] | None) -> dict[str, Any]:
+    """A done row's mastered file, when there is one made from its audio as it is now."""
+    made = ledger.mastered(entry["key"]) if entry is not None and entry["status"] == "done" else None
+    if entry is None or made is None or made["status"] != "done" or made["source_sha256"] != entry["sha256"] \
+            or not planner.folder.has(made["path"], made["bytes"]):
+        return dict.fromkeys(("mastered_path", "preset", "meets_preset", *_MASTERED_FIELDS))
+    return {"mastered_path": made["path"], "preset": made["preset"], "meets_preset": bool(made["passed"]),
+            **{name: made[name] for name in _MASTERED_FIELDS}}
 
 
 def default_export(out: Path | str) -> Path | str:

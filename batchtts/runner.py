@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from .budget import Prices, Spending, prices_for
 from .config import Job
 from .errors import (
+    EXIT_BUDGET,
     EXIT_FAILED_ROWS,
     EXIT_HALTED,
+    EXIT_MAX_RUNTIME,
     EXIT_OK,
+    EXIT_PROVIDER_STOP,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
     LedgerError,
     UsageError,
 )
@@ -35,7 +42,11 @@ from .models import check_models
 from .narrator import Counters
 from .plan import Plan, make_plan
 from .providers import SpeechProvider, for_job
+from .redact import redact_uri
 from .storage import OutputFolder, open_output
+
+if TYPE_CHECKING:
+    from .mastering import Pass
 
 
 @dataclass
@@ -47,6 +58,7 @@ class RunResult:
     stop_reason: str | None = None
     advice: str | None = None
     wall_s: float = 0.0
+    mastering: Pass | None = None  # what the run's mastering did, when the job masters
 
     def summary(self) -> dict[str, object]:
         total = self.plan.total
@@ -55,6 +67,7 @@ class RunResult:
             "skipped_failed": total.failed, **asdict(self.counters),
             "audio_s": round(self.counters.audio_s, 3), "cost_usd": round(self.counters.cost_usd, 6),
             "wall_s": round(self.wall_s, 3), "stop_reason": self.stop_reason,
+            **(self.mastering.summary() if self.mastering is not None else {}),
         }
 
 
@@ -130,9 +143,12 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
             result.counters, ending = await narrate(job, plan, ledger, setup.folder, setup.provider, setup.spending,
                                                     result.prices, started, signals)
             _ended(result, ending)
+        if job.mastering.preset != "none" and result.exit_code in _MASTERED_AFTER:
+            await _master(job, ledger, setup.folder, result, started, signals)
         await asyncio.to_thread(setup.folder.tidy)
         result.wall_s = time.monotonic() - started
-        if result.exit_code == EXIT_OK and result.counters.failed + total.failed:
+        mastering_failed = result.mastering is not None and result.mastering.failed
+        if result.exit_code == EXIT_OK and (result.counters.failed + total.failed or mastering_failed):
             result.exit_code = EXIT_FAILED_ROWS
         try:
             await asyncio.to_thread(ledger.finish_run, run_id, result.exit_code, result.summary())
@@ -177,6 +193,9 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     """Everything before the first request, blocking: the dry run's whole answer, or for a run the
     lock, the ledger and the plan (`held` releases them)."""
     check_layout(job.named_ledger, job.shard)
+    if job.mastering.preset != "none" and isinstance(job.out, str):
+        raise UsageError(f"--master {job.mastering.preset} needs the audio on local disk, not in {redact_uri(job.out)}: "
+                         "narrate to a local --out folder to master, or run without --master (preset none)")
     folder = open_output(job.out, job.ledger_path)
     prices = prices_for(job, listed=provider is None)
     budget = Spending(job.budget, prices) if job.budget.capped else None
@@ -223,6 +242,59 @@ def _check_models(job: Job, plan: Plan, spending: Spending, listed: bool) -> Non
     if listed:
         check_models(job, pending)
     spending.check_prices(pending)
+
+
+# Runs that end so go on to master what is done; a halted (full disk), interrupted or timed-out one does not.
+_MASTERED_AFTER = (EXIT_OK, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_PROVIDER_STOP)
+
+
+async def _master(job: Job, ledger: Ledger, folder: OutputFolder, result: RunResult, started: float,
+                  signals: bool) -> None:
+    """Master the rows done into OUT/mastered/, in threads of their own. A signal (with `signals`),
+    the end of --max-runtime or a cancelled run stops it at the next frame: what is mastered is
+    recorded, the rest is left to the next run."""
+    from .mastering import master_rows, preset
+
+    stop = threading.Event()
+    received: list[int] = []
+    deadline = started + job.max_runtime if job.max_runtime is not None else None
+
+    def stopping() -> bool:
+        return stop.is_set() or (deadline is not None and time.monotonic() > deadline)
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    await asyncio.to_thread(folder.clean_partials)  # what a run killed while mastering left half-written
+    loop = asyncio.get_running_loop()
+    if signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+    future = loop.run_in_executor(None, master_rows, ledger, folder.root, folder.partial_dir,
+                                  preset(job.mastering.preset), stopping)
+    try:
+        result.mastering = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await future
+        raise
+    except LedgerError as exc:
+        _ended(result, halted(exc))
+        return
+    finally:
+        if signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+    if received:
+        name = signal.Signals(received[0]).name
+        result.exit_code = EXIT_SIGTERM if received[0] == signal.SIGTERM else EXIT_SIGINT
+        result.stop_reason = f"interrupted by {name} while mastering: the next run masters the files left"
+    elif result.mastering.stopped and job.max_runtime is not None:
+        result.exit_code = EXIT_MAX_RUNTIME
+        result.stop_reason = (f"the maximum run time ({job.max_runtime:g} s) was reached while mastering: the next "
+                              "run masters the files left")
 
 
 def _budget_preview(budget: Spending | None) -> dict[str, object]:

@@ -496,6 +496,7 @@ class SpeechServer:
             entry["input_sha256"] = hashlib.sha256(text.encode()).hexdigest()
             entry["characters"] = len(text)
             entry["model"] = body.get("model")
+            entry["voice"] = body.get("voice")
             self.stats.by_input[entry["input_sha256"]] += 1
 
         refused = key_problem(request, config.api_key)

@@ -5,6 +5,10 @@ every ID3 tag and Xing/Info/VBRI header frame removed, silence as encoded silent
 rate, channel mode and bitrate, so the result is one clean constant-bitrate stream that plays
 gaplessly and whose duration players compute correctly. Chunks whose rate or channels differ are an
 error, never a corrupt file.
+
+The silence before a chunk is the pause voice markup asks for there, else the gap of its seam (a
+paragraph's or a sentence's); a pause before the first chunk opens the file. The stitcher says where
+each chunk's audio lies in the file, which is what captions are timed by.
 """
 
 from __future__ import annotations
@@ -35,6 +39,20 @@ class Mp3Stream:
 
 class StitchError(RejectedError):
     pass
+
+
+@dataclass(frozen=True)
+class Stitched:
+    info: AudioInfo
+    spans: tuple[tuple[float, float], ...]  # where each part's audio starts and ends in the file, in seconds
+
+
+def _gap(index: int, part: Part, sentence_gap: float, paragraph_gap: float) -> float:
+    if part.pause is not None:
+        return part.pause
+    if not index:
+        return 0.0
+    return paragraph_gap if part.paragraph_before else sentence_gap
 
 
 def mp3_frames(data: bytes) -> Mp3Stream:
@@ -91,7 +109,7 @@ def silent_frames(sample_rate: int, channels: int, bitrate_kbps: int, seconds: f
     return tuple(mp3_frames(encode_mp3(pcm, sample_rate, channels, bitrate_kbps)).frames)
 
 
-def stitch(parts: Sequence[Part], fmt: str, out: BinaryIO, sentence_gap: float, paragraph_gap: float) -> AudioInfo:
+def stitch(parts: Sequence[Part], fmt: str, out: BinaryIO, sentence_gap: float, paragraph_gap: float) -> Stitched:
     """Write the parts, in order, into `out` as one file of format `fmt`."""
     if fmt == "mp3":
         return _stitch_mp3(parts, out, sentence_gap, paragraph_gap)
@@ -107,36 +125,40 @@ def stitch(parts: Sequence[Part], fmt: str, out: BinaryIO, sentence_gap: float, 
         writer.setsampwidth(SAMPLE_WIDTH)
         writer.setframerate(rate)
     samples = 0
+    spans: list[tuple[float, float]] = []
     for i, part in enumerate(parts):
-        pieces = []
-        if i:
-            gap = paragraph_gap if part.paragraph_before else sentence_gap
-            pieces.append(bytes(int(round(gap * rate)) * frame))
-        pieces.append(part.path.read_bytes())
-        for piece in pieces:
+        silence = bytes(int(round(_gap(i, part, sentence_gap, paragraph_gap) * rate)) * frame)
+        audio = part.path.read_bytes()
+        for piece in (silence, audio):
             samples += len(piece) // frame
             if writer is not None:
                 writer.writeframesraw(piece)
             else:
                 out.write(piece)
+        spans.append(((samples - len(audio) // frame) / rate, samples / rate))
     if writer is not None:
         writer.close()
-    return AudioInfo(rate, channels, round(samples / rate, 3))
+    return Stitched(AudioInfo(rate, channels, round(samples / rate, 3)), tuple(spans))
 
 
-def _stitch_mp3(parts: Sequence[Part], out: BinaryIO, sentence_gap: float, paragraph_gap: float) -> AudioInfo:
+def _stitch_mp3(parts: Sequence[Part], out: BinaryIO, sentence_gap: float, paragraph_gap: float) -> Stitched:
     streams = [mp3_frames(p.path.read_bytes()) for p in parts]
     shapes = {(s.sample_rate, s.channels) for s in streams}
     if len(shapes) != 1:
         raise StitchError(f"chunks differ in sample rate or channel mode: {sorted(shapes)}")
     first = streams[0]
+    def seconds(frames: int) -> float:
+        return frames * first.samples_per_frame / first.sample_rate
+
     frames = 0
+    spans: list[tuple[float, float]] = []
     for i, (part, stream) in enumerate(zip(parts, streams, strict=True)):
-        if i:
-            gap = paragraph_gap if part.paragraph_before else sentence_gap
-            silence = silent_frames(first.sample_rate, first.channels, first.bitrate_kbps, gap)
-            out.write(b"".join(silence))
-            frames += len(silence)
+        gap = _gap(i, part, sentence_gap, paragraph_gap)
+        silence = silent_frames(first.sample_rate, first.channels, first.bitrate_kbps, gap)
+        out.write(b"".join(silence))
+        frames += len(silence)
         out.write(b"".join(stream.frames))
+        spans.append((seconds(frames), seconds(frames + len(stream.frames))))
         frames += len(stream.frames)
-    return AudioInfo(first.sample_rate, first.channels, round(frames * first.samples_per_frame / first.sample_rate, 3))
+    info = AudioInfo(first.sample_rate, first.channels, round(seconds(frames), 3))
+    return Stitched(info, tuple(spans))

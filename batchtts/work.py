@@ -1,5 +1,6 @@
 """The work a run hands its workers: a whole row, one chunk of a long row, a long row to stitch (from
-the Parts on disk), or a row the budget passes over. The plan makes them; the narrator does them."""
+the Parts on disk), a row the budget passes over, or one that cannot be narrated as written. The plan
+makes them; the narrator does them."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from .manifest import Row
 
 @dataclass(frozen=True)
 class Part:
-    """One chunk's audio file, and whether a paragraph (rather than a sentence) ends before it."""
+    """One chunk's audio file, and whether a paragraph (rather than a sentence) ends before it, or
+    the pause voice markup asks for there."""
 
     path: Path
     paragraph_before: bool
     sample_rate: int | None = None
     channels: int | None = None
+    pause: float | None = None
 
 
 @dataclass
@@ -51,13 +54,22 @@ class PassedOver:
     reason: str
 
 
-WorkItem = Row | ChunkJob | Assembly | PassedOver
+@dataclass(frozen=True)
+class Unreadable:
+    """A row that cannot be narrated as written (its voice markup is broken): recorded as failed for
+    good, with where, and tried again once its text changes."""
+
+    row: Row
+    reason: str
+
+
+WorkItem = Row | ChunkJob | Assembly | PassedOver | Unreadable
 
 
 def row_of(item: WorkItem) -> Row:
     if isinstance(item, ChunkJob):
         return item.assembly.row
-    if isinstance(item, (Assembly, PassedOver)):
+    if isinstance(item, (Assembly, PassedOver, Unreadable)):
         return item.row
     return item
 
@@ -65,7 +77,7 @@ def row_of(item: WorkItem) -> Row:
 def characters(item: WorkItem) -> int:
     """Characters one work item sends: a whole row, one chunk, or none for stitching alone."""
     if isinstance(item, Row):
-        return len(item.text)
+        return len(item.spoken)
     if isinstance(item, ChunkJob):
         return len(item.assembly.chunks[item.index].text)
     return 0

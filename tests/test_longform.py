@@ -170,7 +170,7 @@ def test_manifest_from_markdown_book_gives_one_row_per_chapter(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "chapters.csv", encoding="utf-8")))
     assert [r["title"] for r in rows] == ["Front matter", "Chapter 1: Fog", "Chapter 2: Bells", "Chapter 3: Home"]
-    assert [r["track"] for r in rows] == ["1", "2", "3", "4"] and rows[1]["id"] == "chapter-02"
+    assert [r["track"] for r in rows] == ["0", "1", "2", "3"] and rows[1]["id"] == "chapter-01"
     assert rows[1]["text"].startswith("Chapter 1: Fog.\n\nThe fog came in at dusk. See the map.")
     assert "Aside." in rows[1]["text"] and "code is not read" not in rows[2]["text"]
 
