@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 PARTIAL_DIR = ".batchtts-partial"
 CHUNK_DIR = ".batchtts-chunks"
+MASTERED_DIR = "mastered"  # the mastered copies of the narrated files
 _RESERVED = re.compile(r"^(\.batchtts|ledger(-shard-\d+-of-\d+)?\.sqlite)", re.IGNORECASE)
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -48,7 +49,8 @@ def unsafe_reason(value: str, allow_folders: bool = False) -> str | None:
     if allow_folders:
         if "\\" in value:
             return f"{value!r} contains a backslash: separate folders with '/'"
-        if PurePosixPath(value).parts[:1] and _RESERVED.match(PurePosixPath(value).parts[0]):
+        parts = PurePosixPath(value).parts
+        if parts[:1] and (_RESERVED.match(parts[0]) or (len(parts) > 1 and parts[0].lower() == MASTERED_DIR)):
             return f"{value!r} is a name batchtts uses itself"
     return None
 

@@ -164,6 +164,9 @@ def test_names_are_refused_or_made_safe():
     assert unsafe_reason("ledger-shard-0001-of-0004.sqlite-wal", allow_folders=True)
     assert unsafe_reason(".batchtts-partial/x", allow_folders=True)
     assert unsafe_reason("chapters/01", allow_folders=True) is None
+    # mastered/ holds the mastered copies; a file of that name, or a folder of another, is the user's.
+    assert unsafe_reason("Mastered/ch01", allow_folders=True)
+    assert unsafe_reason("mastered", allow_folders=True) is None and unsafe_reason("mastered-takes/01", allow_folders=True) is None
     assert safe_name("plain-id_1.2") == "plain-id_1.2"
     assert safe_name("a b") != safe_name("a_b") and safe_name(".hidden").startswith("hidden-")
     assert len(safe_name("x" * 1000)) == MAX_NAME + 11  # the kept part, a dash, the hash
