@@ -19,14 +19,18 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from .config import Defaults, Job
 from .errors import LedgerError, SpeechError, UsageError
+from .lexicon import COLUMNS as LEXICON_COLUMNS
+from .lexicon import Entry as LexiconEntry
+from .lexicon import Lexicon
 from .manifest import Row
+from .markup import Cast
 from .redact import redact_uri
 from .sharding import Shard, ledger_for, named_ledger, shard_of
 
@@ -93,6 +97,11 @@ RUNS = Table("runs", "id", (
     # the whole configuration as it was, for people.
     Column("out", "TEXT", since=3), Column("model", "TEXT", since=3), Column("voice", "TEXT", since=3),
     Column("format", "TEXT", since=3), Column("speed", "REAL", since=3), Column("shard", "TEXT", since=3),
+    # What shapes a row's words, voices and chunks, so that status and export plan rows as the run
+    # did without its job file: the lexicon's entries (not its file, which may change or move) and
+    # the [voices] cast as JSON, and the chunking.
+    Column("lexicon", "TEXT", since=6), Column("voices", "TEXT", since=6), Column("chunk_chars", "INTEGER", since=6),
+    Column("limits", "TEXT", since=6),
 ))
 # One row per request sent (or local synthesis tried), for `batchtts report`: millions a night, so
 # each is kept narrow (numbers, NULL for what does not apply; no text but the key and a short kind).
@@ -118,7 +127,7 @@ MASTERED = Table("mastered", "key", (
     Column("container", "TEXT"), Column("bitrate_kbps", "INTEGER"), *_STAMPS,
 ), since=5)
 TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED)
-VERSION = 5  # PRAGMA user_version records how far a file is
+VERSION = 6  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
 _LOGGED_SETTINGS = {
@@ -127,8 +136,12 @@ _LOGGED_SETTINGS = {
     "speed": "json_extract(config, '$.defaults.speed')",
     "shard": "json_extract(config, '$.shard.index') || '/' || json_extract(config, '$.shard.count')",
 }
+# The chunking schema 6 keeps in columns, as the config column logged it. The lexicon and the cast
+# were logged as names alone: a run recorded before schema 6 is read as having neither.
+_LOGGED_CHUNKING = {"chunk_chars": "json_extract(config, '$.chunk_chars')", "limits": "json_extract(config, '$.limits')"}
 _BACKFILL = {  # data each upgrade carries over, after its DDL
     3: f"UPDATE runs SET {', '.join(f'{name} = {logged}' for name, logged in _LOGGED_SETTINGS.items())};",
+    6: f"UPDATE runs SET {', '.join(f'{name} = {logged}' for name, logged in _LOGGED_CHUNKING.items())};",
 }
 
 
@@ -198,11 +211,41 @@ class RunSettings:
     defaults: Defaults
     shard: str | None = None
     started_at: str | None = None
+    # What shapes a row's words, voices and chunks, as the job's settings of the same names: the
+    # planner's, so that status and export plan rows as the run did. A run recorded before schema 6
+    # has its chunking alone.
+    lexicon: Lexicon = field(default_factory=Lexicon)
+    voices: Cast = field(default_factory=Cast)
+    chunk_chars: int | None = None
+    limits: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, job: Job) -> RunSettings:
         out = redact_uri(job.out) if isinstance(job.out, str) else str(job.out)
-        return cls(str(job.manifest.resolve()), out, job.defaults, str(job.shard) if job.shard is not None else None)
+        return cls(str(job.manifest.resolve()), out, job.defaults, str(job.shard) if job.shard is not None else None,
+                   lexicon=job.lexicon, voices=job.voices, chunk_chars=job.chunk_chars, limits=job.limits)
+
+    def shaping(self) -> tuple[str, str, int | None, str]:
+        """The lexicon, the cast and the chunking as the runs table keeps them (JSON but the number)."""
+        entries = [{name: getattr(entry, name) for name in _LEXICON_FIELDS} for entry in self.lexicon.entries]
+        return (json.dumps(entries, ensure_ascii=False), json.dumps(self.voices.as_table(), ensure_ascii=False),
+                self.chunk_chars, json.dumps(self.limits, ensure_ascii=False))
+
+
+_SHAPING = "lexicon, voices, chunk_chars, limits"  # RunSettings.shaping()'s columns, in order
+_LEXICON_FIELDS = (*LEXICON_COLUMNS, "where")  # an entry's settings, and the file and line it came from
+
+
+def _shaping(path: Path, lexicon: str | None, voices: str | None, chunk_chars: int | None,
+             limits: str | None) -> dict[str, Any]:
+    """RunSettings' lexicon, cast and chunking from their columns (NULL: none recorded)."""
+    try:
+        return {"lexicon": Lexicon(LexiconEntry(**entry) for entry in json.loads(lexicon or "[]")),
+                "voices": Cast(json.loads(voices or "{}"), where="[voices]"),
+                "chunk_chars": chunk_chars, "limits": dict(json.loads(limits or "{}"))}
+    except (ValueError, TypeError, UsageError) as exc:
+        raise LedgerError(f"ledger {path}: the last run's lexicon, [voices] or chunking cannot be read back ({exc}): "
+                          "pass --job to plan rows with the job file's") from exc
 
 
 P = ParamSpec("P")
@@ -421,10 +464,10 @@ class Ledger:
         self.commit()
         defaults = settings.defaults
         cur = self.db.execute(
-            "INSERT INTO runs (started_at, manifest, config, out, model, voice, format, speed, shard) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO runs (started_at, manifest, config, out, model, voice, format, speed, shard, {_SHAPING}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (now(), settings.manifest, json.dumps(config, default=str), settings.out, defaults.model, defaults.voice,
-             defaults.format, defaults.speed, settings.shard),
+             defaults.format, defaults.speed, settings.shard, *settings.shaping()),
         )
         assert cur.lastrowid is not None
         self.run_id = cur.lastrowid
@@ -441,13 +484,15 @@ class Ledger:
     @_guarded
     def last_run(self) -> RunSettings | None:
         """The newest run's settings; from a ledger of an earlier schema, read only, as it logged them."""
-        upgraded = self.version >= 3
-        settings = ", ".join(_LOGGED_SETTINGS if upgraded else _LOGGED_SETTINGS.values())
-        found = self.db.execute(f"SELECT manifest, {settings}, started_at FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        settings = ", ".join(_LOGGED_SETTINGS if self.version >= 3 else _LOGGED_SETTINGS.values())
+        shaping = _SHAPING if self.version >= 6 else f"NULL, NULL, {', '.join(_LOGGED_CHUNKING.values())}"
+        found = self.db.execute(
+            f"SELECT manifest, {settings}, started_at, {shaping} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if found is None:
             return None
-        manifest, out, model, voice, fmt, speed, shard, started_at = found
-        return RunSettings(manifest, out, Defaults(model, voice, fmt or Defaults.format, speed), shard, started_at)
+        manifest, out, model, voice, fmt, speed, shard, started_at, *shaped = found
+        return RunSettings(manifest, out, Defaults(model, voice, fmt or Defaults.format, speed), shard, started_at,
+                           **_shaping(self.path, *shaped))
 
     def check_place(self, job: Job) -> None:
         """A ledger is trusted for what is in the bucket it recorded: refuse to read it as another's."""

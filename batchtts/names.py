@@ -49,8 +49,8 @@ def unsafe_reason(value: str, allow_folders: bool = False) -> str | None:
     if allow_folders:
         if "\\" in value:
             return f"{value!r} contains a backslash: separate folders with '/'"
-        parts = PurePosixPath(value).parts
-        if parts[:1] and (_RESERVED.match(parts[0]) or (len(parts) > 1 and parts[0].lower() == MASTERED_DIR)):
+        top, *below = PurePosixPath(value).parts or ("",)
+        if _RESERVED.match(top) or (below and top.lower() == MASTERED_DIR):
             return f"{value!r} is a name batchtts uses itself"
     return None
 

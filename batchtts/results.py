@@ -7,6 +7,15 @@ Both take output folders or ledger files (or a job), one ledger or many (the sha
 folder holding them), and read them as one job; the ledgers of different jobs are refused, never
 merged (`by_job` sorts targets into jobs). Rows are counted by the planner a run uses, so status,
 export and the next run agree. Neither needs the network nor changes a ledger.
+
+What a row says, and so its fingerprint and key, depends on settings besides the manifest: the
+defaults, the lexicon, the [voices] cast, the chunking. Rows are planned with those of the job
+given; without one, with those the last run recorded in the ledger (the lexicon's entries
+themselves, not its file; a run recorded before ledger schema 6 kept neither lexicon nor cast). So
+without a job, status and export give the ledger's view: each row as that run narrated it, whatever
+the lexicon file or the cast have become since. Given the job, they say what its next run would do:
+rows an edited lexicon or cast changes count as pending. Either way, the manifest is read as it is
+now (the ledger keeps no copy of it): rows edited since count as pending.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import pyarrow as pa
 from . import manifest
 from .config import Defaults, Job, is_uri
 from .errors import UsageError
-from .ledger import Ledger, LedgerSet, ledger_family, usage
+from .ledger import Ledger, LedgerSet, RunSettings, ledger_family, usage
 from .lock import holder
 from .manifest import KNOWN_COLUMNS, Row
 from .plan import Planner, State, make_plan
@@ -96,19 +105,25 @@ def by_job(targets: Sequence[str]) -> list[list[str]]:
 
 @dataclass
 class JobContext:
-    """The manifest and defaults the ledgers' rows came from: given, or as the last run recorded them."""
+    """The manifest and settings the ledgers' rows came from: given, or as the last run recorded them."""
 
     ledger: LedgerSet
     out: Path | str
     manifest: Path | None
     defaults: Defaults
-    job: Job | None = None  # the job given: its lexicon and [voices] shape what its rows say
+    job: Job | None = None  # the job given: its lexicon, [voices] and chunking shape what its rows say
+    recorded: RunSettings | None = None  # the last run's settings, as the ledger holds them: used without a job
 
     def planning_job(self) -> Job:
-        """The job rows are counted with: the manifest and defaults, and the given job's lexicon and voices."""
+        """The job rows are counted with: the manifest and defaults, and the lexicon, cast and chunking
+        of the job given, else of the last run."""
         assert self.manifest is not None
         job = Job(manifest=self.manifest, out=self.out, ledger=self.ledger.path, defaults=self.defaults)
-        return job if self.job is None else dataclasses.replace(job, lexicon=self.job.lexicon, voices=self.job.voices)
+        shaping = self.job if self.job is not None else self.recorded
+        if shaping is None:
+            return job
+        return dataclasses.replace(job, lexicon=shaping.lexicon, voices=shaping.voices,
+                                   chunk_chars=shaping.chunk_chars, limits=shaping.limits)
 
 
 def open_context(targets: list[str], manifest_path: Path | None, job: Job | None) -> JobContext:
@@ -142,11 +157,11 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
         for f in unique:
             opened.append(Ledger.open_existing(f))
         ledger = LedgerSet(opened, whole_job)
+        last = ledger.last_run() if job is None else None  # a job given says all the run recorded
     except BaseException:
         for each in opened:
             each.close()
         raise
-    last = ledger.last_run()
     defaults = job.defaults if job is not None else last.defaults if last is not None else Defaults()
     if manifest_path is None and job is not None:
         manifest_path = job.manifest
@@ -162,7 +177,7 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
         out = Path(targets[0])
     else:
         out = Path(recorded) if recorded else unique[0].parent
-    return JobContext(ledger, out, manifest_path, defaults, job)
+    return JobContext(ledger, out, manifest_path, defaults, job, last)
 
 
 def status(targets: Sequence[str | Path] = (), manifest: Path | None = None, job: Job | None = None
@@ -222,6 +237,19 @@ def _report(ctx: JobContext) -> dict[str, Any]:
     return report
 
 
+def export_records(ctx: JobContext, fields: Sequence[str] = ()) -> Iterator[list[dict[str, Any]]]:
+    """The rows `export` writes, a batch at a time, for other layouts of them (the dataset exports):
+    each with the results table's columns, the ledger's `fields` besides, and the manifest's other
+    columns (those not in `result_columns()`)."""
+    _need_manifest(ctx)
+    return _export_records(ctx, (*_LEDGER_FIELDS, *fields))
+
+
+def result_columns() -> frozenset[str]:
+    """The results table's own columns; a record's others came from the manifest."""
+    return frozenset(_TYPES)
+
+
 def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> Iterator[list[dict[str, Any]]]:
     """Each manifest row with its outcome as the planner decides it, so export says what status counts;
     `fields` are the ledger's columns each row carries."""
@@ -242,7 +270,7 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
                     continue
                 result.update(id=row.id, voice=row.voice, model=row.model)
                 if decision.state in (State.DONE, State.FAILED) or decision.failed_before:
-                    entry = ctx.ledger.get(row.key)
+                    entry = ctx.ledger.get(decision.row.key)  # as narrated: the lexicon may change its key
             for name in fields:
                 result[name] = entry[name] if entry is not None else None
             result.update(_mastered(ctx.ledger, planner, entry))
