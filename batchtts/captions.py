@@ -4,14 +4,16 @@ Each chunk's cues span the chunk's audio, where the stitcher placed it in the fi
 between chunks has no cue); within a chunk, each sentence (pysbd, as the chunker finds them) gets
 the share of the chunk's time that its share of the characters is. A row narrated in one request
 is one chunk. The words are the manifest's, without markup and before the lexicon rewrote any. Cues
-never overlap, and the last one ends where the file does.
+never overlap, and the last one ends where the file does. A mastered file's captions are these read
+back (`read`) and moved with its speech (`shifted`).
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from .chunking import sentences
 
@@ -56,6 +58,35 @@ def render(found: Sequence[Cue], fmt: str) -> str:
 def caption_path(relpath: str, fmt: str) -> str:
     """Beside the audio: `ch01.srt` for `ch01.mp3`."""
     return str(PurePosixPath(relpath).with_suffix(f".{fmt}"))
+
+
+def read(path: Path) -> list[Cue]:
+    """The cues of a caption file this module wrote (SRT or WebVTT, by its extension), read with
+    FFmpeg's subtitle demuxers through PyAV."""
+    import av  # only mastering reads captions back: narrating needs no FFmpeg
+
+    with av.open(str(path), format="webvtt" if path.suffix == ".vtt" else "srt") as container:
+        if not container.streams.subtitles:  # a file of no cues
+            return []
+        stream = container.streams.subtitles[0]
+        base = stream.time_base
+        assert base is not None  # both demuxers count in milliseconds
+        found = []
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.duration is None:  # the end of the stream
+                continue
+            text = bytes(packet).decode("utf-8").strip()
+            start = float(packet.pts * base)
+            found.append(Cue(start, start + float(packet.duration * base),
+                             html.unescape(text) if path.suffix == ".vtt" else text))
+    return found
+
+
+def shifted(found: Sequence[Cue], by: float, duration: float) -> list[Cue]:
+    """The cues `by` seconds later (earlier when negative) in a file `duration` seconds long: each
+    kept within the file, and a cue left with no time in it dropped."""
+    moved = [Cue(max(0.0, cue.start + by), min(duration, cue.end + by), cue.text) for cue in found]
+    return [cue for cue in moved if cue.end > cue.start]
 
 
 def _time(seconds: float, separator: str) -> str:

@@ -22,7 +22,9 @@ from . import __version__, sharding
 from .config import (
     FORMATS,
     MASTERING_PRESETS,
+    VERIFICATIONS,
     Budget,
+    Checks,
     Defaults,
     Job,
     Mastering,
@@ -39,6 +41,7 @@ from .redact import redact_uri
 
 if TYPE_CHECKING:
     from .mastering import Pass
+    from .narrator import Counters
     from .qc import FileCheck
     from .runner import RunResult
 
@@ -177,6 +180,15 @@ def main() -> None:
 @click.option("--ledger", type=click.Path(path_type=Path, dir_okay=False),
               help="Ledger file (default OUT/ledger.sqlite; needed with object-store output).")
 @click.option("--retry-failed", is_flag=True, default=None, help="Also retry rows that failed permanently before.")
+@click.option("--verify-files", is_flag=True, default=None,
+              help="On a rerun, look at the size of every file done, not one in 64 (files are found by listing "
+              "their folders).")
+@click.option("--redo-flagged", is_flag=True, default=None,
+              help="Narrate again the rows the audio checks flagged (at most [checks] max_redo times each), "
+              "keeping a row's file until a better take lands.")
+@_setting_flag(Checks, "verify", "--verify", type=click.Choice(VERIFICATIONS),
+               help="asr: also hear each English row with an offline recogniser for a word error rate, "
+               "flagged over [checks] max_wer (needs the asr extra: pip install 'batchtts[asr]').")
 @_setting_flag(Job, "limit", "--limit", help="Narrate at most N of the rows left to do.")
 @_setting_flag(Job, "chunk_chars", "--chunk-chars",
                help="Split rows longer than this into chunks (default: the model's input limit, 4096 if unknown).")
@@ -257,6 +269,9 @@ def run(target: Path, **flags: Any) -> None:
         "provider.base_url": flags["base_url"],
         "provider.api_key_env": flags["api_key_env"],
         "retry_failed": flags["retry_failed"],
+        "verify_files": flags["verify_files"],
+        "redo_flagged": flags["redo_flagged"],
+        "checks.verify": flags["verify"],
         "limit": flags["limit"],
         "chunk_chars": flags["chunk_chars"],
         "budget.max_cost": flags["max_cost"],
@@ -347,6 +362,12 @@ def _print_plan(result: RunResult, job: Job) -> None:
     click.echo(f"prices: {prices.source}" + (
         f"; '?' = no known price{f' ({prices.list_error})' if prices.list_error else ''}: "
         "add the model under [prices] in the job file" if unknown else ""))
+    if total.copies:
+        click.echo(f"identical requests: {_count(total.copies, 'row')} to do copy the file of a row with the same "
+                   f"request ({_count(total.requests_saved, 'request')} saved, not in 'requests')")
+    if plan.pooled:
+        mix = ", ".join(f"{voice} {n:,}" for voice, n in sorted(plan.speakers.items(), key=lambda vn: (-vn[1], vn[0])))
+        click.echo(f"voice mix ({_count(plan.pooled, 'row')} drawn from a list or pool): {mix}")
     budget, spending = job.budget, plan.budget
     if result.stop_reason:
         _say_error(result.stop_reason, result.exit_code)
@@ -397,12 +418,16 @@ def _print_summary(result: RunResult, job: Job) -> None:
         f"{result.wall_s:.1f} s",
         f"{c.characters_sent:,} characters sent" + (f" (and {c.local_characters:,} narrated locally)"
                                                     if c.local_characters else "") + ", " + _spent(result),
+        *([f"{_count(c.requests_saved, 'request')} saved: {_count(c.copied, 'row')} copied the file of an "
+           "identical request"] if c.copied else []),
         f"files in {_where(job.out)}, ledger at {job.ledger_path}"
         + (f" (shard {job.shard}, from {job.shard.source})" if job.shard is not None else ""),
     ]
+    if c.checked:
+        lines.append(_checked_line(c, job))
     if result.mastering is not None:
         lines += _mastered_lines(result.mastering, job)
-    left = max(total.pending - c.done - c.failed, 0)
+    left = max(total.pending - c.done - c.failed - (c.redone - c.replaced), 0)
     if result.stop_reason:
         lines.insert(0, f"stopped: {result.stop_reason}" + (f"; {_count(left, 'row')} left" if left else ""))
     if result.advice:
@@ -412,6 +437,17 @@ def _print_summary(result: RunResult, job: Job) -> None:
     elif result.stop_reason:
         lines.append(f"to resume, run the same command again: {shlex.join(['batchtts', *sys.argv[1:]])}")
     click.echo("\n".join(lines))
+
+
+def _checked_line(c: Counters, job: Job) -> str:
+    """What the audio checks found of the files this run wrote, and of the flagged rows it redid."""
+    line = f"checked {_count(c.checked, 'file')}: {c.flagged:,} flagged"
+    if c.redone:
+        line += f"; narrated {_count(c.redone, 'flagged row')} again, {c.replaced:,} replaced by a better take"
+    if c.flagged:
+        line += f" (see why with: batchtts status {job.ledger_path}"
+        line += ")" if job.redo_flagged else "; narrate them again with --redo-flagged)"
+    return line
 
 
 def _mastered_lines(done: Pass, job: Job) -> list[str]:
@@ -488,12 +524,20 @@ def _status_text(report: dict[str, Any]) -> str:
         title += (f"\n  no ledger yet for shard{'s' if len(report['missing_shards']) > 1 else ''} "
                   f"{', '.join(map(str, report['missing_shards']))}: their rows count as pending")
     lines = [title, f"  total {total}, done {report['done']:,}, failed {failed}, pending {pending}",
-             f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"]
+             f"  {_size(report['bytes'])}, {report['audio_s']:.1f} s of audio"
+             + (f"; {report['requests_saved']:,} requests saved by {_count(report['copied'], 'row')} copying "
+                "an identical request's file" if report.get("copied") else "")]
     for f in report["failures"]:
         again = "retried on next run" if f["retryable"] else "rerun with --retry-failed"
         where, _, error = f["error"].partition(": ") if f["error"].startswith("chunk ") else ("", "", f["error"])
         http = f"HTTP {f['http_status']}: " if f["http_status"] is not None else ""
         lines.append(f"  row {f['row_number']} ({f['key']}): {where + ': ' if where else ''}{http}{error} [{again}]")
+    if report.get("checked"):
+        lines.append(f"  audio checks: {report['checked']:,} files checked, {report['flagged']:,} flagged"
+                     + (" (narrate them again with run --redo-flagged)" if report["flagged"] else ""))
+    for f in report.get("flags", ()):
+        again = f" [narrated again {_count(f['redos'], 'time')}]" if f["redos"] else ""
+        lines.append(f"  row {f['row_number']} ({f['key']}): flagged: {f['flag_reasons']}{again}")
     return "\n".join(lines)
 
 
@@ -502,17 +546,53 @@ def _status_text(report: dict[str, Any]) -> str:
     "batchtts export out/lines --to results.csv",
     "batchtts export out/lines --to - --format jsonl | jq -c 'select(.status == \"failed\")'",
     "batchtts export out/big --to s3://bucket/big/results.parquet",
+    "batchtts export out/big --format nemo --to datasets/big --split train=0.98,validation=0.01,test=0.01",
+    "batchtts export out/big --format ljspeech --to datasets/ljspeech",
+    "batchtts export out/big --format hf --to s3://bucket/datasets/big --sample-rate 16000",
+    "batchtts export out/big --format webdataset --to datasets/wds --shard-size 1GB",
 ))
 @click.argument("targets", nargs=-1)
 @click.option("--to", "to", help="results.parquet, .csv or .jsonl, a path or s3://…, or - for stdout "
-              "(default: OUT/results.parquet).")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl"]),
-              help="Format, when --to's name does not say it (with --to -: csv).")
+              "(default: OUT/results.parquet); for a dataset, a new folder or s3://… prefix.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "jsonl", "nemo", "ljspeech", "hf", "webdataset"]),
+              help="Format, when --to's name does not say it (with --to -: csv); or a dataset's layout: NeMo "
+              "manifests, LJSpeech, Hugging Face Parquet shards, WebDataset tars.")
 @click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False), help="Manifest (default: the last run's).")
 @click.option("--job", "job_file", type=click.Path(path_type=Path, dir_okay=False), help="Job file naming the manifest.")
-def export(targets: tuple[str, ...], to: str | None, fmt: str | None, manifest: Path | None, job_file: Path | None) -> None:
-    """Write one row per manifest row with its audio file, status and carried columns. The shards of
-    a job (or a folder of them) are read as one job."""
+@click.option("--split", help="A dataset's splits by key, as train=0.98,validation=0.01,test=0.01 (default: the "
+              "manifest's split column, else all train).")
+@click.option("--shard-size", help="Rows (1000) or bytes (500MB, 1GB) a shard of a dataset: NeMo's tars (none "
+              "unless given), Hugging Face's Parquet files (500MB), WebDataset's tars (1GB).")
+@click.option("--sample-rate", type=click.IntRange(min=1000), help="A dataset's sample rate, in Hz (default: the "
+              "files' own; LJSpeech: 22050).")
+@click.option("--channels", type=click.IntRange(1, 2), help="A dataset's channels (default: the files' own; LJSpeech: 1).")
+@click.option("--audio-format", type=click.Choice(["flac", "wav", "mp3"]), help="A dataset's audio (default: wav "
+              "for NeMo and LJSpeech, flac for Hugging Face and WebDataset). A file already so is copied as it is.")
+@click.option("--include-flagged", is_flag=True, help="Keep in a dataset the rows the audio checks flagged (left out "
+              "by default).")
+def export(targets: tuple[str, ...], to: str | None, fmt: str | None, manifest: Path | None, job_file: Path | None,
+           split: str | None, shard_size: str | None, sample_rate: int | None, channels: int | None,
+           audio_format: str | None, include_flagged: bool) -> None:
+    """Write one row per manifest row with its audio file, status and carried columns; or, with a
+    dataset --format, the narrated rows as a speech dataset that trainers read, the audio in the
+    shape asked for. The shards of a job (or a folder of them) are read as one job."""
+    shaping = {"--split": split, "--shard-size": shard_size, "--sample-rate": sample_rate, "--channels": channels,
+               "--audio-format": audio_format, "--include-flagged": include_flagged or None}
+    if fmt in ("nemo", "ljspeech", "hf", "webdataset"):
+        from .datasets import export_dataset
+
+        try:
+            if to is None or to == "-":
+                raise UsageError(f"a {fmt} dataset is a folder of files: give --to a new folder (or s3://… prefix)")
+            result = export_dataset(targets, to, fmt, manifest=manifest, job=load_job(job_file) if job_file else None,
+                                    split=split, shard_size=shard_size, sample_rate=sample_rate, channels=channels,
+                                    audio_format=audio_format, include_flagged=include_flagged)
+        except BatchTTSError as exc:
+            _fail(exc)
+        click.echo("\n".join(result.lines()))
+        return
+    if given := [name for name, value in shaping.items() if value is not None]:
+        _fail(UsageError(f"{', '.join(given)}: only for a dataset (--format nemo, ljspeech, hf or webdataset)"))
     from .results import export as export_results
 
     stream = sys.stdout.buffer if to == "-" else None
@@ -785,6 +865,10 @@ def voices(model: str) -> None:
               help="Retry-After value to send with 429s (default: until the limiter would admit, rounded up).")
 @click.option("--drop-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of answers cut after the headers.")
 @click.option("--truncate-rate", default=0.0, type=click.FloatRange(0, 1), help="Share of answers cut half-way through the body.")
+@click.option("--silence-rate", default=0.0, type=click.FloatRange(0, 1),
+              help="Share of inputs answered, whole, with silence as long as their speech (by a hash of --seed and the text).")
+@click.option("--short-rate", default=0.0, type=click.FloatRange(0, 1),
+              help="Share of inputs answered, whole, with the first half of their speech only (as --silence-rate picks).")
 @click.option("--drop-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input are cut after the headers.")
 @click.option("--truncate-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input are cut half-way.")
 @click.option("--stall-first", default=0, type=click.IntRange(min=0), help="First N attempts of each input stall mid-body.")

@@ -193,6 +193,37 @@ class Mastering:
     preset: MasteringPreset = _setting("none", flag="--master")
 
 
+Verification = Literal["none", "asr"]
+VERIFICATIONS: tuple[str, ...] = typing.get_args(Verification)
+
+
+def _recogniser(value: str) -> str | None:
+    """`asr` needs the recogniser: refused before anything is sent, not at the first file."""
+    if value != "asr":
+        return None
+    from .asr import missing
+
+    return missing()
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What each narrated file is held to as it lands (NeMo Curator's quality filters by default): a
+    file outside a bound is kept, and its row done but flagged with why; `--redo-flagged` narrates
+    flagged rows again, at most `max_redo` times each."""
+
+    enabled: bool = _setting(True)
+    min_chars_per_second: float = _setting(8.0, low=0)
+    max_chars_per_second: float = _setting(25.0, low=0, above=True)
+    max_inner_silence: float = _setting(2.0, low=0, above=True)  # seconds of silence inside the speech
+    max_clipping: float = _setting(0.0, low=0, high=1)  # share of samples at full scale
+    min_duration: float = _setting(1.0, low=0)  # seconds
+    max_duration: float = _setting(30.0, low=0, above=True)
+    max_redo: int = _setting(2, low=0)
+    verify: Verification = _setting("none", flag="--verify", rule=_recogniser)  # asr: a word error rate per row
+    max_wer: float = _setting(0.75, low=0)
+
+
 @dataclass(frozen=True)
 class Job:
     manifest: Path
@@ -205,6 +236,7 @@ class Job:
     stitching: Stitching = field(default_factory=Stitching)
     budget: Budget = field(default_factory=Budget)
     mastering: Mastering = field(default_factory=Mastering)
+    checks: Checks = field(default_factory=Checks)
     chunk_chars: int | None = _setting(None, flag="--chunk-chars", low=1)
     limits: dict[str, int] = _setting(default_factory=dict, low=1)  # characters per request, by model or prefix
     prices: dict[str, float] = _setting(default_factory=dict, low=0)  # USD per million characters, by model
@@ -212,6 +244,8 @@ class Job:
     requests_per_minute: float | None = _setting(None, flag="--rpm", low=0, above=True)
     limit: int | None = _setting(None, flag="--limit", low=0)
     retry_failed: bool = _setting(False, flag="--retry-failed")
+    verify_files: bool = _setting(False, flag="--verify-files")  # a rerun looks at every done file's size
+    redo_flagged: bool = _setting(False, flag="--redo-flagged")  # narrate flagged rows again
     dry_run: bool = _setting(False, flag="--dry-run")
     grace_seconds: float = _setting(30.0, flag="--grace", low=0)
     max_runtime: float | None = _setting(None, flag="--max-runtime", low=0, above=True)
@@ -253,6 +287,9 @@ class Job:
         """Raise UsageError naming the first setting of the wrong type or out of range. Job files, flags
         and jobs built in Python all pass here before anything is read or sent."""
         check_settings(self)
+        if self.redo_flagged and not self.checks.enabled:
+            raise UsageError("--redo-flagged narrates again the rows the audio checks flagged, keeping the better "
+                             "take: it needs the checks on ([checks] enabled = true)")
 
     def redacted(self) -> dict[str, Any]:
         """The resolved configuration for the start event; holds no secret, only the key's variable name."""
@@ -269,6 +306,7 @@ _SECTIONS: dict[str, type[DataclassInstance]] = {
     "stitching": Stitching,
     "budget": Budget,
     "mastering": Mastering,
+    "checks": Checks,
 }
 _TABLES = ("limits", "prices")
 _PATHS = ("manifest", "out", "ledger")

@@ -63,7 +63,8 @@ async def narrate(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, pr
     pool: WorkerPool[WorkItem]
     narrator = Narrator(provider, folder, ledger, job.retry, job.stitching, progress, throttle,
                         prices, stop=lambda reason: pool.stop(reason), stopping=lambda: pool.stopping,
-                        executor=executor, captions=job.captions)
+                        executor=executor, captions=job.captions, checks=job.checks,
+                        redo_flagged=job.redo_flagged)
     # Twice as many workers as requests allowed in flight: a worker sleeping out a retry's backoff, or
     # narrating a local row, then does not hold back the remote requests the throttle would allow.
     pool = WorkerPool(2 * job.concurrency, narrator)

@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ class Column:
     name: str
     sql: str  # type and constraints
     since: int = 1  # the schema version that added it
+    index: str | None = None  # the name of an index on it, made when it is added
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Table:
             index = f"CREATE INDEX {self.index[0]} ON {self.name} ({self.index[1]});" if self.index else ""
             return f"CREATE TABLE {self.name} (\n    {body}\n);\n{index}\n"
         return "".join(f"ALTER TABLE {self.name} ADD COLUMN {c.name} {c.sql};\n"
+                       + (f"CREATE INDEX {c.index} ON {self.name} ({c.name});\n" if c.index else "")
                        for c in self.columns if c.since == version)
 
 
@@ -84,6 +86,11 @@ ROWS = Table("rows", "key", (
     Column("status", _STATUS), Column("retryable", "INTEGER NOT NULL DEFAULT 0"), *_AUDIO,
     Column("model", "TEXT"), Column("voice", "TEXT"), Column("format", "TEXT"), Column("characters", "INTEGER"),
     *_REQUEST, *_STAMPS, Column("chunks", "INTEGER", since=2),
+    # The voice the row took (`voice` is the manifest's, which may be a list or a pool: speakers.py);
+    # the request its file answers (Row.request), by which identical rows find a file to copy; and
+    # the row whose file it is a copy of, when it was not requested for this row.
+    Column("speaker", "TEXT", since=7), Column("request", "TEXT", since=7, index="rows_request"),
+    Column("copy_of", "TEXT", since=7),
 ), index=("rows_status", "status"))
 CHUNKS = Table("chunks", "fingerprint", (
     Column("fingerprint", "TEXT PRIMARY KEY"), Column("row_key", "TEXT NOT NULL"),
@@ -102,6 +109,11 @@ RUNS = Table("runs", "id", (
     # the [voices] cast as JSON, and the chunking.
     Column("lexicon", "TEXT", since=6), Column("voices", "TEXT", since=6), Column("chunk_chars", "INTEGER", since=6),
     Column("limits", "TEXT", since=6),
+    # The manifest as the run planned it (its size, mtime and rows), recorded only when the ledger
+    # then held nothing but that manifest's rows as they are: while the manifest is unchanged, status
+    # counts the ledger's rows instead of planning every manifest row again (Planned).
+    Column("manifest_bytes", "INTEGER", since=9), Column("manifest_mtime_ns", "INTEGER", since=9),
+    Column("manifest_rows", "INTEGER", since=9),
 ))
 # One row per request sent (or local synthesis tried), for `batchtts report`: millions a night, so
 # each is kept narrow (numbers, NULL for what does not apply; no text but the key and a short kind).
@@ -126,8 +138,22 @@ MASTERED = Table("mastered", "key", (
     Column("length_s", "REAL"), Column("sample_rate", "INTEGER"), Column("channels", "INTEGER"),
     Column("container", "TEXT"), Column("bitrate_kbps", "INTEGER"), *_STAMPS,
 ), since=5)
-TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED)
-VERSION = 6  # PRAGMA user_version records how far a file is
+# A row's file as the audio checks measured it when it landed (checks.Verdict), and how often the
+# row was narrated again for being flagged. The record speaks for a file by its sha256: for the
+# row's own while the row's sha256 is that one, and for an identical file (a copy) of another row.
+CHECKS = Table("checks", "key", (
+    Column("key", "TEXT PRIMARY KEY"), Column("fingerprint", "TEXT NOT NULL"), Column("sha256", "TEXT NOT NULL"),
+    Column("duration_s", "REAL"), Column("chars_per_second", "REAL"), Column("lead_silence_s", "REAL"),
+    Column("trail_silence_s", "REAL"), Column("max_inner_silence_s", "REAL"), Column("peak_db", "REAL"),
+    Column("rms_db", "REAL"), Column("clipping", "REAL"), Column("wer", "REAL"),
+    Column("flagged", "INTEGER NOT NULL DEFAULT 0"), Column("flag_reasons", "TEXT"),
+    Column("redos", "INTEGER NOT NULL DEFAULT 0"), *_STAMPS,
+), since=8, index=("checks_file", "sha256"))
+TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED, CHECKS)
+# The checks record that speaks for a row `r`'s file: its own, else any of the same file.
+_VERDICT = ("COALESCE((SELECT c.rowid FROM checks c WHERE c.key = r.key AND c.sha256 = r.sha256), "
+            "(SELECT c.rowid FROM checks c WHERE c.sha256 = r.sha256 LIMIT 1))")
+VERSION = 9  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
 _LOGGED_SETTINGS = {
@@ -142,6 +168,9 @@ _LOGGED_CHUNKING = {"chunk_chars": "json_extract(config, '$.chunk_chars')", "lim
 _BACKFILL = {  # data each upgrade carries over, after its DDL
     3: f"UPDATE runs SET {', '.join(f'{name} = {logged}' for name, logged in _LOGGED_SETTINGS.items())};",
     6: f"UPDATE runs SET {', '.join(f'{name} = {logged}' for name, logged in _LOGGED_CHUNKING.items())};",
+    # Before speaker pools a row's voice was its speaker. Its request is left unknown (the tags its
+    # file holds were not recorded): rows done before schema 7 are not copied from.
+    7: "UPDATE rows SET speaker = voice;",
 }
 
 
@@ -167,6 +196,7 @@ class Entry:
 
 
 _ENTRY = ", ".join(f.name for f in fields(Entry))
+LOOKUP_BATCH = 1000  # keys a query asks for: within SQLite's limit of 32,766 parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +230,27 @@ class Attempt(NamedTuple):
 
 
 _ADD_ATTEMPT = f"INSERT INTO attempts ({', '.join(ATTEMPTS.names)}) VALUES ({', '.join('?' * len(ATTEMPTS.names))})"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A manifest file as a run planned it: while its size and mtime stay so, its rows are these."""
+
+    bytes: int
+    mtime_ns: int
+    rows: int
+
+    @classmethod
+    def of(cls, manifest: Path, rows: int) -> Planned:
+        found = os.stat(manifest)
+        return cls(found.st_size, found.st_mtime_ns, rows)
+
+    def same_file(self, manifest: Path) -> bool:
+        try:
+            found = os.stat(manifest)
+        except OSError:
+            return False
+        return (found.st_size, found.st_mtime_ns) == (self.bytes, self.mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -330,17 +381,34 @@ class Ledger:
         found = self.db.execute(f"SELECT {_ENTRY} FROM rows WHERE key = ?", (key,)).fetchone()
         return Entry(found[0], found[1], bool(found[2]), found[3], found[4]) if found else None
 
+    @_guarded
+    def lookup_many(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """`lookup` of many keys, one query per LOOKUP_BATCH of them: a rerun of millions of rows
+        asks the ledger thousands of times, not millions."""
+        found: dict[str, Entry] = {}
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            batch = keys[start:start + LOOKUP_BATCH]
+            query = f"SELECT key, {_ENTRY} FROM rows WHERE key IN ({', '.join('?' * len(batch))})"
+            for key, fingerprint, status, retryable, path, size in self.db.execute(query, batch):
+                found[key] = Entry(fingerprint, status, bool(retryable), path, size)
+        return found
+
     def record_done(self, row: Row, audio: Stored, attempts: int, latency_s: float | None,
                     generation_id: str | None, chunks: int | None = None) -> None:
         """The row's file is in place: the record that lets every later run skip it."""
         self._record_row(row, "done", audio, attempts=attempts, http_status=200, latency_s=latency_s,
                          generation_id=generation_id, chunks=chunks)
 
+    def record_copy(self, row: Row, audio: Stored, source: str, chunks: int | None) -> None:
+        """The row's file is in place, a copy of the file of row `source`, which answers the same request."""
+        self._record_row(row, "done", audio, chunks=chunks, copy_of=source)
+
     def record_failed(self, row: Row, error: SpeechError, attempts: int, retryable: bool,
-                      chunks: int | None = None, where: str = "") -> None:
-        """Why the row has no file; `retryable` rows are tried again by the next run."""
+                      chunks: int | None = None, where: str = "", copy_of: str | None = None) -> None:
+        """Why the row has no file; `retryable` rows are tried again by the next run. `copy_of`: the
+        row whose failure it shares, as a copy of its request."""
         self._record_row(row, "failed", None, retryable=int(retryable), attempts=attempts, http_status=error.status,
-                         error=where + error.message, chunks=chunks)
+                         error=where + error.message, chunks=chunks, copy_of=copy_of)
 
     def record_chunk_done(self, row: Row, index: int, text: str, audio: Stored, attempts: int,
                           latency_s: float | None, generation_id: str | None, voice: str | None = None) -> None:
@@ -355,8 +423,8 @@ class Ledger:
     def _record_row(self, row: Row, status: str, audio: Stored | None, **values: Any) -> None:
         self._upsert(ROWS, {
             "key": row.key, "row_number": row.number, "fingerprint": row.fingerprint, "status": status,
-            "model": row.model, "voice": row.voice, "format": row.format, "characters": len(row.text),
-            **_audio(audio), **values,
+            "model": row.model, "voice": row.pool or row.voice, "speaker": row.voice, "request": row.request,
+            "format": row.format, "characters": len(row.text), **_audio(audio), **values,
         })
 
     def _record_chunk(self, row: Row, index: int, text: str, voice: str | None, status: str, audio: Stored | None,
@@ -422,6 +490,29 @@ class Ledger:
         return self._get(MASTERED, key)
 
     @_guarded
+    def done_with(self, request: str, besides: str, limit: int = 4) -> list[tuple[str, str, int]]:
+        """Rows other than `besides` done with this request: (key, path, bytes) of a few, to copy."""
+        if self.version < 7:
+            return []
+        return self.db.execute("SELECT key, path, bytes FROM rows WHERE request = ? AND status = 'done' AND key != ? "
+                               "LIMIT ?", (request, besides, limit)).fetchall()
+
+    @_guarded
+    def copyable(self) -> bool:
+        """Whether any row is recorded with its request, for identical rows to copy its file."""
+        return self.version >= 7 and bool(
+            self.db.execute("SELECT EXISTS (SELECT 1 FROM rows WHERE request IS NOT NULL)").fetchone()[0])
+
+    @_guarded
+    def copies(self) -> tuple[int, int]:
+        """Rows done as copies of an identical row's file, and the requests that saved (a long row's chunks)."""
+        if self.version < 7:
+            return 0, 0
+        rows, saved = self.db.execute(
+            "SELECT COUNT(*), SUM(COALESCE(chunks, 1)) FROM rows WHERE status = 'done' AND copy_of IS NOT NULL").fetchone()
+        return rows, saved or 0
+
+    @_guarded
     def done_rows(self) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
         """Each row done, in manifest order, with its mastered record (None when it has none): what
         mastering and QC go through."""
@@ -444,6 +535,47 @@ class Ledger:
             f"ON CONFLICT(key) DO UPDATE SET {updates}",
             [record[c] for c in names],
         )
+
+    @_guarded
+    def record_check(self, row: Row, sha256: str, verdict: dict[str, Any], redo: bool = False) -> None:
+        """The audio checks' verdict on a file of the row (checks.Verdict.record), in place of the one
+        before. `redo`: the file is a take of the flagged row narrated again, and counts against its
+        redos; otherwise the row's redos stand while its fingerprint does."""
+        self._write()
+        stamp = now()
+        record = {**dict.fromkeys(CHECKS.names), **verdict, "key": row.key, "fingerprint": row.fingerprint,
+                  "sha256": sha256, "redos": int(redo), "created_at": stamp, "updated_at": stamp}
+        names = CHECKS.names
+        updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in ("key", "created_at", "redos"))
+        self.db.execute(
+            f"INSERT INTO checks ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT(key) DO UPDATE SET {updates}, redos = CASE WHEN checks.fingerprint = excluded.fingerprint "
+            "THEN checks.redos + excluded.redos ELSE excluded.redos END",
+            [record[c] for c in names],
+        )
+
+    @_guarded
+    def checked(self, key: str) -> dict[str, Any] | None:
+        """The checks' verdict on the row's file as it is now: the row's own, else one on an identical
+        file (a copy of another row's); None when the row is not done, or its file was not checked."""
+        if self.version < CHECKS.since:
+            return None
+        cur = self.db.execute(f"SELECT v.* FROM rows r JOIN checks v ON v.rowid = {_VERDICT} "
+                              "WHERE r.key = ? AND r.status = 'done'", (key,))
+        found = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], found, strict=True)) if found else None
+
+    @_guarded
+    def flags(self, limit: int | None = None) -> tuple[int, int, list[dict[str, Any]]]:
+        """Rows done whose file was checked, those flagged, and the first `limit` of these with why."""
+        if self.version < CHECKS.since:
+            return 0, 0, []
+        joined = f"FROM rows r JOIN checks v ON v.rowid = {_VERDICT} WHERE r.status = 'done'"
+        checked, flagged = self.db.execute(f"SELECT COUNT(*), COALESCE(SUM(v.flagged), 0) {joined}").fetchone()
+        cur = self.db.execute(f"SELECT r.key, r.row_number, v.flag_reasons, v.redos {joined} AND v.flagged = 1 "
+                              "ORDER BY r.row_number" + (f" LIMIT {int(limit)}" if limit else ""))
+        names = [d[0] for d in cur.description]
+        return checked, flagged, [dict(zip(names, r, strict=True)) for r in cur]
 
     def _get(self, table: Table, key: str) -> dict[str, Any] | None:
         """One record; from a ledger of an earlier schema (read as it is), the columns it has."""
@@ -472,6 +604,40 @@ class Ledger:
         assert cur.lastrowid is not None
         self.run_id = cur.lastrowid
         return cur.lastrowid
+
+    @_guarded
+    def record_planned(self, run_id: int, planned: Planned) -> None:
+        """The manifest the run planned, and found the ledger to hold only rows of, as they are."""
+        self.commit()
+        self.db.execute("UPDATE runs SET manifest_bytes = ?, manifest_mtime_ns = ?, manifest_rows = ? WHERE id = ?",
+                        (planned.bytes, planned.mtime_ns, planned.rows, run_id))
+
+    @_guarded
+    def planned(self) -> Planned | None:
+        """What the newest run recorded with `record_planned`, if it did."""
+        if self.version < 9:
+            return None
+        found = self.db.execute("SELECT manifest_bytes, manifest_mtime_ns, manifest_rows FROM runs "
+                                "ORDER BY id DESC LIMIT 1").fetchone()
+        return Planned(*found) if found is not None and None not in found else None
+
+    @_guarded
+    def row_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+
+    @_guarded
+    def counts(self) -> tuple[int, int, int]:
+        """Rows done, failed, and of those failed, retried by the next run: counted on the status index."""
+        done, failed = (int(self.db.execute("SELECT COUNT(*) FROM rows WHERE status = ?", (status,)).fetchone()[0])
+                        for status in ("done", "failed"))
+        retried = self.db.execute("SELECT COUNT(*) FROM rows WHERE status = 'failed' AND retryable").fetchone()[0]
+        # Read through the key index too, as planning every row would: the two agree, or the file is damaged.
+        keyed = int(self.db.execute("SELECT COUNT(*) FROM rows WHERE key >= ''").fetchone()[0])
+        if keyed != done + failed:
+            raise LedgerError(f"ledger {self.path}: its index of keys holds {keyed:,} rows where it records {done + failed:,}: "
+                              "it is damaged: restore it from a backup, or move it away to start afresh (every row is "
+                              "then narrated again)")
+        return done, failed, int(retried)
 
     @_guarded
     def finish_run(self, run_id: int, exit_code: int, summary: dict[str, Any]) -> None:
@@ -732,6 +898,21 @@ class LedgerSet:
     def lookup(self, key: str) -> Entry | None:
         return next((e for ledger in self._for(key) if (e := ledger.lookup(key)) is not None), None)
 
+    def lookup_many(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """Each key looked up in its shard's ledger (every ledger when they are not shards)."""
+        found: dict[str, Entry] = {}
+        if self.count is None:
+            for ledger in self.ledgers:
+                found.update(ledger.lookup_many([k for k in keys if k not in found]))
+            return found
+        by_ledger: dict[Ledger, list[str]] = {}
+        for key in keys:
+            for ledger in self._for(key):
+                by_ledger.setdefault(ledger, []).append(key)
+        for ledger, mine in by_ledger.items():
+            found.update(ledger.lookup_many(mine))
+        return found
+
     def get(self, key: str) -> dict[str, Any] | None:
         return next((e for ledger in self._for(key) if (e := ledger.get(key)) is not None), None)
 
@@ -740,6 +921,18 @@ class LedgerSet:
 
     def mastered(self, key: str) -> dict[str, Any] | None:
         return next((m for ledger in self._for(key) if (m := ledger.mastered(key)) is not None), None)
+
+    def copies(self) -> tuple[int, int]:
+        counts = [ledger.copies() for ledger in self.ledgers]
+        return sum(rows for rows, _ in counts), sum(saved for _, saved in counts)
+
+    def checked(self, key: str) -> dict[str, Any] | None:
+        return next((c for ledger in self._for(key) if (c := ledger.checked(key)) is not None), None)
+
+    def flags(self, limit: int | None = None) -> tuple[int, int, list[dict[str, Any]]]:
+        found = [ledger.flags(limit) for ledger in self.ledgers]
+        rows = sorted((row for _, _, listed in found for row in listed), key=lambda f: f["row_number"] or 0)
+        return sum(c for c, _, _ in found), sum(f for _, f, _ in found), rows[:limit] if limit else rows
 
     def last_run(self) -> RunSettings | None:
         """The newest run any of the ledgers recorded: it names the manifest and defaults."""

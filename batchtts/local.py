@@ -19,7 +19,9 @@ from .config import Defaults
 from .engine import UnknownVoiceError, engine
 from .errors import ManifestError, ManifestProblem, RejectedError, UsageError
 from .manifest import ManifestSummary, Row
+from .markup import Cast
 from .providers import SpeechRequest, is_local
+from .speakers import voices_for
 from .suggest import did_you_mean
 
 MODELS = ("local/espeak-ng",)
@@ -59,11 +61,19 @@ def local_problem(model: str, voice: str | None) -> str | None:
     return None
 
 
-def validate_manifest(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None) -> ManifestSummary:
+def validate_manifest(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None,
+                      cast: Cast | None = None) -> ManifestSummary:
     """`manifest.validate`, refusing as well the local rows no run could narrate: an unknown local
-    model or voice, in the defaults (one line) or in any row (listed with the manifest's problems)."""
+    model or voice, in the defaults (one line) or in any row (listed with the manifest's problems).
+    A list of voices, or a pool of the `cast`, is checked voice by voice."""
+    cast = cast if cast is not None else Cast()
+
+    def problem_of(model: str, voice: str | None) -> str | None:
+        voices = (None,) if voice is None else voices_for(voice, model, cast)
+        return next((problem for v in voices if (problem := local_problem(model, v)) is not None), None)
+
     if defaults.model is not None and is_local(defaults.model):
-        problem = local_problem(defaults.model, defaults.voice)
+        problem = problem_of(defaults.model, defaults.voice)
         if problem is not None:
             raise UsageError(f"the default model and voice (--model, --voice, [defaults]): {problem}")
     problems: list[ManifestProblem] = []
@@ -71,7 +81,7 @@ def validate_manifest(path: Path, defaults: Defaults, on_row: Callable[[Row], No
 
     def check(row: Row) -> None:
         nonlocal count
-        problem = local_problem(row.model, row.voice) if is_local(row.model) else None
+        problem = problem_of(row.model, row.voice) if is_local(row.model) else None
         if problem is None:
             if on_row is not None:
                 on_row(row)

@@ -1,7 +1,7 @@
 """Reading a manifest as a stream of typed rows, and refusing a bad one before anything is sent.
 
-Rows are read in batches so memory does not grow with the manifest; the validation pass keeps only
-an 8-byte hash per row to find duplicate ids and output paths. Reading is strict: whatever its bytes,
+Rows are read in batches so memory does not grow with the manifest; the validation pass keeps an
+8-byte hash per row to find duplicate ids and output paths, on disk past a million rows (repeats.py). Reading is strict: whatever its bytes,
 a manifest is read as its author meant it or refused with a ManifestError naming the row at fault,
 never misread by a guess and never ended by a traceback.
 """
@@ -25,10 +25,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from . import names
+from . import names, speakers
 from .config import FORMATS, SPEEDS, Defaults
 from .errors import ManifestError, ManifestProblem
 from .names import hash64
+from .repeats import Hashes
 
 BATCH_ROWS = 4096
 KNOWN_COLUMNS = ("id", "text", "voice", "model", "response_format", "speed", "provider_options", "output")
@@ -61,6 +62,7 @@ class Row:
     tags: dict[str, str]
     language: str | None = None  # the `language` column: which lexicon entries apply; not sent
     script: str | None = None  # what is said, when the lexicon or voice markup changes the text (script.py)
+    pool: str | None = None  # the voice as written, when `voice` was chosen from its list or pool (speakers.py)
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
     _key: str | None = field(default=None, init=False, repr=False, compare=False)
     _relpath: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -81,6 +83,15 @@ class Row:
             object.__setattr__(self, "_fingerprint", self._hash(self.spoken, self.format))
         assert self._fingerprint is not None
         return self._fingerprint
+
+    @property
+    def request(self) -> str:
+        """What the row's file answers: the fingerprint, and the tags written into the file. Rows
+        with the same request share one file (the first is narrated, the others copy it)."""
+        if not self.tags:
+            return self.fingerprint
+        shape = [self.fingerprint, self.tags]
+        return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def chunk_fingerprint(self, text: str, voice: str | None = None) -> str:
         """The same for one piece of a long row, as it is requested (wav rows ask for pcm), in its
@@ -484,6 +495,11 @@ def _text(record: dict[str, Any], name: str, problems: list[str]) -> str | None:
     return None
 
 
+def text_of(record: dict[str, Any], name: str) -> str | None:
+    """A column's text as rows read it: None when blank, or when it holds no text or number."""
+    return _text(record, name, [])
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "true/false"
@@ -498,6 +514,23 @@ def _kind(value: Any) -> str:
     if isinstance(value, (bytes, bytearray)):
         return "bytes"
     return f"a {type(value).__name__}"
+
+
+def _voice(record: dict[str, Any], problems: list[str]) -> str | None:
+    """The voice column: one voice, or a list of voices to choose from (speakers.py), written
+    `alloy|nova` or, in JSON Lines and Parquet, as a list; a list is kept as its text."""
+    value = record.get("voice")
+    if isinstance(value, (list, tuple)):
+        voices: list[Any] = list(value)
+    else:
+        text = _text(record, "voice", problems)
+        if text is None or speakers.SEPARATOR not in text:
+            return text
+        voices = list(speakers.split(text))
+    if (problem := speakers.list_problem(voices)) is not None:
+        problems.append(f"voice {problem}")
+        return None
+    return speakers.SEPARATOR.join(v.strip() for v in voices)
 
 
 def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | list[ManifestProblem]:
@@ -519,7 +552,7 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
         model = _text(record, "model", problems) or defaults.model
         if model is None:
             problems.append("no model: add a model column or give a default (--model)")
-        voice = _text(record, "voice", problems) or defaults.voice
+        voice = _voice(record, problems) or defaults.voice
         if voice is None:
             problems.append("no voice: add a voice column or give a default (--voice)")
         fmt = (_text(record, "response_format", problems) or defaults.format).strip().lower()
@@ -615,36 +648,39 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
     """
     problems: list[ManifestProblem] = []
     total_problems = 0
-    ids = array.array("Q")
-    paths = array.array("Q")
+    ids, paths = Hashes(), Hashes()  # spilled to disk past a million rows: memory stays flat
     rows = characters = 0
     columns: list[str] | None = None
-    for batch in read_records(path):
-        if columns is None:
-            columns = next((list(record) for record in batch if "__error__" not in record), None)
-            if columns is not None and "text" not in columns:
-                raise ManifestError(str(path), [ManifestProblem(None, f"no 'text' column (columns: {', '.join(columns)})")])
-        for record in batch:
-            rows += 1
-            result = make_row(rows, record, defaults)
-            if isinstance(result, list):
-                if result[0].id is not None:
-                    ids.append(hash64(result[0].id))
-                total_problems += len(result)
-                if len(problems) < ManifestError.shown:
-                    problems.extend(result)
-                continue
-            if result.id is not None:
-                ids.append(hash64(result.id))
-            characters += len(result.text)
-            if on_row is not None:
-                on_row(result)
-            if result.id is not None or result.output is not None:
-                # Rows with neither are keyed by their content: identical ones share one file.
-                paths.append(hash64(result.relpath.casefold()))
-    if not rows:
-        raise ManifestError(str(path), [ManifestProblem(None, "the manifest has no rows")])
-    (dup_ids, id_count), (dup_paths, path_count) = _duplicates(ids), _duplicates(paths)
+    try:
+        for batch in read_records(path):
+            if columns is None:
+                columns = next((list(record) for record in batch if "__error__" not in record), None)
+                if columns is not None and "text" not in columns:
+                    raise ManifestError(str(path), [ManifestProblem(None, f"no 'text' column (columns: {', '.join(columns)})")])
+            for record in batch:
+                rows += 1
+                result = make_row(rows, record, defaults)
+                if isinstance(result, list):
+                    if result[0].id is not None:
+                        ids.append(hash64(result[0].id))
+                    total_problems += len(result)
+                    if len(problems) < ManifestError.shown:
+                        problems.extend(result)
+                    continue
+                if result.id is not None:
+                    ids.append(hash64(result.id))
+                characters += len(result.text)
+                if on_row is not None:
+                    on_row(result)
+                if result.id is not None or result.output is not None:
+                    # Rows with neither are keyed by their content: identical ones share one file.
+                    paths.append(hash64(result.relpath.casefold()))
+        if not rows:
+            raise ManifestError(str(path), [ManifestProblem(None, "the manifest has no rows")])
+        (dup_ids, id_count), (dup_paths, path_count) = ids.repeats(_duplicates), paths.repeats(_duplicates)
+    finally:
+        ids.close()
+        paths.close()
     if id_count or path_count:
         total_problems += id_count + path_count
         problems.extend(_report_duplicates(path, defaults, dup_ids, dup_paths))

@@ -13,6 +13,10 @@ column, and the other rows go on.
 A name is looked up in the job's `[voices]` table (`Alice = "nova"`, or a voice per model:
 `Alice = { "openai/gpt-4o-mini-tts" = "nova", "local/espeak-ng" = "en-us+f3" }`); a name the table
 does not hold is the voice itself. Outside any `<voice>`, the row's own voice speaks.
+
+A name may hold a pool of voices (`crowd = ["alloy", "nova", "onyx"]`, by model too): each row takes
+one of them, chosen from its key (`speakers.py`), for the name's words in its markup and, when the
+row's own voice names the pool, for the whole row.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
+from .speakers import SEPARATOR, choose
 
 MAX_BREAK = 60.0  # seconds, as the longest stitching gap
 _CANDIDATE = re.compile(r"</?(?:voice|break)\b[^<>]*>?")
@@ -125,12 +130,16 @@ def _shown(tag: str) -> str:
     return tag if len(tag) <= 40 else tag[:37] + "..."
 
 
+Voices = str | tuple[str, ...]  # one voice, or a pool
+
+
 class Cast:
     """The job's `[voices]` table: names of characters to voices, one for every model or a table of
-    voices by model name or prefix (the longest that fits wins). Names are matched ignoring case."""
+    voices by model name or prefix (the longest that fits wins); a voice may be a pool of voices.
+    Names are matched ignoring case."""
 
     def __init__(self, voices: Mapping[str, Any] | None = None, where: str = "[voices]") -> None:
-        self._voices: dict[str, str | dict[str, str]] = {}
+        self._voices: dict[str, Voices | dict[str, Voices]] = {}
         self._names: dict[str, str] = {}
         if voices is None:
             return
@@ -145,19 +154,36 @@ class Cast:
             self._names[name.casefold()] = name
             self._voices[name.casefold()] = _voice_setting(label, voice)
 
-    def voice(self, name: str, model: str) -> str:
-        """The voice that speaks `name` in a row of `model`: the table's, else the name itself."""
-        choice = self._voices.get(name.casefold())
-        if isinstance(choice, str):
-            return choice
-        if choice:
-            fits = [key for key in choice if model.startswith(key)]
-            if fits:
-                return choice[max(fits, key=len)]
-        return name
+    def voice(self, name: str, model: str, key: str = "") -> str:
+        """The voice that speaks `name` in a row of `model` keyed `key`: the table's (of a pool, the
+        one the key chooses), else the name itself."""
+        choice = self._for(name, model)
+        if choice is None:
+            return name
+        return choice if isinstance(choice, str) else choose(key, choice)
 
-    def as_table(self) -> dict[str, str | dict[str, str]]:
-        return {self._names[key]: value for key, value in self._voices.items()}
+    def pool(self, name: str, model: str) -> tuple[str, ...] | None:
+        """The voices `name` gives rows of `model`, when it names a pool (for any model); else None."""
+        setting = self._voices.get(name.casefold())
+        pooled = isinstance(setting, tuple) or (isinstance(setting, dict)
+                                                and any(isinstance(v, tuple) for v in setting.values()))
+        choice = self._for(name, model) if pooled else None
+        return None if choice is None else (choice,) if isinstance(choice, str) else choice
+
+    def _for(self, name: str, model: str) -> Voices | None:
+        setting = self._voices.get(name.casefold())
+        if setting is None or not isinstance(setting, dict):
+            return setting
+        fits = [prefix for prefix in setting if model.startswith(prefix)]
+        return setting[max(fits, key=len)] if fits else None
+
+    def as_table(self) -> dict[str, Any]:
+        """The table as the job file writes it (a pool as a list): JSON, for the ledger."""
+        def written(voices: Voices) -> str | list[str]:
+            return voices if isinstance(voices, str) else list(voices)
+
+        return {self._names[key]: {model: written(v) for model, v in value.items()} if isinstance(value, dict)
+                else written(value) for key, value in self._voices.items()}
 
     def __bool__(self) -> bool:
         return bool(self._voices)
@@ -174,23 +200,33 @@ class Cast:
         return self  # immutable: a Job's copy (dataclasses.asdict) shares it
 
 
-def _voice_setting(label: str, voice: Any) -> str | dict[str, str]:
-    if isinstance(voice, list):
-        raise UsageError(f"{label} is a list: a pool of voices for one name is not taken yet; give one voice, "
-                         'or a table of voices by model such as { "openai/" = "nova", "local/espeak-ng" = "en-us+f3" }')
+def _voice_setting(label: str, voice: Any) -> Voices | dict[str, Voices]:
+    if isinstance(voice, (str, list)):
+        return _voices(label, voice)
+    if isinstance(voice, Mapping) and voice:
+        return {str(model): _voices(f"{label} {model}", value) for model, value in voice.items()}
+    raise UsageError(f'{label} must be a voice ("nova"), a pool of voices (["alloy", "nova"]) or a table of '
+                     f"voices by model, not {voice!r}")
+
+
+def _voices(label: str, voice: Any) -> Voices:
     if isinstance(voice, str):
         return _one_voice(label, voice)
-    if isinstance(voice, Mapping) and voice:
-        by_model: dict[str, str] = {}
-        for model, value in voice.items():
-            if not isinstance(value, str):
-                raise UsageError(f"{label} {model}: a voice must be text, not {type(value).__name__}")
-            by_model[str(model)] = _one_voice(f"{label} {model}", value)
-        return by_model
-    raise UsageError(f'{label} must be a voice ("nova") or a table of voices by model, not {voice!r}')
+    if not isinstance(voice, list):
+        raise UsageError(f"{label}: a voice must be text or a list of voices, not {type(voice).__name__}")
+    if not voice:
+        raise UsageError(f'{label} is an empty pool: list its voices, such as ["alloy", "nova"]')
+    pool: list[str] = []
+    for value in voice:
+        if not isinstance(value, str):
+            raise UsageError(f"{label}: a voice must be text, not {type(value).__name__}")
+        pool.append(_one_voice(label, value))
+    if len(set(pool)) < len(pool):
+        raise UsageError(f"{label} names a voice twice: a voice counts once in a pool")
+    return tuple(pool)
 
 
 def _one_voice(label: str, voice: str) -> str:
-    if not voice.strip() or any(c in voice for c in '<>"'):
+    if not voice.strip() or any(c in voice for c in f'<>"{SEPARATOR}'):
         raise UsageError(f"{label}: {voice!r} is not a voice name")
     return voice.strip()

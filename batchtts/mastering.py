@@ -4,16 +4,21 @@ A file is measured as a listener's tools would measure it, decoded: integrated l
 pyloudnorm (ITU-R BS.1770), true peak on a 4x oversampling by scipy, RMS and sample peak, the noise
 floor (the quietest 500 ms), and the silence at the head and the tail.
 
-Mastering decodes with PyAV (resampling to the preset's rate with FFmpeg's resampler) and runs
-FFmpeg's filters: `volume` for the gain that brings the loudness or RMS to the preset's aim, then
-`alimiter` on a 4x oversampling (`aresample`), so that peaks between samples are held under the
-ceiling too. A preset with room tone gets the narration's own leading and trailing silence replaced
+Mastering is one pass. The narrated file is decoded once (PyAV, float32, mono kept mono) and
+measured once: the gain that brings its loudness or RMS to the preset's aim, raised by what the
+limiter will take back (foreseen from the narration's peaks) and by what the encoder takes off
+(LAME scales its input down a little; measured once per encoding, on a tone). Then it streams, a
+frame at a time, through FFmpeg's filters into the encoder: `volume` for that gain, resampling to
+the preset's rate, and `alimiter` with its ceiling a margin under the spec's, on the samples for a
+sample peak (ACX) and on a 2x oversampling for a true peak (podcast), where a peak between samples
+counts too. A preset with room tone gets the narration's own leading and trailing silence replaced
 by its head and tail, and a bed of noise (`anoisesrc`) far below the noise floor limit laid under
-the whole file: stores refuse digital silence as room tone. The limiter takes back some of any gain,
-so the filters are run in memory, measured and run again until the level is at its aim; the encoder
-takes a little off too, which an excerpt of a long file shows before it is encoded. The file written
-is measured again and checked, made again if a level still misses, and renamed into place: a final
-name only ever holds a whole file.
+the whole file: stores refuse digital silence as room tone. The file written is measured once, for
+the record; one that misses its level or its peak ceiling (the foresight is good to some tenths of
+a dB, the spec's windows are wider) is made once more with the gain and the ceiling corrected by
+what was measured, never in a loop. It is renamed into place: a final name only ever holds a whole
+file. Caption files beside the narrated file are copied beside the mastered one, their cues moved
+by the change at the head.
 
 `master_rows` is a run's mastering: every row done whose mastered file is missing or out of date,
 several at once, each recorded in the ledger as it is made.
@@ -22,7 +27,9 @@ several at once, each recorded in the ledger as it is made.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import itertools
 import math
 import os
@@ -39,8 +46,9 @@ import av.filter
 import numpy as np
 import numpy.typing as npt
 import pyloudnorm
-from scipy.signal import resample_poly  # type: ignore[import-untyped]  # pyloudnorm's dependency, no stubs
+from scipy.signal import resample_poly, sosfilt  # type: ignore[import-untyped]  # pyloudnorm's dependency, no stubs
 
+from . import captions
 from .config import MasteringPreset
 from .errors import BatchTTSError, LedgerError
 from .ledger import Ledger
@@ -51,10 +59,10 @@ Samples = npt.NDArray[np.float32]  # (frames, channels), full scale at ±1
 BLOCK_S = 0.01  # the silence at the head and tail is found in blocks this long
 SILENCE_DB = -50.0  # a block quieter than this (RMS, dBFS) is silence
 FLOOR_WINDOW_S = 0.5  # the noise floor: the RMS of the quietest stretch this long
-OVERSAMPLING = 4  # for true peak, and for the limiter to see peaks between samples
+OVERSAMPLING = 4  # for true peak, as BS.1770 measures it
+LIMITER_OVERSAMPLING = 2  # for the limiter of a preset with a true peak ceiling to see peaks between samples
 _SPEECH_MARGIN_S = 0.02  # kept either side of the speech when its silences are replaced
-_ATTEMPTS = 3  # encodings of one file, each corrected by the measurement of the last
-_FRAME = 4096  # samples pushed into the filters at a time
+_FRAME = 8192  # samples pushed into the filters at a time
 MASTERED_DIR = "mastered"
 
 
@@ -87,6 +95,10 @@ class Encoding:
     codec: str  # FFmpeg's encoder
     bitrate_kbps: int  # constant
     required: bool  # the store takes nothing else
+    # The encoder's speed for its quality (FFmpeg's compression_level; LAME's -q, 0 best to 9 fastest).
+    # LAME's 7 keeps its psychoacoustic model and leaves out noise shaping, twice as fast as its
+    # default: at these bitrates for one voice, more bits than speech needs, the difference is not heard.
+    compression_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,11 +123,11 @@ PRESETS: dict[str, Preset] = {
     "acx": Preset(
         "acx", sample_rate=44100, rms_db=Target(-20.0, -23.0, -18.0), peak_db=-3.0, noise_floor_db=-60.0,
         head_s=Target(0.75, 0.5, 1.0), tail_s=Target(2.0, 1.0, 5.0), room_tone_db=-72.0, max_length_s=120 * 60,
-        encoding=Encoding("mp3", "mp3", "libmp3lame", 192, required=True),
+        encoding=Encoding("mp3", "mp3", "libmp3lame", 192, required=True, compression_level=7),
     ),
     "podcast": Preset(
         "podcast", sample_rate=44100, loudness_lufs=Target(-16.0, -17.0, -15.0), true_peak_db=-1.0,
-        encoding=Encoding("mp3", "mp3", "libmp3lame", 128, required=False),
+        encoding=Encoding("mp3", "mp3", "libmp3lame", 128, required=False, compression_level=7),
     ),
     "none": Preset("none"),
 }
@@ -232,6 +244,28 @@ def _true_peak(samples: Samples) -> float:
     return peak
 
 
+def _loudness(samples: Samples, rate: int, in_place: bool = False) -> float | None:
+    """Integrated loudness (pyloudnorm, BS.1770); None for audio shorter than one 400 ms gating
+    block, or too quiet for its gates. pyloudnorm's K-weighting filters are run here a stretch at a
+    time, their state carried over, into float32 as pyloudnorm keeps float32 audio: its meter, given
+    the whole file, would hold several float64 copies of it at once. `in_place` weights the samples
+    themselves, for a caller that needs them no more."""
+    meter = pyloudnorm.Meter(rate)
+    if len(samples) < meter.block_size * rate:
+        return None
+    stages = list(meter._filters.values())  # the meter's own K-weighting, two biquads
+    sections = np.array([np.concatenate([stage.b, stage.a]) for stage in stages])
+    gain = math.prod(stage.passband_gain for stage in stages)
+    weighted = samples if in_place else np.empty(samples.shape, np.float32)
+    state = np.zeros((len(stages), 2, samples.shape[1]))
+    for start in range(0, len(samples), _STRETCH):
+        piece = samples[start:start + _STRETCH].astype(np.float64)
+        filtered, state = sosfilt(sections, piece, axis=0, zi=state)
+        weighted[start:start + _STRETCH] = filtered * gain
+    loudness = float(pyloudnorm.Meter(rate, filter_class="custom").integrated_loudness(weighted))
+    return loudness if math.isfinite(loudness) else None
+
+
 def _speech_span(levels: npt.NDArray[np.float64], threshold_db: float) -> tuple[int, int] | None:
     """The first and one past the last block louder than the threshold; None when none is."""
     loud = np.flatnonzero(levels > 10 ** (threshold_db / 10))
@@ -240,17 +274,17 @@ def _speech_span(levels: npt.NDArray[np.float64], threshold_db: float) -> tuple[
 
 def measure(samples: Samples, rate: int) -> Measurement:
     """Measure decoded audio: float samples of shape (frames, channels) or (frames,), full scale ±1."""
+    return _measured(samples, rate, spent=False)
+
+
+def _measured(samples: Samples, rate: int, spent: bool) -> Measurement:
+    """The measurement; `spent` samples are the caller's no more, and are overwritten as the last
+    level is measured (the loudness, K-weighted in place)."""
     if samples.ndim == 1:
         samples = samples[:, np.newaxis]
     frames, channels = samples.shape
     if frames == 0:
         raise MasteringError("the file holds no audio")
-    try:
-        loudness: float | None = float(pyloudnorm.Meter(rate).integrated_loudness(samples))
-    except ValueError:  # shorter than one 400 ms gating block
-        loudness = None
-    if loudness is not None and not math.isfinite(loudness):
-        loudness = None
     blocks = _blocks(samples, rate, BLOCK_S)
     per_window = max(1, round(FLOOR_WINDOW_S / BLOCK_S))
     if len(blocks) > per_window:
@@ -265,11 +299,12 @@ def measure(samples: Samples, rate: int) -> Measurement:
     else:
         head, tail = span[0] * block, max(0, frames - span[1] * block)
         quiet = np.concatenate([blocks[:span[0]], blocks[span[1]:]])
+    rms, peak, true_peak = _db(_power(samples)), _peak_db(_peak(samples)), _peak_db(_true_peak(samples))
     return Measurement(
-        loudness_lufs=loudness,
-        rms_db=_db(_power(samples)),
-        peak_db=_peak_db(_peak(samples)),
-        true_peak_db=_peak_db(_true_peak(samples)),
+        loudness_lufs=_loudness(samples, rate, in_place=spent),
+        rms_db=rms,
+        peak_db=peak,
+        true_peak_db=true_peak,
         noise_floor_db=_db(floor),
         head_s=head / rate,
         tail_s=tail / rate,
@@ -283,7 +318,7 @@ def measure(samples: Samples, rate: int) -> Measurement:
 def measure_file(path: Path, pcm: PcmShape | None = None) -> Measurement:
     """Decode a file with PyAV and measure it; `pcm` for a raw pcm file, which says nothing of itself."""
     decoded = _decode(path, pcm)
-    return replace(measure(decoded.samples, decoded.rate), container=decoded.container,
+    return replace(_measured(decoded.samples, decoded.rate, spent=True), container=decoded.container,
                    bitrate_kbps=decoded.bitrate_kbps)
 
 
@@ -333,22 +368,38 @@ class _Decoded:
     bitrate_kbps: int | None
 
 
-def _decode(path: Path, pcm: PcmShape | None = None, rate: int | None = None) -> _Decoded:
-    """The whole file as float samples (at `rate`, resampled by FFmpeg, or at its own), mono or stereo."""
+_STATED_S = 3 * 3600  # room made at once for no more than this: a longer file's is grown
+
+
+def _layout(channels: int) -> str:
+    return "mono" if channels == 1 else "stereo"
+
+
+def _decode(path: Path, pcm: PcmShape | None = None) -> _Decoded:
+    """The whole file as float32 samples at its own rate, mono or stereo. The decoder's own planar
+    float frames are taken as they are; other formats (16-bit pcm, more channels) are converted by
+    FFmpeg's resampler."""
     try:
         with _opened(path, pcm) as container:
             if not container.streams.audio:
                 raise MasteringError(f"{path.name} holds no audio stream")
             stream = container.streams.audio[0]
             channels = 1 if stream.codec_context.channels == 1 else 2
-            resampler = av.AudioResampler(format="flt", layout="mono" if channels == 1 else "stereo",
-                                          rate=rate or stream.codec_context.sample_rate)
-            pieces = [frame.to_ndarray().reshape(-1, channels)
-                      for decoded in itertools.chain(container.decode(stream), [None])
-                      for frame in resampler.resample(decoded)]
+            layout = _layout(channels)
+            rate = stream.codec_context.sample_rate
+            # Filled in place, frame by frame: sized by the length the file states (a little over, in
+            # pages never touched), grown if it says too little.
+            stated = min((container.duration or 0) / av.time_base, _STATED_S)  # a damaged header may say anything
+            planar = np.empty((channels, round(stated * rate) + rate), np.float32)
+            filled = 0
+            for frame in _planar_float(container.decode(stream), layout, rate):
+                if filled + frame.samples > planar.shape[1]:
+                    planar = np.concatenate([planar[:, :filled], np.empty_like(planar)], axis=1)
+                for row, plane in zip(planar, frame.planes, strict=True):
+                    row[filled:filled + frame.samples] = np.frombuffer(memoryview(plane), np.float32, frame.samples)
+                filled += frame.samples
             kbps = round(stream.bit_rate / 1000) if stream.bit_rate else None
-            found = _Decoded(np.concatenate(pieces) if pieces else np.zeros((0, channels), np.float32),
-                             rate or stream.codec_context.sample_rate, container.format.name, kbps)
+            found = _Decoded(planar[:, :filled].T, rate, container.format.name, kbps)  # (frames, channels), no copy
     except av.FFmpegError as exc:
         raise MasteringError(f"{path.name} cannot be decoded: {exc}") from exc
     except OSError as exc:
@@ -358,72 +409,89 @@ def _decode(path: Path, pcm: PcmShape | None = None, rate: int | None = None) ->
     return found
 
 
+def _planar_float(decoded: Iterator[av.AudioFrame], layout: str, rate: int) -> Iterator[av.AudioFrame]:
+    """The decoder's frames as planar float32 in `layout` at `rate`: as they come when the decoder
+    gives them so (mp3's does), else converted by FFmpeg's resampler, from the first frame that is not on."""
+    first = next(decoded, None)
+    as_given = first is not None and first.format.name == "fltp" and first.layout.name == layout
+    converter: av.AudioResampler | None = None
+    for frame in itertools.chain([first] if first is not None else [], decoded, [None]):
+        if converter is None and frame is not None and as_given and frame.sample_rate == rate:
+            yield frame
+        elif converter is not None or frame is not None:
+            converter = converter or av.AudioResampler(format="fltp", layout=layout, rate=rate)
+            yield from converter.resample(frame)
+
+
 @contextlib.contextmanager
 def _opened(path: Path, pcm: PcmShape | None) -> Iterator[av.container.InputContainer]:
     if pcm is None:
         container = av.open(str(path), metadata_errors="ignore")
     else:
         container = av.open(str(path), format="s16le", options={
-            "sample_rate": str(pcm.sample_rate), "ch_layout": "mono" if pcm.channels == 1 else "stereo"})
+            "sample_rate": str(pcm.sample_rate), "ch_layout": _layout(pcm.channels)})
     with container:
         yield container
 
 
 @dataclass(frozen=True)
-class _Settings:
-    """One pass through the filters: the gain before the limiter and the limiter's ceiling, in dB."""
+class _Plan:
+    """One pass through the filters: the stretch of the narration kept (source frames), the room
+    tone put either side of it (frames at the preset's rate), the gain and the limiter's ceiling."""
 
+    start: int
+    end: int
+    head: int
+    tail: int
     gain_db: float
     ceiling_db: float
 
+    def head_change(self, rate: int, out_rate: int) -> float:
+        """Seconds by which a moment of the narration is later in the mastered file."""
+        return self.head / out_rate - self.start / rate
+
 
 @dataclass(frozen=True)
-class _Tried:
-    """A pass and how far off its aim it left the level, for the next pass to correct the gain by
-    the limiter's response."""
+class _Correction:
+    """What the measurement of a file that missed its spec adds to the next pass, in dB."""
 
-    gain_db: float
-    off: float
+    gain_db: float = 0.0
+    ceiling_db: float = 0.0
+
+
+# How far under the spec's peak ceiling the limiter holds the samples (or their 2x oversampling):
+# the mp3 encoder's quantisation and low-pass move the peaks by some tenths of a dB.
+_CEILING_MARGIN_DB = 1.0
+_CORRECTION_MARGIN_DB = 0.5  # taken off the ceiling again, past what a file's peaks overshot it
 
 
 def master(src: Path, dst: Path, chosen: Preset, *, pcm: PcmShape | None = None, scratch: Path | None = None,
            cancelled: Callable[[], bool] = lambda: False) -> Measurement:
     """Master `src` into `dst` to the preset's spec; returns the measurement of the file written.
     It is encoded in `scratch` (default: beside `dst`, on the same file system) and renamed into place;
-    `cancelled` is asked as it goes, and a stop leaves nothing under `dst`."""
+    `cancelled` is asked as it goes, and a stop leaves nothing under `dst`. Caption files beside
+    `src` are copied beside `dst`, moved by the change at the head."""
     encoding = chosen.encoding
     if encoding is None:
         raise MasteringError(f"the preset {chosen.name!r} makes no mastered files")
-    decoded = _decode(src, pcm, chosen.sample_rate)
-    rate, samples = decoded.rate, decoded.samples
-    head = tail = 0
-    if chosen.head_s is not None and chosen.tail_s is not None:
-        samples = _speech(samples, rate, chosen)
-        head, tail = round(chosen.head_s.aim * rate), round(chosen.tail_s.aim * rate)
-    settings = _Settings(_gain(samples, rate, chosen, head + tail), _ceiling(chosen))
     folder = scratch if scratch is not None else dst.parent
     folder.mkdir(parents=True, exist_ok=True)
     aside = folder / f".{dst.name}.mastering-{os.getpid()}-{next(_renders)}"
     try:
-        processed, settings = _tuned(samples, rate, head, tail, settings, chosen, 0.0, cancelled)
-        # The encoder takes a little off the level (its quantisation, its low-pass): by how much, an
-        # excerpt of a long file tells (a short one is simply encoded again), and the passes in
-        # memory aim that much higher.
-        offset = 0.0
-        if len(processed) > 3 * _EXCERPT_S * rate:
-            offset = _encoding_loss(processed, rate, encoding, aside, cancelled)
-            processed, settings = _tuned(samples, rate, head, tail, settings, chosen, offset, cancelled)
-        for attempt in range(_ATTEMPTS):
-            _encode(processed, rate, encoding, aside, cancelled)
+        plan, rate = _render(src, pcm, chosen, encoding, aside, cancelled, _Correction())
+        measured = measure_file(aside)
+        if (correction := _correction(measured, chosen)) is not None:
+            plan, rate = _render(src, pcm, chosen, encoding, aside, cancelled, correction)
             measured = measure_file(aside)
-            off, over = _miss(_Levels.of(measured, chosen), chosen)
-            if (check(measured, chosen).passed and abs(off) <= _ENCODED_CLOSE_DB) or attempt == _ATTEMPTS - 1:
-                break
-            offset += off
-            if over:
-                settings = _Settings(settings.gain_db, settings.ceiling_db - over - 0.5)
-            processed, settings = _tuned(samples, rate, head, tail, settings, chosen, offset, cancelled)
+        moved = _moved_captions(src, plan.head_change(rate, measured.sample_rate), measured.length_s)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        for fmt, text in moved.items():  # before the audio: a mastered file is never without its captions
+            caption = folder / f".{dst.stem}.{fmt}.mastering-{os.getpid()}-{next(_renders)}"
+            try:
+                caption.write_text(text, encoding="utf-8")
+                os.replace(caption, dst.with_suffix(f".{fmt}"))
+            finally:
+                caption.unlink(missing_ok=True)
         os.replace(aside, dst)
     finally:
         aside.unlink(missing_ok=True)
@@ -431,105 +499,152 @@ def master(src: Path, dst: Path, chosen: Preset, *, pcm: PcmShape | None = None,
 
 
 _renders = itertools.count()
-_PASSES = 5  # passes through the filters, in memory, to bring one render to its aim
-_CLOSE_DB = 0.3  # a level this near its aim needs no other pass in memory
-_ENCODED_CLOSE_DB = 0.5  # nor another encoding
-_EXCERPT_S = 10.0
 
 
-def _tuned(samples: Samples, rate: int, head: int, tail: int, settings: _Settings, chosen: Preset, offset: float,
-           cancelled: Callable[[], bool]) -> tuple[Samples, _Settings]:
-    """Pass the samples through the filters until the result is `offset` dB above the preset's aim
-    and under its ceiling: the limiter takes some of any gain back, by how much the last two passes tell."""
-    tried: _Tried | None = None
-    for _ in range(_PASSES):
-        processed = _process(samples, rate, head, tail, settings, chosen, cancelled)
-        off, over = _miss(_Levels.measure(processed, rate, chosen), chosen, offset)
-        if abs(off) <= _CLOSE_DB and not over:
-            break
-        gain = settings.gain_db
-        if abs(off) > _CLOSE_DB:
-            response = 1.0
-            if tried is not None and tried.gain_db != gain:
-                response = min(1.0, max(0.1, (tried.off - off) / (gain - tried.gain_db)))
-            gain += off / response
-        tried = _Tried(settings.gain_db, off)
-        settings = _Settings(gain, settings.ceiling_db - over - 0.5 if over else settings.ceiling_db)
-    return processed, settings
+def _render(src: Path, pcm: PcmShape | None, chosen: Preset, encoding: Encoding, to: Path,
+            cancelled: Callable[[], bool], correction: _Correction) -> tuple[_Plan, int]:
+    """Decode `src`, measure it for the pass, and stream it through the filters into the encoder,
+    writing `to`; the plan it followed and the narration's rate. The decoded audio is let go on
+    return, before the file written is decoded to be measured."""
+    decoded = _decode(src, pcm)
+    rate, out_rate = decoded.rate, chosen.sample_rate or decoded.rate
+    plan = _plan(decoded.samples, rate, out_rate, chosen, correction,
+                 _encoder_gain(encoding, out_rate, decoded.samples.shape[1]))
+    speech = decoded.samples[plan.start:plan.end]
+    channels = speech.shape[1]
+    graph, source, sink = _graph(rate, out_rate, channels, plan, chosen)  # kept: its filters hold it weakly
+    with av.open(str(to), "w", format=encoding.container) as out:
+        stream = _encoder(out, encoding, out_rate, channels)
+        for start in range(0, len(speech), _FRAME):
+            if cancelled():
+                raise MasteringCancelled("mastering was stopped")
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(speech[start:start + _FRAME].T), format="fltp",
+                                               layout=_layout(channels))
+            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+            source.push(frame)
+            for filtered in _pulled(sink):
+                out.mux(stream.encode(filtered))
+        source.push(None)
+        for filtered in _pulled(sink):
+            out.mux(stream.encode(filtered))
+        out.mux(stream.encode(None))
+    return plan, rate
 
 
-@dataclass(frozen=True)
-class _Levels:
-    """What a pass is steered by: the level the preset aims at (loudness or RMS), and the peaks."""
-
-    level: float | None
-    peak_db: float | None
-    true_peak_db: float | None
-
-    @classmethod
-    def of(cls, m: Measurement, chosen: Preset) -> _Levels:
-        return cls(m.loudness_lufs if chosen.loudness_lufs is not None else m.rms_db, m.peak_db, m.true_peak_db)
-
-    @classmethod
-    def measure(cls, samples: Samples, rate: int, chosen: Preset) -> _Levels:
-        """Only what the preset holds the file to: a pass in memory measures no more."""
-        level: float | None = None
-        if chosen.loudness_lufs is not None:
-            level = float(pyloudnorm.Meter(rate).integrated_loudness(samples))
-            level = level if math.isfinite(level) else None
-        elif chosen.rms_db is not None:
-            level = _db(_power(samples))
-        peak = _peak_db(_peak(samples)) if chosen.peak_db is not None else None
-        true_peak = _peak_db(_true_peak(samples)) if chosen.true_peak_db is not None else None
-        return cls(level, peak, true_peak)
+def _encoder(out: av.container.OutputContainer, encoding: Encoding, rate: int, channels: int) -> av.AudioStream:
+    """The preset's encoder, fed planar float: what LAME takes without a conversion."""
+    options = {} if encoding.compression_level is None else {"compression_level": str(encoding.compression_level)}
+    stream = out.add_stream(encoding.codec, rate=rate, layout=_layout(channels), options=options)
+    assert isinstance(stream, av.AudioStream)
+    stream.bit_rate = encoding.bitrate_kbps * 1000
+    stream.format = "fltp"
+    return stream
 
 
-def _miss(found: _Levels, chosen: Preset, offset: float = 0.0) -> tuple[float, float]:
-    """How many dB the level is under its aim (raised by `offset`; negative when over it), and how
-    many dB the peaks are over their ceiling (0 when under it)."""
-    off = 0.0
-    aim = chosen.loudness_lufs or chosen.rms_db
-    if aim is not None and found.level is not None:
-        off = aim.aim + offset - found.level
-    over = 0.0
-    for limit, peak in ((chosen.peak_db, found.peak_db), (chosen.true_peak_db, found.true_peak_db)):
-        if limit is not None and peak is not None:
-            over = max(over, peak - limit)
-    return off, over
+@functools.cache
+def _encoder_gain(encoding: Encoding, rate: int, channels: int) -> float:
+    """The dB the encoder puts on the level of what it encodes, the same at every frequency: LAME
+    scales its input by its preset's factor (0.95 up to 160 kbps, 0.97 at 192, 1 from 256), which
+    FFmpeg does not let be set. Measured once, on a tone encoded in memory and decoded back."""
+    seconds, level = 1.0, 0.1
+    tone = (level * np.sin(2 * np.pi * 997 / rate * np.arange(round(rate * seconds)))).astype(np.float32)
+    planes = np.ascontiguousarray(np.broadcast_to(tone, (channels, len(tone))))
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=encoding.container) as out:
+        stream = _encoder(out, encoding, rate, channels)
+        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=_layout(channels))
+        frame.sample_rate = rate
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    buffer.seek(0)
+    with av.open(buffer, "r", format=encoding.container) as back:
+        decoded = np.concatenate([frame.to_ndarray() for frame in back.decode(audio=0)], axis=1)
+    middle = decoded[:, len(tone) // 4:len(tone) * 3 // 4]  # clear of the encoder's start and end
+    return 10 * math.log10(float(np.square(middle, dtype=np.float64).mean()) / (level ** 2 / 2))
 
 
-def _encoding_loss(samples: Samples, rate: int, encoding: Encoding, aside: Path, cancelled: Callable[[], bool]) -> float:
-    """The dB an encoding takes off the RMS of this audio, from an excerpt of its middle."""
-    size = round(_EXCERPT_S * rate)
-    start = max(0, (len(samples) - size) // 2)
-    excerpt = samples[start:start + size]
-    before = _db(_power(excerpt))
-    _encode(excerpt, rate, encoding, aside, cancelled)
-    back = _decode(aside).samples
-    after = _db(_power(back))
-    return before - after if before is not None and after is not None else 0.0
+def _pulled(sink: av.filter.FilterContext) -> Iterator[av.AudioFrame]:
+    """The frames the filters have ready."""
+    while True:
+        try:
+            frame = sink.pull()
+        except (av.BlockingIOError, av.EOFError):
+            return
+        assert isinstance(frame, av.AudioFrame)
+        frame.pts = None  # the encoder counts its own: the filters' time base is not the stream's
+        yield frame
 
 
-def _speech(samples: Samples, rate: int, chosen: Preset) -> Samples:
-    """The narration without its own leading and trailing silence, found at the level that will be
-    silence once the gain is applied; the preset's room tone takes their place."""
-    gain = _gain(samples, rate, chosen, 0)
-    span = _speech_span(_blocks(samples, rate, BLOCK_S), SILENCE_DB - gain)
-    if span is None:
-        raise MasteringError("the narration is silent: there is nothing to master")
-    block, margin = max(1, round(rate * BLOCK_S)), round(rate * _SPEECH_MARGIN_S)
-    return samples[max(0, span[0] * block - margin):span[1] * block + margin]
+def _plan(samples: Samples, rate: int, out_rate: int, chosen: Preset, correction: _Correction,
+          encoder_db: float) -> _Plan:
+    """The pass that brings the narration to the preset's aim: its level measured once, the gain
+    for it, raised by what the limiter is expected to take back and by what the encoder takes off
+    (`encoder_db`, which lowers the peaks too); the room tone in place of its own leading and
+    trailing silence."""
+    start, end, head, tail = 0, len(samples), 0, 0
+    if chosen.head_s is not None and chosen.tail_s is not None:
+        # The silence is found at the level that will be silence once the gain is applied.
+        span = _speech_span(_blocks(samples, rate, BLOCK_S), SILENCE_DB - _gain(samples, rate, chosen, 0))
+        if span is None:
+            raise MasteringError("the narration is silent: there is nothing to master")
+        block, margin = max(1, round(rate * BLOCK_S)), round(rate * _SPEECH_MARGIN_S)
+        start, end = max(0, span[0] * block - margin), min(len(samples), span[1] * block + margin)
+        head, tail = round(chosen.head_s.aim * out_rate), round(chosen.tail_s.aim * out_rate)
+    speech = samples[start:end]
+    wanted = _gain(speech, rate, chosen, round((head + tail) * rate / out_rate)) + correction.gain_db - encoder_db
+    ceiling = min(0.0, _ceiling(chosen) + correction.ceiling_db - encoder_db)
+    peaks, power = _envelope(speech, rate)
+    gain = wanted
+    for _ in range(_PREDICTIONS):  # the more gain, the more the limiter takes: a few steps settle it
+        gain = wanted + _limited(peaks, power, gain, ceiling)
+    return _Plan(start, end, head, tail, gain, ceiling)
+
+
+_ENVELOPE_S = 0.005  # the limiter's work is foreseen from the peaks and power of blocks this long
+_LIMITER_ATTACK_S = 0.005  # alimiter's: how far ahead of a peak it starts to take the gain down
+_LIMITER_RELEASE_S = 0.05  # and how long after it the gain takes to come back
+_PREDICTIONS = 6
+
+
+def _envelope(samples: Samples, rate: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+    """The sample peak and the mean square of each block of `_ENVELOPE_S`, across channels."""
+    size = max(1, round(rate * _ENVELOPE_S))
+    step = size * (_STRETCH // size)
+    peaks, power = [], []
+    for start in range(0, len(samples), step):
+        piece = samples[start:start + step]
+        edges = np.arange(0, len(piece), size)
+        peaks.append(np.maximum.reduceat(np.abs(piece).max(axis=1), edges))
+        power.append(np.add.reduceat(np.square(piece, dtype=np.float64).mean(axis=1), edges)
+                     / np.diff(np.append(edges, len(piece))))
+    return np.concatenate(peaks), np.concatenate(power)
+
+
+def _limited(peaks: npt.NDArray[np.float32], power: npt.NDArray[np.float64], gain_db: float,
+             ceiling_db: float) -> float:
+    """The dB of level the limiter is expected to take from audio of this envelope at this gain.
+    Each block's peak over the ceiling needs its gain taken down by that much; the limiter holds
+    the reduction from its attack before the peak to its release after, and eases back within the
+    release, so what it takes lies between the reduction of the peaks' own blocks and that held
+    over the whole span: the mean of the two, weighted by the power of the blocks, foresees it
+    within a few tenths of a dB for speech."""
+    if not len(peaks) or not power.sum():
+        return 0.0
+    reduction = np.minimum(1.0, 10 ** ((ceiling_db - gain_db) / 20) / np.maximum(peaks, 1e-9))
+    before, after = round(_LIMITER_RELEASE_S / _ENVELOPE_S), round(_LIMITER_ATTACK_S / _ENVELOPE_S)
+    padded = np.pad(reduction, (before, after), constant_values=1.0)
+    held = np.lib.stride_tricks.sliding_window_view(padded, before + after + 1).min(axis=1)
+    total = power.sum()
+    return -5 * (math.log10(float((power * reduction ** 2).sum() / total))
+                 + math.log10(float((power * held ** 2).sum() / total)))
 
 
 def _gain(samples: Samples, rate: int, chosen: Preset, added: int) -> float:
     """dB that bring the file to the preset's loudness or RMS aim; `added` frames of room tone will
     join it, which count in its RMS but not in its gated loudness."""
     if chosen.loudness_lufs is not None:
-        try:
-            loudness = float(pyloudnorm.Meter(rate).integrated_loudness(samples))
-        except ValueError:
-            loudness = -math.inf
-        if not math.isfinite(loudness):
+        loudness = _loudness(samples, rate)
+        if loudness is None:
             raise MasteringError("the narration is too short or too quiet to measure its loudness")
         return chosen.loudness_lufs.aim - loudness
     if chosen.rms_db is not None:
@@ -542,84 +657,75 @@ def _gain(samples: Samples, rate: int, chosen: Preset, added: int) -> float:
 
 
 def _ceiling(chosen: Preset) -> float:
-    """Where the limiter starts: under the spec's ceiling by what encoding may add to the peaks."""
+    """Where the limiter holds the peaks: under the spec's ceiling by what encoding may add to them."""
     ceilings = [c for c in (chosen.peak_db, chosen.true_peak_db) if c is not None]
-    return min(ceilings) - 1.0 if ceilings else 0.0
+    return min(ceilings) - _CEILING_MARGIN_DB if ceilings else 0.0
 
 
-def _process(samples: Samples, rate: int, head: int, tail: int, settings: _Settings, chosen: Preset,
-             cancelled: Callable[[], bool]) -> Samples:
-    """Run the samples through FFmpeg's filters: gain, the limiter on a 4x oversampling, room tone."""
-    channels = samples.shape[1]
-    layout = "mono" if channels == 1 else "stereo"
+def _correction(m: Measurement, chosen: Preset) -> _Correction | None:
+    """What a second pass changes for a file that missed its level or its peak ceiling; None when it
+    met them (or missed only what no gain or ceiling changes, such as the narration's own noise)."""
+    aim = chosen.loudness_lufs or chosen.rms_db
+    level = m.loudness_lufs if chosen.loudness_lufs is not None else m.rms_db
+    off = aim.aim - level if aim is not None and level is not None and not aim.holds(level) else 0.0
+    over = max((peak - limit for limit, peak in ((chosen.peak_db, m.peak_db), (chosen.true_peak_db, m.true_peak_db))
+                if limit is not None and peak is not None), default=0.0)
+    if not off and over <= 0:
+        return None
+    return _Correction(off, -(over + _CORRECTION_MARGIN_DB) if over > 0 else 0.0)
+
+
+def _graph(rate: int, out_rate: int, channels: int, plan: _Plan,
+           chosen: Preset) -> tuple[av.filter.Graph, av.filter.FilterContext, av.filter.FilterContext]:
+    """FFmpeg's filters for one pass: gain, resampling, the limiter (on an oversampling for a true
+    peak ceiling), room tone. The graph, its source and its sink."""
+    layout = _layout(channels)
     graph = av.filter.Graph()
-    source = graph.add_abuffer(sample_rate=rate, format="flt", layout=layout, time_base=Fraction(1, rate))
-    chain = [
-        source,
-        graph.add("volume", volume=f"{settings.gain_db:.4f}dB", precision="float"),
-        graph.add("aresample", str(rate * OVERSAMPLING)),
-        graph.add("alimiter", limit=f"{10 ** (settings.ceiling_db / 20):.6f}", level="false", latency="true"),
-        graph.add("aresample", str(rate)),
-    ]
-    if head or tail:
-        chain += [graph.add("adelay", delays=f"{head}S", all="1"), graph.add("apad", pad_len=str(tail))]
+    source = graph.add_abuffer(sample_rate=rate, format="fltp", layout=layout, time_base=Fraction(1, rate))
+    over = LIMITER_OVERSAMPLING if chosen.true_peak_db is not None else 1
+    chain = [source, graph.add("volume", volume=f"{plan.gain_db:.4f}dB", precision="float")]
+    if rate != out_rate * over:
+        chain.append(graph.add("aresample", str(out_rate * over)))
+    chain.append(graph.add("alimiter", limit=f"{10 ** (plan.ceiling_db / 20):.6f}", level="false", latency="true",
+                           attack=f"{_LIMITER_ATTACK_S * 1000:g}", release=f"{_LIMITER_RELEASE_S * 1000:g}"))
+    if over != 1:
+        chain.append(graph.add("aresample", str(out_rate)))
+    if plan.head or plan.tail:
+        chain += [graph.add("adelay", delays=f"{plan.head}S", all="1"), graph.add("apad", pad_len=str(plan.tail))]
     graph.link_nodes(*chain)
     last = chain[-1]
     if chosen.room_tone_db is not None:
         mix = graph.add("amix", inputs="2", normalize="0", duration="first")
-        noise = graph.add("anoisesrc", sample_rate=str(rate), color="white", seed="1",
+        noise = graph.add("anoisesrc", sample_rate=str(out_rate), color="white", seed="1",
                           # white noise is uniform in ±amplitude: its RMS is amplitude / √3
                           amplitude=f"{10 ** (chosen.room_tone_db / 20) * math.sqrt(3):.8f}")
+        spread = graph.add("aformat", channel_layouts=layout)  # the noise is one channel: in each of the narration's
         last.link_to(mix, 0, 0)
-        noise.link_to(mix, 0, 1)
+        noise.link_to(spread)
+        spread.link_to(mix, 0, 1)
         last = mix
-    shape = graph.add("aformat", sample_fmts="flt", sample_rates=str(rate), channel_layouts=layout)
+    shape = graph.add("aformat", sample_fmts="fltp", sample_rates=str(out_rate), channel_layouts=layout)
     sink = graph.add("abuffersink")
     last.link_to(shape)
     shape.link_to(sink)
     graph.configure()
-    pieces: list[Samples] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                frame = sink.pull()
-            except (av.BlockingIOError, av.EOFError):
-                return
-            assert isinstance(frame, av.AudioFrame)
-            pieces.append(frame.to_ndarray().reshape(-1, channels).astype(np.float32, copy=False))
-
-    for start, frame in _frames(samples, rate, cancelled):
-        source.push(frame)
-        if start % (_FRAME * 16) == 0:
-            drain()
-    source.push(None)
-    drain()
-    return np.concatenate(pieces)
+    return graph, source, sink
 
 
-def _frames(samples: Samples, rate: int, cancelled: Callable[[], bool]) -> Iterator[tuple[int, av.AudioFrame]]:
-    """The samples as PyAV frames, asking `cancelled` before each."""
-    layout = "mono" if samples.shape[1] == 1 else "stereo"
-    for start in range(0, len(samples), _FRAME):
-        if cancelled():
-            raise MasteringCancelled("mastering was stopped")
-        piece = np.ascontiguousarray(samples[start:start + _FRAME]).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(piece, format="flt", layout=layout)
-        frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-        yield start, frame
-
-
-def _encode(samples: Samples, rate: int, encoding: Encoding, to: Path, cancelled: Callable[[], bool]) -> None:
-    """Write the samples to `to` with the preset's encoder, at a constant bitrate."""
-    layout = "mono" if samples.shape[1] == 1 else "stereo"
-    with av.open(str(to), "w", format=encoding.container) as out:
-        stream = out.add_stream(encoding.codec, rate=rate, layout=layout)
-        assert isinstance(stream, av.AudioStream)
-        stream.bit_rate = encoding.bitrate_kbps * 1000
-        for _, frame in _frames(samples, rate, cancelled):
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+def _moved_captions(src: Path, head_change: float, length: float) -> dict[str, str]:
+    """The caption files beside the narrated file (srt, vtt: those there), each as its text for the
+    mastered file: the cues moved by the change at the head and kept within the file's length."""
+    moved = {}
+    for fmt in captions.FORMATS:
+        narrated = src.with_suffix(f".{fmt}")
+        if not narrated.is_file():
+            continue
+        try:
+            found = captions.read(narrated)
+        except (av.FFmpegError, UnicodeDecodeError) as exc:
+            raise MasteringError(f"{narrated.name} cannot be read as captions: {exc}") from exc
+        moved[fmt] = captions.render(captions.shifted(found, head_change, length), fmt)
+    return moved
 
 
 @dataclass(frozen=True)
@@ -720,7 +826,10 @@ def master_rows(ledger: Ledger, root: Path, scratch: Path, chosen: Preset, stop:
     return outcome
 
 
-_BYTES_PER_SAMPLE = 40  # what mastering or measuring holds at its peak per sample: pyloudnorm's filters in float64
+# What mastering or measuring holds at its peak per sample: the file written, decoded in float32 and
+# K-weighted in place, and pyloudnorm's copy of that; with room to spare (the narration, decoded at its
+# own rate, is let go before).
+_BYTES_PER_SAMPLE = 12
 
 
 def memory_for(seconds: float | None, channels: int | None, rate: int) -> int:

@@ -11,16 +11,14 @@ the audio was bought, or worse, overwrite the ledger with audio.
 
 from __future__ import annotations
 
-import array
 import hashlib
 import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
 from .errors import ManifestError, ManifestProblem
+from .repeats import Hashes
 
 if TYPE_CHECKING:
     from .manifest import Row
@@ -99,8 +97,9 @@ def owned_files(root: Path, ledger: Path, lock: Path) -> dict[str, str]:
 class OutputChecks:
     """Sees every row's file name in one pass (`see`), then says what is wrong (`raise_problems`).
 
-    Memory: 8 bytes a row for the file names, and a dictionary of the folders rows write into
-    (few, in practice); the file system is asked once per folder and once per row left to do."""
+    Memory: 8 bytes a row for the file names (on disk past a million rows: repeats.py), and a
+    dictionary of the folders rows write into (few, in practice); the file system is asked once per
+    folder and once per row left to do."""
 
     shown = ManifestError.shown
 
@@ -109,7 +108,7 @@ class OutputChecks:
         self.owned = owned
         self.problems: list[ManifestProblem] = []
         self.total = 0
-        self._files = array.array("Q")
+        self._files = Hashes()  # spilled to disk past a million rows (repeats.py)
         self._folders: dict[int, tuple[str, Row]] = {}  # hash -> (folder, first row writing into it)
         self._folder_verdicts: dict[str, str | None] = {}
         self._listed: dict[str, frozenset[str]] = {}
@@ -193,17 +192,13 @@ class OutputChecks:
 
     def raise_problems(self, path: Path) -> None:
         """Raise ManifestError for what `see` found, and for files of one row that are folders of another."""
-        if self._folders and self._files:
-            import pyarrow.compute as pc  # loaded only when rows write into folders
-
-            folders = pa.array(list(self._folders), pa.uint64())
-            files = pa.Array.from_buffers(pa.uint64(), len(self._files), [None, pa.py_buffer(self._files)])
-            clashes = pc.filter(folders, pc.is_in(folders, value_set=files))
-            for key in clashes.to_pylist():
-                if key is None:  # the folders hold no nulls
-                    continue
-                folder, row = self._folders[key]
-                self._problem(row, f"writes into folder {folder!r}, which another row writes as a file")
+        try:
+            clashes = self._files.among(self._folders) if self._folders else set()
+        finally:
+            self._files.close()
+        for key in sorted(clashes):
+            folder, row = self._folders[key]
+            self._problem(row, f"writes into folder {folder!r}, which another row writes as a file")
         if self.total:
             self.problems.sort(key=lambda p: p.row or 0)
             raise ManifestError(str(path), self.problems, self.total)

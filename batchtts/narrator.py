@@ -21,14 +21,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from tenacity import RetryCallState
 
 from .audio import AudioInfo, AudioWriter, wire_format
 from .budget import Prices
 from .captions import caption_path, cues, render
-from .config import RetryPolicy, Stitching
+from .checks import Checker, Verdict
+from .config import Checks, RetryPolicy, Stitching
 from .errors import (
     HaltError,
     HTTPStatusError,
@@ -55,7 +56,7 @@ from .stitch import Stitched, stitch
 from .storage import OutputFolder, Published
 from .tags import write_tags
 from .throttle import Throttle, Ticket
-from .work import Assembly, ChunkJob, Part, PassedOver, Unreadable, WorkItem, row_of
+from .work import Assembly, ChunkJob, Copy, Part, PassedOver, Unreadable, WorkItem, row_of
 
 _T = TypeVar("_T")
 
@@ -97,15 +98,40 @@ class Counters:
     local_characters: int = 0  # narrated by the embedded engine: free, sent nowhere
     cost_usd: float = 0.0
     unpriced_characters: int = 0  # sent to models whose price is unknown: not in cost_usd
+    copied: int = 0  # of the rows done, those whose file is a copy of an identical request's (dedup.py)
+    requests_saved: int = 0  # the requests those copies did not make
+    checked: int = 0  # files the audio checks measured
+    flagged: int = 0  # rows this run left flagged: a new file outside the bounds, or a redo that kept one
+    redone: int = 0  # flagged rows narrated again (--redo-flagged)
+    replaced: int = 0  # of those, the rows whose new take replaced the file kept
+
+
+@dataclass(frozen=True)
+class _Take:
+    """The file of a flagged row narrated again: kept until a better take lands."""
+
+    record: dict[str, Any]  # its checks record
+    verdict: Verdict  # under this run's bounds
+
+
+@dataclass(frozen=True)
+class _Check:
+    """What a row's file is checked against as it lands: the words it says, and, for a flagged row
+    narrated again, the take it must beat."""
+
+    text: str
+    language: str | None
+    kept: _Take | None
 
 
 @dataclass(frozen=True)
 class _Outcome:
     generation_id: str | None
-    published: Published
+    published: Published | None  # None: a redo take no better than the file kept, thrown away
     info: AudioInfo
     attempts: int
     latency_s: float
+    verdict: Verdict | None  # the audio checks', for a row's file
 
 
 @dataclass(frozen=True)
@@ -174,6 +200,8 @@ class Narrator:
         stopping: Callable[[], bool],
         executor: Executor | None = None,
         captions: str | None = None,
+        checks: Checks | None = None,
+        redo_flagged: bool = False,
     ) -> None:
         self.provider = provider
         self.folder = folder
@@ -188,9 +216,14 @@ class Narrator:
         self._stopping = stopping
         self.executor = executor
         self.captions = captions  # srt or vtt: a caption file beside each row's audio
+        self.checker = Checker(checks) if checks is not None and checks.enabled else None
+        self.redo_flagged = redo_flagged and self.checker is not None
+        self._takes: dict[str, _Take] = {}  # the rows being narrated again, by key
+        self._redone: set[str] = set()  # rows narrated again by this run: once each
         self.provider_stop: RunStop | None = None
         self._in_flight: set[str] = set()
         self._assemblies: dict[str, Assembly] = {}
+        self._waiters: dict[str, asyncio.Event] = {}  # rows in flight whose request copies wait for, by key
         self._no_answers = 0
         self._no_answer_since: float | None = None
         self.missing_models = MissingModels()
@@ -232,39 +265,107 @@ class Narrator:
             self._row_failed(item.row, RejectedError(item.reason), attempts=0, retryable=True)
         elif isinstance(item, Unreadable):
             self._row_failed(item.row, RejectedError(item.reason), attempts=0, retryable=False)
-        elif item.key in self._in_flight or (item.id is None and item.output is None and self._already_done(item)):
+        elif (row := row_of(item)).key in self._in_flight or (row.id is None and row.output is None
+                                                              and self._already_done(row)):
             return  # an identical row without id: one file serves both
         else:
-            self._in_flight.add(item.key)
+            self._in_flight.add(row.key)
             try:
-                await self._narrate_row(item)
+                await (self._copy(item) if isinstance(item, Copy) else self._narrate_row(row))
             finally:
-                self._in_flight.discard(item.key)
+                self._in_flight.discard(row.key)
+                self._release(row.key)
 
     def _where(self, relpath: str) -> str:
         return f"{str(self.folder).rstrip('/')}/{relpath}"
 
+    async def _copy(self, copy: Copy) -> None:
+        """A row whose request another row makes: once that row has settled, its file copied, or its
+        failure shared; should it have no file for this request after all, the row's own work."""
+        row = copy.row
+        while self._busy(copy.source):
+            await self._waiters.setdefault(copy.source, asyncio.Event()).wait()
+        entry = self.ledger.get(copy.source)
+        if entry is not None and entry["request"] != row.request:
+            entry = None  # the source row now answers another request (its text edited since the plan)
+        if entry is not None and entry["status"] == "done" and self.folder.has(entry["path"], entry["bytes"]):
+            published = await self._in_thread(self.folder.copy, entry["path"], row.relpath, entry["bytes"],
+                                             entry["sha256"])
+            if self.captions is not None:
+                await self._captioned(row, entry["duration_s"] or 0.0)
+            self._row_copied(row, copy.source, entry, published)
+            return
+        if self.stopping:
+            return  # the source was left for the next run: so is its copy
+        if entry is not None and copy.fresh and entry["status"] == "failed":
+            self._row_failed(row, SpeechError(entry["error"] or "failed", entry["http_status"]), 0,
+                             retryable=bool(entry["retryable"]), chunks=entry["chunks"], copy_of=copy.source,
+                             where=f"the same request as row {entry['row_number']} ({copy.source}), which failed: ")
+            return
+        for work in copy.work:
+            await (self._narrate_row(work) if isinstance(work, Row) else self._handle(work))
+
+    def _busy(self, key: str) -> bool:
+        """Whether this run is narrating row `key` now."""
+        assembly = self._assemblies.get(key)
+        return key in self._in_flight or (assembly is not None and not assembly.abandoned)
+
+    def _release(self, key: str) -> None:
+        """Row `key` has settled (or was left for the next run): its copies go on."""
+        if (waiting := self._waiters.pop(key, None)) is not None:
+            waiting.set()
+
     def _already_done(self, row: Row) -> bool:
-        """Done since the feed planned it: by an identical row without id earlier in this run."""
+        """Done since the feed planned it: by an identical row without id earlier in this run (a
+        flagged row due to be narrated again is not done, until this run has narrated it again)."""
         entry = self.ledger.lookup(row.key)
-        return entry is not None and entry.status == "done" and not needs_work(row, entry, self.folder, False)
+        return (entry is not None and entry.status == "done" and not needs_work(row, entry, self.folder, False)
+                and not self._redo_due(row))
+
+    def _redo_due(self, row: Row) -> bool:
+        if not self.redo_flagged or row.key in self._redone:
+            return False
+        assert self.checker is not None
+        verdict = self.ledger.checked(row.key)
+        return verdict is not None and bool(verdict["flagged"]) and verdict["redos"] < self.checker.bounds.max_redo
+
+    def _check(self, row: Row, text: str) -> _Check | None:
+        """What the row's file is checked against; with --redo-flagged, for a row whose file in place
+        is flagged, the take kept so far, noted until the row ends."""
+        if self.checker is None:
+            return None
+        kept = None
+        if self.redo_flagged:
+            entry = self.ledger.lookup(row.key)
+            record = self.ledger.checked(row.key) if entry is not None and entry.status == "done" and \
+                not needs_work(row, entry, self.folder, False) else None
+            if record is not None and record["flagged"]:
+                kept = self._takes[row.key] = _Take(record, self.checker.recorded(record, text))
+                self._redone.add(row.key)
+        return _Check(text, row.language, kept)
 
     async def _narrate_row(self, row: Row) -> None:
         spoken = row.spoken
         request = SpeechRequest(row.model, spoken, row.voice, wire_format(row.format), row.speed, row.provider_options)
         attempts = [0]
+        check = self._check(row, spoken)
         try:
-            outcome = await self._request(request, row.format, row.relpath, row.tags, row, attempts)
-            if self.captions is not None:
+            outcome = await self._request(request, row.format, row.relpath, row.tags, row, attempts, check=check)
+            if self.captions is not None and outcome.published is not None:
                 await self._captioned(row, outcome.info.duration_s or 0.0)
         except _Stopped:
+            self._takes.pop(row.key, None)
             return
         except SpeechError as exc:
             self._row_failed(row, exc, attempts[0], retryable=retried_next_run(exc, self.policy.statuses))
             self.progress.advance(len(spoken))
             return
-        self._row_done(row, outcome.generation_id, outcome.published, outcome.info, outcome.attempts,
-                       outcome.latency_s, chunks=None)
+        if outcome.published is None:
+            assert outcome.verdict is not None
+            self._kept(row, outcome.verdict)
+        else:
+            self._row_done(row, outcome.generation_id, outcome.published, outcome.info, outcome.attempts,
+                           outcome.latency_s, chunks=None, verdict=outcome.verdict)
         self.progress.advance(len(spoken))
 
     async def _narrate_chunk(self, job: ChunkJob) -> None:
@@ -281,6 +382,7 @@ class Narrator:
                                           chunk=f"{job.index + 1}/{len(assembly.chunks)}", chunk_index=job.index)
         except _Stopped:
             assembly.abandoned = True
+            self._release(row.key)
             return
         except SpeechError as exc:
             await self._chunk_settled(job, exc, attempts[0])
@@ -288,6 +390,7 @@ class Narrator:
         assembly.attempts += outcome.attempts
         self.counters.chunks += 1
         info, published = outcome.info, outcome.published
+        assert published is not None  # a chunk is published as it lands: its row's file is checked
         self.ledger.record_chunk_done(row, job.index, chunk.text, _stored(chunk_path(fingerprint, fmt), published, info),
                                       outcome.attempts, outcome.latency_s, outcome.generation_id, chunk.voice)
         assembly.parts[job.index] = Part(published.path, chunk.paragraph_before, info.sample_rate, info.channels,
@@ -301,6 +404,7 @@ class Narrator:
         assembly.attempts += attempts
         if isinstance(exc, RunStop) or (self.stopping and is_transient(exc, self.policy.statuses)):
             assembly.abandoned = True
+            self._release(row.key)
             self._row_failed(row, exc, assembly.attempts, retryable=True)  # stops the run on 401/402
             return
         self.ledger.record_chunk_failed(row, job.index, chunk.text, exc, attempts,
@@ -318,6 +422,7 @@ class Narrator:
                 await self._finish(assembly)
             finally:
                 self._assemblies.pop(assembly.row.key, None)
+                self._release(assembly.row.key)
 
     def _claim(self, assembly: Assembly) -> bool:
         """Whether this assembly narrates its row: an identical row without id, split the same way, is
@@ -334,6 +439,7 @@ class Narrator:
         row = assembly.row
         if assembly.abandoned:
             return  # the next run finds the chunks already on disk and asks only for the rest
+        check = self._check(row, " ".join(chunk.text for chunk in assembly.chunks))
         # Stopping (a signal, --max-runtime, 401/402) does not hold back a row whose chunks all came
         # back: stitching them is local work, and the audio is paid for.
         if assembly.failure is not None:
@@ -344,7 +450,7 @@ class Narrator:
         parts = [p for p in assembly.parts if p is not None]
         try:
             partial, f = self.folder.open_partial()
-            info, published = await self._in_thread(self._stitch, assembly, parts, partial, f)
+            info, published, verdict = await self._in_thread(self._stitch, assembly, parts, partial, f, check)
         except FileNotFoundError as exc:  # a chunk file removed since the run planned: ask for it again
             self._row_failed(row, TransportError(f"chunk file gone: {exc.filename}"), assembly.attempts,
                              retryable=True, chunks=len(assembly.chunks))
@@ -356,15 +462,24 @@ class Narrator:
             self._row_failed(row, fault, assembly.attempts, retryable=retried_next_run(fault, self.policy.statuses),
                              chunks=len(assembly.chunks))
             return
+        if published is None:
+            assert verdict is not None
+            self._kept(row, verdict)
+            return
         self._row_done(row, None, published, info, assembly.attempts,
-                       round(time.monotonic() - assembly.started, 3), chunks=len(assembly.chunks))
+                       round(time.monotonic() - assembly.started, 3), chunks=len(assembly.chunks), verdict=verdict)
 
-    def _stitch(self, assembly: Assembly, parts: list[Part], partial: Path, f: BinaryIO) -> tuple[AudioInfo, Published]:
+    def _stitch(self, assembly: Assembly, parts: list[Part], partial: Path, f: BinaryIO,
+                check: _Check | None) -> tuple[AudioInfo, Published | None, Verdict | None]:
         row = assembly.row
         stitched: Stitched
         try:
             stitched = stitch(parts, row.format, f, self.stitching.sentence_gap, self.stitching.paragraph_gap)
             write_tags(f, row.format, row.tags)
+            verdict = self._checked(f, row.format, stitched.info, check)
+            if verdict is not None and not self._better(verdict, check):
+                self.folder.discard(partial, f)
+                return stitched.info, None, verdict
             published = self.folder.publish(partial, f, row.relpath)
         except BaseException:
             self.folder.discard(partial, f)
@@ -373,7 +488,19 @@ class Narrator:
             words = [chunk.caption or chunk.text for chunk in assembly.chunks]
             self._caption(row, [(w, a, b) for w, (a, b) in zip(words, stitched.spans, strict=True)],
                           stitched.info.duration_s or 0.0)
-        return stitched.info, published
+        return stitched.info, published, verdict
+
+    def _checked(self, f: BinaryIO, fmt: str, info: AudioInfo, check: _Check | None) -> Verdict | None:
+        """The audio checks' verdict on a row's file, written whole and not yet published."""
+        if check is None:
+            return None
+        assert self.checker is not None
+        return self.checker.check(f, fmt, info, check.text, check.language)
+
+    @staticmethod
+    def _better(verdict: Verdict, check: _Check | None) -> bool:
+        """Whether a new take is published: always, but in place of a flagged take only when better."""
+        return check is None or check.kept is None or verdict.replaces(check.kept.verdict)
 
     async def _captioned(self, row: Row, duration: float) -> None:
         """The captions of a row narrated in one request: its words over the whole file."""
@@ -395,7 +522,7 @@ class Narrator:
 
     async def _request(
         self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str], row: Row, attempts: list[int],
-        chunk: str | None = None, chunk_index: int | None = None,
+        chunk: str | None = None, chunk_index: int | None = None, check: _Check | None = None,
     ) -> _Outcome:
         """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
         self.missing_models.refuse(request.model)  # not even a turn under the rate limit
@@ -435,10 +562,11 @@ class Narrator:
                         self.throttle.succeeded(ticket)
                     self._spent(request)
                     try:
-                        info, published = await self._in_thread(self._publish, body, relpath, fmt, tags)
+                        info, published, verdict = await self._in_thread(self._publish, body, relpath, fmt, tags, check)
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
-        return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3))
+        return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3),
+                        verdict)
 
     async def _recorded(self, request: SpeechRequest, fmt: str, row: Row, chunk_index: int | None,
                         ticket: Ticket | None) -> _Body:
@@ -520,13 +648,19 @@ class Narrator:
                 raise
         return _Body(audio.generation_id, writer, partial, f)
 
-    def _publish(self, body: _Body, relpath: str, fmt: str, tags: dict[str, str]) -> tuple[AudioInfo, Published]:
-        """Check, tag, fsync and rename: blocking, so it runs in a thread. Once it starts, the file
-        either lands whole or stays partial, whatever happens to the run meanwhile."""
+    def _publish(self, body: _Body, relpath: str, fmt: str, tags: dict[str, str],
+                 check: _Check | None) -> tuple[AudioInfo, Published | None, Verdict | None]:
+        """Check, tag, measure, fsync and rename: blocking, so it runs in a thread. Once it starts, the
+        file either lands whole or stays partial, whatever happens to the run meanwhile; a redo take
+        no better than the flagged file kept is thrown away."""
         try:
             info = body.writer.finish()
             write_tags(body.file, fmt, tags)
-            return info, self.folder.publish(body.partial, body.file, relpath)
+            verdict = self._checked(body.file, fmt, info, check)
+            if verdict is not None and not self._better(verdict, check):
+                self.folder.discard(body.partial, body.file)
+                return info, None, verdict
+            return info, self.folder.publish(body.partial, body.file, relpath), verdict
         except BaseException:
             body.writer.close()
             self.folder.discard(body.partial, body.file)
@@ -545,16 +679,49 @@ class Narrator:
         return hook
 
     def _row_done(self, row: Row, generation_id: str | None, published: Published, info: AudioInfo,
-                  attempts: int, latency_s: float, chunks: int | None) -> None:
+                  attempts: int, latency_s: float, chunks: int | None, verdict: Verdict | None = None) -> None:
         self.counters.done += 1
         self.counters.bytes += published.bytes
         self.counters.audio_s += info.duration_s or 0.0
         self.counters.characters += len(row.text)
         self.ledger.record_done(row, _stored(row.relpath, published, info), attempts, latency_s, generation_id, chunks)
+        if verdict is not None:
+            redo = self._takes.pop(row.key, None) is not None
+            self.ledger.record_check(row, published.sha256, verdict.record(), redo=redo)
+            self._counted(row, verdict, redo, replaced=redo)
         self.progress.row_finished(ok=True)
 
+    def _row_copied(self, row: Row, source: str, entry: dict[str, Any], published: Published) -> None:
+        self.counters.done += 1
+        self.counters.copied += 1
+        self.counters.requests_saved += entry["chunks"] or 1
+        self.counters.bytes += published.bytes
+        self.counters.audio_s += entry["duration_s"] or 0.0
+        self.counters.characters += len(row.text)
+        audio = Stored(row.relpath, published.bytes, published.sha256, entry["sample_rate"], entry["channels"],
+                       entry["duration_s"])
+        self.ledger.record_copy(row, audio, source, entry["chunks"])
+        self.progress.row_finished(ok=True)
+
+    def _kept(self, row: Row, verdict: Verdict) -> None:
+        """A flagged row narrated again whose new take is no better: the file kept stays, as it is
+        recorded, and the take counts against the row's redos."""
+        take = self._takes.pop(row.key)
+        self.ledger.record_check(row, take.record["sha256"], take.verdict.record(), redo=True)
+        log.info("redo_kept", row=row.number, id=row.id, kept=list(take.verdict.reasons), new=list(verdict.reasons))
+        self._counted(row, take.verdict, redo=True, replaced=False)
+        self.progress.row_finished(ok=True)
+
+    def _counted(self, row: Row, verdict: Verdict, redo: bool, replaced: bool) -> None:
+        self.counters.checked += 1
+        self.counters.redone += redo
+        self.counters.replaced += replaced
+        if verdict.flagged:
+            self.counters.flagged += 1
+            log.warning("flagged", row=row.number, id=row.id, reasons=list(verdict.reasons))
+
     def _row_failed(self, row: Row, exc: SpeechError, attempts: int, retryable: bool, chunks: int | None = None,
-                    where: str = "") -> None:
+                    where: str = "", copy_of: str | None = None) -> None:
         if isinstance(exc, RunStop):
             if self.provider_stop is None:
                 self.provider_stop = exc
@@ -563,8 +730,13 @@ class Narrator:
             return
         if retryable and self.stopping:
             return  # interrupted mid-retry: the next run picks the row up as if never tried
+        if self._takes.pop(row.key, None) is not None:
+            log.warning("redo_failed", row=row.number, id=row.id, error=where + exc.message,
+                        message="the flagged file stays, as it is recorded")
+            self.progress.row_finished(ok=False)
+            return
         self.counters.failed += 1
-        self.ledger.record_failed(row, exc, attempts, retryable, chunks, where)
+        self.ledger.record_failed(row, exc, attempts, retryable, chunks, where, copy_of)
         log.error("row_failed", row=row.number, id=row.id, status=exc.status, error=where + exc.message,
                   attempts=attempts, will_retry_on_rerun=retryable)
         self.progress.row_finished(ok=False)

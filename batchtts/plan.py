@@ -1,11 +1,13 @@
 """Planning: what each manifest row needs, decided in one place.
 
-`Planner.decide` takes a row as it will be narrated (the job's lexicon applied, its voice markup
-read: `script.py`), looks it up in the ledger and the output folder and says what it needs: nothing
-(done), nothing this run (failed for good, another shard's row, past --limit or the budget), or
-work (the whole row, or the chunks of a long or marked-up row not yet on disk), admitted by --limit
-and the budget in manifest order. The dry run and the start event count the decisions (`make_plan`), the
-feed hands their work to the pool (`pending_work`), and `status` counts them against a ledger.
+`Planner.decide` takes a row as it will be narrated (its voice chosen from its list or pool:
+`speakers.py`; the job's lexicon applied, its voice markup read: `script.py`), looks it up in the
+ledger and the output folder and says what it needs: nothing (done), nothing this run (failed for
+good, another shard's row, past --limit or the budget), or work (the whole row, or the chunks of a
+long or marked-up row not yet on disk, or for a run, a copy of the file of a row with the same
+request: `dedup.py`), admitted by --limit and the budget in manifest order. The dry run and the
+start event count the decisions (`make_plan`), the feed hands their work to the pool
+(`pending_work`), and `status` counts them against a ledger.
 
 A run plans twice over one read of the manifest each: the first pass counts and notes which rows
 have work, the second builds only those rows again and decides them again, with the run's own
@@ -15,7 +17,8 @@ between is met by the second decision, which checks each row afresh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -24,13 +27,16 @@ from . import manifest
 from .budget import Prices, Spending, Verdict
 from .chunking import limit_for
 from .config import Job
-from .ledger import Entry, Ledger, LedgerSet
+from .dedup import Firsts
+from .ledger import LOOKUP_BATCH, Entry, Ledger, LedgerSet
+from .listing import Listing
 from .manifest import Row
 from .markup import MarkupError
 from .names import OutputChecks, owned_files
 from .script import Script, prepare, split_script
+from .speakers import assign
 from .storage import OutputFolder
-from .work import Assembly, ChunkJob, Part, PassedOver, Unreadable, WorkItem, characters
+from .work import Assembly, ChunkJob, Copy, Part, PassedOver, Unreadable, WorkItem, characters
 
 
 class PlanCancelled(Exception):
@@ -55,9 +61,10 @@ class Decision:
     requests: int = 0  # one per row, or per missing chunk of a long row
     characters: int = 0  # what those requests send
     failed_before: bool = False  # its last attempt failed, at this text: a retry, not a first try
+    saved: int = 0  # a copy of another row's file: the requests it would have needed
 
 
-def needs_work(row: Row, entry: Entry | None, folder: OutputFolder, retry_failed: bool) -> bool:
+def needs_work(row: Row, entry: Entry | None, folder: OutputFolder | Listing, retry_failed: bool) -> bool:
     """The resume rule: skip a row only if its file is there as recorded, for the same audio."""
     if entry is None or entry.fingerprint != row.fingerprint:
         return True
@@ -70,20 +77,42 @@ class Planner:
     """Decides rows in manifest order; `--limit` and the budget count what it has taken on so far."""
 
     def __init__(self, job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
-                 owns: Callable[[str], bool] | None = None, spending: Spending | None = None) -> None:
+                 owns: Callable[[str], bool] | None = None, spending: Spending | None = None,
+                 firsts: Firsts | None = None) -> None:
         self.job = job
         self.ledger = ledger
         self.folder = folder
         self.owns = owns
         self.spending = spending
+        self.firsts = firsts  # a run's: rows whose request a row before them makes are copies of its file
+        # Rows done with a request recorded, to copy: looked for only when the ledger has any.
+        self._copyable = firsts is not None and isinstance(ledger, Ledger) and ledger.copyable()
         self.taken = 0
         self._limits: dict[str, int] = {}
+        # A local folder's files are checked against one listing of each folder (listing.py).
+        self.files: OutputFolder | Listing = folder if isinstance(job.out, str) else Listing(folder.root, job.verify_files)
+        self._entries: dict[str, Entry | None] = {}  # decide_many's records, looked up together
+
+    def decide_many(self, rows: Sequence[Row]) -> list[Decision]:
+        """`decide` for rows in manifest order, their records looked up in the ledger together and
+        their files in the folder's listing together."""
+        if self.ledger is not None:
+            keys = [row.key for row in rows]  # the row as narrated has another key only when the lexicon or markup changes it
+            found = self.ledger.lookup_many(keys)
+            self._entries = {key: found.get(key) for key in keys}
+            if isinstance(self.files, Listing):
+                self.files.expect([(e.path, e.bytes) for e in found.values() if e.status == "done" and e.path])
+        try:
+            return [self.decide(row) for row in rows]
+        finally:
+            self._entries = {}
 
     def decide(self, row: Row) -> Decision:
-        """What the row needs, as it will be narrated (the lexicon applied, its voice markup read):
-        the decision's row is that one."""
+        """What the row needs, as it will be narrated (its voice chosen, the lexicon applied, its
+        voice markup read): the decision's row is that one."""
         script: Script | None = None
         problem = ""
+        row = assign(row, self.job.voices)
         try:
             script = prepare(row, self.job.lexicon, self.job.voices)
             row = script.row
@@ -91,31 +120,68 @@ class Planner:
             problem = str(exc)
         if self.owns is not None and not self.owns(row.key):
             return Decision(row, State.ELSEWHERE)
-        entry = self.ledger.lookup(row.key) if self.ledger is not None else None
-        if not needs_work(row, entry, self.folder, self.job.retry_failed):
-            return Decision(row, State.FAILED if entry is not None and entry.status == "failed" else State.DONE)
+        entry = self._lookup(row.key)
+        redo = False
+        if not needs_work(row, entry, self.files, self.job.retry_failed):
+            if not (redo := self._redo(row, entry)):
+                return Decision(row, State.FAILED if entry is not None and entry.status == "failed" else State.DONE)
         retry = entry is not None and entry.status == "failed" and entry.fingerprint == row.fingerprint
         if self.job.limit is not None and self.taken >= self.job.limit:
             return Decision(row, State.BEYOND_LIMIT)
         if script is None:  # nothing is sent: recorded as failed, with where the text is at fault
             self.taken += 1
             return Decision(row, State.WORK, (Unreadable(row, problem),), 0, 0, retry)
-        work = self._work(script)
+        work = self._work(script, fresh=redo)
         if len(work) == 1 and work[0] is row:  # the common case: one request for the whole row
             requests, sent = 1, len(row.spoken)
         else:
             requests = sum(1 for item in work if not isinstance(item, Assembly))
             sent = sum(map(characters, work))
+        source = self._source(row, redo) if self.firsts is not None else None
+        if source is not None:  # nothing is sent: free under any budget
+            verdict = self.spending.admit(row, 0) if self.spending is not None else Verdict.TAKE
+            self.taken += 1
+            copy = Copy(row, *source, work=work)
+            state = State.WORK if verdict is Verdict.TAKE else State.DEFERRED
+            return Decision(row, state, (copy,), 0, 0, retry, saved=requests)
         verdict = self.spending.admit(row, sent) if self.spending is not None else Verdict.TAKE
         if verdict is Verdict.OVER:  # not taken on, so not counted against --limit
             assert self.spending is not None and self.spending.last_over is not None
+            if self.firsts is not None:
+                self.firsts.drop(row)
             return Decision(row, State.OVER, (PassedOver(row, self.spending.last_over),), requests, sent, retry)
         self.taken += 1
         return Decision(row, State.WORK if verdict is Verdict.TAKE else State.DEFERRED, work, requests, sent, retry)
 
-    def _work(self, script: Script) -> tuple[WorkItem, ...]:
+    def _lookup(self, key: str) -> Entry | None:
+        if key in self._entries:
+            return self._entries[key]
+        return self.ledger.lookup(key) if self.ledger is not None else None
+
+    def _source(self, row: Row, redo: bool) -> tuple[str, bool] | None:
+        """The row whose file answers this row's request, and whether this run narrates it: a row
+        the ledger has done with it (its file there as recorded; not for a row narrated again, whose
+        file is to be replaced), else the first row this run takes on with it (this one, when none is)."""
+        if self._copyable and not redo:
+            assert isinstance(self.ledger, Ledger)
+            for key, path, size in self.ledger.done_with(row.request, row.key):
+                if self.folder.has(path, size):
+                    return key, False
+        assert self.firsts is not None
+        earlier = self.firsts.take(row)
+        return None if earlier is None else (earlier, True)
+
+    def _redo(self, row: Row, entry: Entry | None) -> bool:
+        """With --redo-flagged, whether a row done is narrated again: its file is flagged by the audio
+        checks, and it was narrated again fewer than [checks] max_redo times."""
+        if not self.job.redo_flagged or self.ledger is None or entry is None or entry.status != "done":
+            return False
+        verdict = self.ledger.checked(row.key)
+        return verdict is not None and bool(verdict["flagged"]) and verdict["redos"] < self.job.checks.max_redo
+
+    def _work(self, script: Script, fresh: bool = False) -> tuple[WorkItem, ...]:
         """The whole row; or, over its model's limit or with voice markup, the chunks not yet on disk
-        (or the stitching alone)."""
+        (or the stitching alone); `fresh`: every chunk, a flagged row's chunks asked for again."""
         row = script.row
         if row.model not in self._limits:
             self._limits[row.model] = limit_for(row.model, self.job.limits, self.job.chunk_chars)
@@ -127,7 +193,7 @@ class Planner:
         parts: list[Part | None] = []
         for chunk in chunks:
             fingerprint = row.chunk_fingerprint(chunk.text, chunk.voice)
-            done = self.ledger.chunk(fingerprint) if self.ledger is not None else None
+            done = self.ledger.chunk(fingerprint) if self.ledger is not None and not fresh else None
             have = done is not None and done["status"] == "done" and self.folder.has(done["path"], done["bytes"])
             parts.append(Part(self.folder.path_of(done["path"]), chunk.paragraph_before, done["sample_rate"],
                               done["channels"], chunk.pause) if have and done is not None else None)
@@ -146,6 +212,8 @@ class ModelPlan:
     requests: int = 0  # requests the pending rows need: one per row, or per missing chunk of a long row
     pending_characters: int = 0  # characters those requests send
     retrying: int = 0  # of the pending rows, those whose last attempt failed
+    copies: int = 0  # of the pending rows, those that copy the file of a row with the same request
+    requests_saved: int = 0  # the requests those would have needed, not in `requests`
 
 
 class RowNumbers:
@@ -175,6 +243,10 @@ class Plan:
     models: dict[str, ModelPlan] = field(default_factory=dict)
     budget: Spending | None = None
     with_work: RowNumbers = field(default_factory=RowNumbers)
+    speakers: Counter[str] = field(default_factory=Counter)  # rows by the voice they take: the voice mix
+    pooled: int = 0  # rows whose voice was chosen from a list or a pool
+    firsts: Firsts | None = None  # a run's: for the feed to find the same copies
+    keyed_by_content: int = 0  # rows without an id: identical ones share one ledger record
 
     def count(self, decision: Decision) -> None:
         if decision.state is State.ELSEWHERE:
@@ -185,6 +257,9 @@ class Plan:
             model = self.models[row.model] = ModelPlan()
         model.rows += 1
         model.characters += len(row.text)
+        self.keyed_by_content += row.id is None
+        self.speakers[row.voice] += 1
+        self.pooled += row.pool is not None
         if decision.state is State.DONE:
             model.done += 1
         elif decision.state is State.FAILED:
@@ -194,7 +269,15 @@ class Plan:
             model.retrying += decision.failed_before
             model.requests += decision.requests
             model.pending_characters += decision.characters
+            model.copies += bool(decision.work) and isinstance(decision.work[0], Copy)
+            model.requests_saved += decision.saved
             self.with_work.add(row.number)
+
+    def close(self) -> None:
+        """Let go of what the feed needed of the plan: a run's record of requests."""
+        if self.firsts is not None:
+            self.firsts.close()
+            self.firsts = None
 
     @property
     def total(self) -> ModelPlan:
@@ -227,6 +310,7 @@ class Plan:
                        for name, m in sorted(self.models.items())},
             "total": {**counts(self.total), "estimate_usd": self.estimate(prices)},
             "prices": prices.source,
+            "speakers": dict(sorted(self.speakers.items())), "pooled": self.pooled,
             "budget": None if budget is None else {
                 "rows": budget.rows, "characters": budget.characters, "cost_usd": round(budget.cost, 6),
                 "unpriced_characters": budget.unpriced_characters, "refused": budget.refused,
@@ -244,24 +328,38 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     checks = _output_checks(job, folder) if for_run else None
     if owns is None and job.shard is not None:
         owns = job.shard.owns
-    plan = Plan(budget=budget)
-    planner = Planner(job, ledger, folder, owns, budget)
+    plan = Plan(budget=budget, firsts=Firsts() if for_run else None)
+    planner = Planner(job, ledger, folder, owns, budget, plan.firsts)
 
-    def count(row: Row) -> None:
+    waiting: list[Row] = []
+
+    def count(row: Row | None = None) -> None:
+        """Rows are decided LOOKUP_BATCH at a time (their ledger records in one query); None: the rest."""
+        if row is not None:
+            waiting.append(row)
+            if len(waiting) < LOOKUP_BATCH:
+                return
         if cancelled is not None and cancelled():
             raise PlanCancelled
-        decision = planner.decide(row)
-        plan.count(decision)
-        if checks is not None:  # rows with work are checked on disk too; another shard's are its own
-            checks.see(decision.row, pending=decision.state not in (State.DONE, State.FAILED, State.ELSEWHERE))
+        for decision in planner.decide_many(waiting):
+            plan.count(decision)
+            if checks is not None:  # rows with work are checked on disk too; another shard's are its own
+                checks.see(decision.row, pending=decision.state not in (State.DONE, State.FAILED, State.ELSEWHERE))
+        waiting.clear()
 
     if checks is None:  # counting what a ledger holds (status): rows are counted as they are
         manifest.validate(job.manifest, job.defaults, on_row=count)
+        count()
         return plan
     from .local import validate_manifest  # the embedded engine, to check local voices: a run's check only
 
-    validate_manifest(job.manifest, job.defaults, on_row=count)
-    checks.raise_problems(job.manifest)
+    try:
+        validate_manifest(job.manifest, job.defaults, on_row=count, cast=job.voices)
+        count()
+        checks.raise_problems(job.manifest)
+    except BaseException:
+        plan.close()
+        raise
     return plan
 
 
@@ -276,7 +374,7 @@ def pending_work(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, spe
     """The work left, in manifest order, in batches: rows the plan found work for are built and
     decided again, and the manifest is read up to the last of them. Ends early at the first row the
     budget leaves to the next run."""
-    planner = Planner(job, ledger, folder, job.shard.owns if job.shard is not None else None, spending)
+    planner = Planner(job, ledger, folder, job.shard.owns if job.shard is not None else None, spending, plan.firsts)
     batch: list[WorkItem] = []
     rows = manifest.iter_rows(job.manifest, job.defaults, only=plan.with_work.__contains__,
                               last=plan.with_work.last)

@@ -49,27 +49,35 @@ if TYPE_CHECKING:
 _LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")
 _SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error")
+_LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error", "copy_of")
 _TYPES = {
-    "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "model": pa.string(),
-    "path": pa.string(), "status": pa.string(), "bytes": pa.int64(), "duration_s": pa.float64(),
-    "sample_rate": pa.int64(), "error": pa.string(),
+    "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "speaker": pa.string(),
+    "model": pa.string(), "path": pa.string(), "status": pa.string(), "bytes": pa.int64(), "duration_s": pa.float64(),
+    "sample_rate": pa.int64(), "error": pa.string(), "copy_of": pa.string(),
     "mastered_path": pa.string(), "preset": pa.string(), "meets_preset": pa.bool_(),
 }
 # The measurements of a row's mastered file, as the ledger recorded them when it was made.
 _MASTERED_FIELDS = ("loudness_lufs", "rms_db", "peak_db", "true_peak_db", "noise_floor_db", "head_s", "tail_s",
                     "room_tone_db", "length_s")
 _TYPES.update(dict.fromkeys(_MASTERED_FIELDS, pa.float64()))
+# The audio checks' measurement of a row's file, as the checks table holds it; the narrated file's
+# peak and RMS are peak_dbfs and rms_dbfs, peak_db and rms_db being the mastered file's.
+_CHECKED_FIELDS = {"chars_per_second": "chars_per_second", "lead_silence_s": "lead_silence_s",
+                   "trail_silence_s": "trail_silence_s", "max_inner_silence_s": "max_inner_silence_s",
+                   "peak_dbfs": "peak_db", "rms_dbfs": "rms_db", "clipping": "clipping", "wer": "wer"}
+_TYPES.update(dict.fromkeys(_CHECKED_FIELDS, pa.float64()))
+_TYPES.update(flagged=pa.bool_(), flag_reasons=pa.string(), redos=pa.int64())
 
 
 def ledger_files(folder: Path) -> list[Path]:
     """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
     jobs: dict[Path, dict[Path, Shard | None]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix in _LEDGER_SUFFIXES and path.is_file():
-            named = named_ledger(path)[0]
-            if named not in jobs:
-                jobs[named] = ledger_family(named)  # only ledgers in use: other files drop out here
+    with os.scandir(folder) as entries:  # names from the listing alone: the folder may hold millions of files
+        found = sorted(folder / e.name for e in entries if os.path.splitext(e.name)[1] in _LEDGER_SUFFIXES and e.is_file())
+    for path in found:
+        named = named_ledger(path)[0]
+        if named not in jobs:
+            jobs[named] = ledger_family(named)  # only ledgers in use: other files drop out here
     jobs = {named: family for named, family in jobs.items() if family}
     if not jobs:
         raise UsageError(f"no ledger in {folder}: run the job first, or give the path of its ledger file")
@@ -226,15 +234,48 @@ def _report(ctx: JobContext) -> dict[str, Any]:
         "pending": None,
         "bytes": int(done["bytes"]),
         "audio_s": round(float(done["duration_s"]), 3),
+        # Rows done as copies of an identical request's file, and the requests that saved (dedup.py).
+        **dict(zip(("copied", "requests_saved"), ctx.ledger.copies(), strict=True)),
         "failures": ctx.ledger.failures(limit=50),
+        **_flags(ctx.ledger),
         # The pid of a run holding one of the ledgers now (0 when it cannot be read), else None.
         "running": next((pid for ledger in ctx.ledger.ledgers if (pid := holder(ledger.path)) is not None), None),
     }
     if ctx.manifest is not None and ctx.manifest.exists():
+        counted = _counted(ctx)
+        if counted is not None:
+            total, done_rows, failed_rows, retried = counted
+            report.update(manifest=str(ctx.manifest), total=total, done=done_rows, failed=failed_rows,
+                          retried_next_run=retried, pending=total - done_rows - failed_rows)
+            return report
         plan = make_plan(ctx.planning_job(), ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns).total
         report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed + plan.retrying,
                       retried_next_run=plan.retrying, pending=plan.pending - plan.retrying)
     return report
+
+
+def _counted(ctx: JobContext) -> tuple[int, int, int, int] | None:
+    """Rows in all, done, failed and retried by the next run, counted from the ledger without
+    planning the manifest: when the last run recorded it as planned (`Ledger.record_planned`) and it
+    is unchanged since (size and mtime), read with that run's settings (no job given), as one ledger.
+    None otherwise: the rows are then planned."""
+    recorded = ctx.recorded
+    if ctx.job is not None or ctx.manifest is None or recorded is None or recorded.manifest is None \
+            or len(ctx.ledger.ledgers) != 1 or ctx.ledger.count is not None:
+        return None
+    if Path(recorded.manifest) != ctx.manifest.resolve():
+        return None
+    ledger = ctx.ledger.ledgers[0]
+    planned = ledger.planned()
+    if planned is None or not planned.same_file(ctx.manifest):
+        return None
+    return (planned.rows, *ledger.counts())
+
+
+def _flags(ledger: LedgerSet) -> dict[str, Any]:
+    """What the audio checks found of the rows done: files checked, rows flagged, and why (the first 50)."""
+    checked, flagged, rows = ledger.flags(limit=50)
+    return {"checked": checked, "flagged": flagged, "flags": rows}
 
 
 def export_records(ctx: JobContext, fields: Sequence[str] = ()) -> Iterator[list[dict[str, Any]]]:
@@ -258,22 +299,28 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
     number = 0
     for batch in manifest.read_records(ctx.manifest):
         out: list[dict[str, Any]] = []
-        for record in batch:
+        made = [manifest.make_row(number + i, record, ctx.defaults) for i, record in enumerate(batch, 1)]
+        decisions = iter(planner.decide_many([row for row in made if isinstance(row, Row)]))  # records looked up together
+        for record, row in zip(batch, made, strict=True):
             number += 1
-            row = manifest.make_row(number, record, ctx.defaults)
             result: dict[str, Any] = {"row": number, "id": record.get("id"), "text": record.get("text"),
-                                      "voice": record.get("voice"), "model": record.get("model")}
+                                      "voice": record.get("voice"), "speaker": manifest.text_of(record, "speaker"),
+                                      "model": record.get("model")}
             entry: dict[str, Any] | None = None
             if isinstance(row, Row):
-                decision = planner.decide(row)
+                decision = next(decisions)
                 if decision.state is State.ELSEWHERE:
                     continue
-                result.update(id=row.id, voice=row.voice, model=row.model)
+                # The voice as written (a list or a pool, speakers.py), and the speaker: the voice the
+                # row takes, unless the manifest has a speaker column of its own.
+                result.update(id=row.id, voice=row.voice, speaker=result["speaker"] or decision.row.voice,
+                              model=row.model)
                 if decision.state in (State.DONE, State.FAILED) or decision.failed_before:
                     entry = ctx.ledger.get(decision.row.key)  # as narrated: the lexicon may change its key
             for name in fields:
                 result[name] = entry[name] if entry is not None else None
             result.update(_mastered(ctx.ledger, planner, entry))
+            result.update(_checked(ctx.ledger, entry))
             if entry is None:
                 result["status"] = "pending" if isinstance(row, Row) else "invalid"
             for name, value in record.items():
@@ -281,6 +328,15 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
                     result[name] = value
             out.append(result)
         yield out
+
+
+def _checked(ledger: LedgerSet, entry: dict[str, Any] | None) -> dict[str, Any]:
+    """What the audio checks found of a done row's file as it is now (nothing for a file unchecked)."""
+    verdict = ledger.checked(entry["key"]) if entry is not None and entry["status"] == "done" else None
+    if verdict is None:
+        return dict.fromkeys((*_CHECKED_FIELDS, "flagged", "flag_reasons", "redos"))
+    return {**{name: verdict[column] for name, column in _CHECKED_FIELDS.items()}, "flagged": bool(verdict["flagged"]),
+            "flag_reasons": verdict["flag_reasons"], "redos": verdict["redos"]}
 
 
 def _mastered(ledger: LedgerSet, planner: Planner, entry: dict[str, Any] | None) -> dict[str, Any]:

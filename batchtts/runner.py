@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -36,7 +37,7 @@ from .errors import (
     UsageError,
 )
 from .execution import Ending, halted, narrate
-from .ledger import Ledger, RunSettings, check_layout
+from .ledger import Ledger, Planned, RunSettings, check_layout
 from .log import log
 from .models import check_models
 from .narrator import Counters
@@ -132,6 +133,8 @@ async def arun(job: Job, provider: SpeechProvider | None = None, *, signals: boo
         plan = result.plan
         total = plan.total
         run_id = await asyncio.to_thread(ledger.start_run, RunSettings.of(job), job.redacted())
+        if setup.planned is not None:
+            await asyncio.to_thread(ledger.record_planned, run_id, setup.planned)
         log.info(
             "start", manifest=str(job.manifest), out=str(setup.folder), ledger=str(job.ledger_path),
             **({"shard": str(job.shard)} if job.shard is not None else {}), rows=total.rows, already_done=total.done,
@@ -186,6 +189,7 @@ class _Setup:
     provider: SpeechProvider | None
     result: RunResult
     cleaned: int  # partial files a killed run left, removed
+    planned: Planned | None = None  # for status to count the ledger's rows instead of planning them again
 
 
 def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStack, started: float,
@@ -203,6 +207,7 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
             plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set)
+            plan.close()  # no feed follows
         finally:
             if ledger is not None:
                 ledger.close()
@@ -218,7 +223,10 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     ledger = Ledger(job.ledger_path)
     try:
         ledger.check_place(job)
+        before = _planned_before(job, ledger)
         plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set)
+        held.callback(plan.close)
+        planned = _planned_after(before, plan)
         spending = Spending(job.budget, prices)
         _check_models(job, plan, spending, listed=provider is None)
         if provider is None and plan.total.pending:
@@ -231,7 +239,30 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
             lock.undo()
         raise
     held.callback(ledger.close)
-    return _Setup(ledger, folder, spending, provider, RunResult(EXIT_OK, plan, prices), cleaned)
+    return _Setup(ledger, folder, spending, provider, RunResult(EXIT_OK, plan, prices), cleaned, planned)
+
+
+def _planned_before(job: Job, ledger: Ledger) -> tuple[Planned, int] | None:
+    """The manifest's size and mtime, and the rows the ledger holds, before planning; None for a
+    sharded run (status plans a shard's rows)."""
+    if job.shard is not None:
+        return None
+    try:
+        return Planned.of(job.manifest, 0), ledger.row_count()
+    except OSError:
+        return None
+
+
+def _planned_after(before: tuple[Planned, int] | None, plan: Plan) -> Planned | None:
+    """What status may count the ledger by: the manifest as planned, when every row has an id and
+    every record the ledger held is one of its rows as it is now (done with its file, or failed).
+    From then on the run records only its rows: the ledger counts them as a plan would."""
+    if before is None or plan.keyed_by_content:
+        return None
+    total = plan.total
+    if before[1] != total.done + total.failed + total.retrying:
+        return None
+    return dataclasses.replace(before[0], rows=total.rows)
 
 
 def _check_models(job: Job, plan: Plan, spending: Spending, listed: bool) -> None:

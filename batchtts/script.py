@@ -52,7 +52,7 @@ def prepare(row: Row, lexicon: Lexicon, cast: Cast) -> Script:
         return Script(dataclasses.replace(row, script=rewritten.text), (piece,), False)
     pieces: list[Piece] = []
     for stretch in found:
-        voice = cast.voice(stretch.voice, row.model) if stretch.voice is not None else None
+        voice = cast.voice(stretch.voice, row.model, row.key) if stretch.voice is not None else None
         written = row.text[stretch.start:stretch.end]
         rewritten = lexicon.rewrite(written, row.model, voice or row.voice, row.language) if lexicon else None
         spoken = written if rewritten is None else rewritten.text

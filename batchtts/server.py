@@ -6,7 +6,7 @@ take a 400), answers with audio from the embedded eSpeak NG engine (or, with `en
 cheap synthetic tone for load tests), and injects what production does to a batch job: latency,
 error statuses, the limiters API gateways use (a token bucket, fixed or sliding windows, a cap on
 requests in flight, a quota: limiters.py) with the 429 headers they send, connections cut after the headers or mid-body,
-stalled bodies, exhausted credits. It counts every request so a test can prove what was sent twice,
+stalled bodies, exhausted credits, and answers that arrive whole but wrong (silence, half the speech). It counts every request so a test can prove what was sent twice,
 and, per limiter, what a benchmark needs to set goodput against capacity.
 
 Admin endpoints (not part of the API): `GET /_batchtts/stats` (`?log=0` for the counts alone), `POST /_batchtts/faults` (a JSON
@@ -48,6 +48,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import local
+from .audio import encode_mp3, pcm_params
 from .engine import UnknownVoiceError, engine
 from .errors import UsageError
 from .limiters import SLACK, FixedWindow, InFlightCap, Limiter, Quota, Refusal, SlidingWindow, TokenBucket
@@ -174,6 +175,11 @@ class ServeConfig:
     retry_after: float | None = None
     drop_rate: float = 0.0
     truncate_rate: float = 0.0
+    # Answers that arrive whole, as valid audio, and are wrong: silence as long as the speech, or the
+    # speech's first half only. Which inputs get them follows a hash of the seed and the text, so every
+    # attempt at an input gets the same audio while the rate is on.
+    silence_rate: float = 0.0
+    short_rate: float = 0.0
     drop_first: int = 0
     truncate_first: int = 0
     stall_first: int = 0
@@ -201,7 +207,7 @@ class ServeConfig:
 
 
 FIXED_FIELDS = ("host", "port", "api_key")  # the socket, and the key that guards /_batchtts/faults itself
-RATE_FIELDS = ("fail_rate", "drop_rate", "truncate_rate")
+RATE_FIELDS = ("fail_rate", "drop_rate", "truncate_rate", "silence_rate", "short_rate")
 CHOICES = {"rate_limit_headers": ("retry-after", "reset", "both", "none"), "engine": ("espeak", "tone"),
            "limiter": ("bucket", "fixed", "sliding")}
 RATE_SETTINGS = ("limiter", "rate_limit", "window", "burst")
@@ -237,6 +243,27 @@ def updated(config: ServeConfig, changes: object) -> ServeConfig:
     if "fail_statuses" in changes:
         changes = {**changes, "fail_statuses": tuple(changes["fail_statuses"])}
     return dataclasses.replace(config, **changes)
+
+
+def audio_fault(config: ServeConfig, text: str) -> str | None:
+    """The wrong audio an input is answered with, "silence" or "short", or None: chosen by a hash of
+    the seed and the text, so a test can find its rows and a retry meets the same answer."""
+    if not config.silence_rate and not config.short_rate:
+        return None
+    roll = int.from_bytes(hashlib.sha256(f"{config.seed}:{text}".encode()).digest()[:8], "big") / 2 ** 64
+    if roll < config.silence_rate:
+        return "silence"
+    return "short" if roll < config.silence_rate + config.short_rate else None
+
+
+def misspoken(pcm: bytes, content_type: str, fault: str, response_format: str) -> tuple[bytes, str]:
+    """Speech made wrong as `fault` says, in the format asked for: silence as long, or its first half."""
+    rate, channels = pcm_params(content_type)
+    frame = 2 * channels
+    pcm = bytes(len(pcm)) if fault == "silence" else pcm[:len(pcm) // frame // 2 * frame]
+    if response_format == "mp3":
+        return encode_mp3(pcm, rate, channels), "audio/mpeg"
+    return pcm, content_type
 
 
 def rate_limiter_for(config: ServeConfig) -> Limiter | None:
@@ -530,10 +557,15 @@ class SpeechServer:
             statuses = config.fail_statuses or (503,)
             await self._error(send, entry, statuses[(self.attempts[text] - 1) % len(statuses)])
 
+        wrong = audio_fault(config, text)
+        spoken_format = "pcm" if wrong is not None else request_format  # made wrong first, encoded after
         if config.engine == "espeak":
-            audio, content_type = await local.synthesize(text, speaker, request_format, speed)
+            audio, content_type = await local.synthesize(text, speaker, spoken_format, speed)
         else:
-            audio, content_type = synthesize_tone(text, request_format, speed)
+            audio, content_type = synthesize_tone(text, spoken_format, speed)
+        if wrong is not None:
+            audio, content_type = await asyncio.to_thread(misspoken, audio, content_type, wrong, request_format)
+            entry["audio"] = wrong
         headers = [
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(audio)).encode()),

@@ -130,6 +130,29 @@ class OutputFolder:
             f.close()
         return Published(final, size, digest)
 
+    def copy(self, source: str, relpath: str, size: int, sha256: str) -> Published:
+        """Put the file at `source` (of `size` bytes and `sha256`, as recorded) at `relpath` too, as
+        publish puts a file: a hard link made aside and renamed into place, or where the file system
+        takes no link (another file system mounted under the folder, one without links) a copy of its
+        bytes, fsynced. Blocking: call it from a worker thread."""
+        self._makedirs(self.partial_dir)
+        partial = self.partial_dir / f"{os.getpid()}-{next(self._partials)}"
+        final = self.root / relpath
+        try:
+            try:
+                os.link(self.root / source, partial)
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError):
+                    raise
+                shutil.copyfile(self.root / source, partial)
+                with open(partial, "rb") as f:
+                    os.fsync(f.fileno())
+            self._makedirs(final.parent)
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)  # there still when `relpath` was already a link to the file
+        return Published(final, size, sha256)
+
     def _makedirs(self, folder: Path) -> None:
         if folder not in self._made:
             folder.mkdir(parents=True, exist_ok=True)

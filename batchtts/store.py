@@ -105,6 +105,16 @@ class ObjectStoreOutput(OutputFolder):
             partial.unlink(missing_ok=True)
         return Published(Path(relpath), size, digest)
 
+    def copy(self, source: str, relpath: str, size: int, sha256: str) -> Published:
+        """Copy an object within the store (objects take no links): the store makes the new object
+        whole or not at all."""
+        final = f"{self.prefix}/{relpath}"
+        try:
+            self.fs.copy_file(f"{self.prefix}/{source}", final)
+        except OSError as exc:
+            raise StorageError(f"copy to {final} failed: {exc}") from exc
+        return Published(Path(relpath), size, sha256)
+
 
 def publish_file(local: Path, uri: str) -> None:
     """Put a finished local file at an object-store URI, whole or not at all."""

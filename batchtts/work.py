@@ -1,6 +1,6 @@
 """The work a run hands its workers: a whole row, one chunk of a long row, a long row to stitch (from
-the Parts on disk), a row the budget passes over, or one that cannot be narrated as written. The plan
-makes them; the narrator does them."""
+the Parts on disk), a row whose request another row makes (its file copied), a row the budget passes
+over, or one that cannot be narrated as written. The plan makes them; the narrator does them."""
 
 from __future__ import annotations
 
@@ -63,13 +63,25 @@ class Unreadable:
     reason: str
 
 
-WorkItem = Row | ChunkJob | Assembly | PassedOver | Unreadable
+@dataclass(frozen=True)
+class Copy:
+    """A row whose request (`Row.request`) row `source` makes: its file is copied, not bought again.
+    `fresh`: the source is narrated by this run (its failure is the copy's too), not done before.
+    `work`: the row's own, should the source not have the file after all."""
+
+    row: Row
+    source: str
+    fresh: bool
+    work: tuple[WorkItem, ...]
+
+
+WorkItem = Row | ChunkJob | Assembly | Copy | PassedOver | Unreadable
 
 
 def row_of(item: WorkItem) -> Row:
     if isinstance(item, ChunkJob):
         return item.assembly.row
-    if isinstance(item, (Assembly, PassedOver, Unreadable)):
+    if isinstance(item, (Assembly, Copy, PassedOver, Unreadable)):
         return item.row
     return item
 

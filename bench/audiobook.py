@@ -153,14 +153,17 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+QC_COLUMNS = ("id", "loudness_lufs", "rms_db", "peak_db", "true_peak_db", "noise_floor_db", "head_s", "tail_s",
+              "length_s", "passed", "problems")
+
+
 def print_qc(records: list[dict[str, object]]) -> None:
     if not records:
         print("(qc printed nothing)")
         return
-    columns = list(records[0])
-    print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+    print("| " + " | ".join(QC_COLUMNS) + " |\n|" + " --- |" * len(QC_COLUMNS))
     for record in records:
-        print("| " + " | ".join(_cell(record.get(c)) for c in columns) + " |")
+        print("| " + " | ".join(_cell(record.get(c)) for c in QC_COLUMNS) + " |")
 
 
 def _cell(value: object) -> str:

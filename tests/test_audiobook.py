@@ -3,6 +3,7 @@ tags and a cover, read back with PyAV and mutagen."""
 
 from __future__ import annotations
 
+import sqlite3
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import cli, ledger_rows, write_csv
 from mutagen.id3 import ID3, CTOCFlags
+from mutagen.mp3 import MP3
 from mutagen.mp4 import MP4, MP4Cover
 
 TOLERANCE = 0.05  # seconds
@@ -69,6 +71,15 @@ def seconds(path: Path, pcm: dict[str, str] | None = None) -> float:
     return len(samples) / rate
 
 
+def copy_run(out: Path, to: Path) -> Path:
+    """A copy of a run's folder (its ledger and audio) to change without changing the run."""
+    to.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
 def chapter_files(out: Path, ids: list[str], suffix: str) -> list[Path]:
     return [out / f"{ident}{suffix}" for ident in ids]
 
@@ -119,6 +130,7 @@ def test_an_m4b_has_a_mark_at_each_chapter_the_tags_and_the_cover(narrated, tmp_
     assert_speech_at_marks(book, files)
 
     tags = MP4(book)
+    assert tags.info.length == pytest.approx(seconds(book), abs=TOLERANCE)  # the length a player shows
     assert tags["\xa9nam"] == ["A Short Book"] and tags["\xa9alb"] == ["A Short Book"]
     assert tags["\xa9ART"] == ["Ada Author"] and tags["stik"] == [2]
     assert bytes(tags["covr"][0]) == cover and tags["covr"][0].imageformat == MP4Cover.FORMAT_PNG
@@ -151,6 +163,9 @@ def test_an_mp3_book_has_id3_chapters_and_a_table_of_contents(narrated, tmp_path
     cover_frame = tags.getall("APIC")[0]
     assert cover_frame.data == cover and cover_frame.mime == "image/png"
     assert seconds(book) == pytest.approx(starts[-1], abs=TOLERANCE)
+    # The length a player shows, from the Xing header: mutagen counts the encoder's delay and padding
+    # (some 50 ms) in, as it reads them only from a tag LAME itself wrote, not FFmpeg's.
+    assert MP3(book).info.length == pytest.approx(starts[-1], abs=0.1)
 
 
 def test_split_hours_makes_parts_of_whole_chapters_each_with_its_own_marks(narrated, tmp_path):
@@ -175,6 +190,25 @@ def test_split_hours_makes_parts_of_whole_chapters_each_with_its_own_marks(narra
     assert single.returncode == 0, single.stderr
     parts = sorted((tmp_path / "each").iterdir())
     assert [[t for t, _, _ in marks(p)] for p in parts] == [["One"], ["Two"], ["Three"]]
+
+
+def test_parts_follow_the_decoded_lengths_where_the_ledger_measured_otherwise(narrated, tmp_path):
+    """Parts are planned by the lengths in the ledger, but a file longer than the ledger says (as when
+    a header only estimates its length) does not put a part over the limit."""
+    manifest, out, cover = narrated
+    copy = copy_run(out, tmp_path / "out")
+    with sqlite3.connect(copy / "ledger.sqlite") as db:
+        db.execute("UPDATE rows SET duration_s = 0.001 WHERE key IN ('ch-2', 'ch-3')")
+    db.close()
+    durations = [seconds(c) for c in chapter_files(out, ["ch-1", "ch-2", "ch-3"], ".mp3")]
+    hours = (durations[0] + durations[1] + 0.01) / 3600  # by the ledger, all three would fit
+    result = cli("audiobook", copy, "--to", tmp_path / "Book.m4b", "--split-hours", f"{hours:.9f}")
+    assert result.returncode == 0, result.stderr
+    first, second = tmp_path / "Book - Part 1.m4b", tmp_path / "Book - Part 2.m4b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, second.name, "out"]  # nothing left aside
+    assert_marks_follow(first, ["One", "Two"], chapter_files(out, ["ch-1", "ch-2"], ".mp3"))
+    assert_marks_follow(second, ["Three"], chapter_files(out, ["ch-3"], ".mp3"))
+    assert MP4(first)["trkn"] == [(1, 2)] and MP4(second)["\xa9nam"] == ["A Short Book - Part 2"]
 
 
 @pytest.mark.parametrize("fmt", ["wav", "pcm"])
@@ -219,10 +253,7 @@ def test_chapters_without_audio_are_refused_unless_allowed(serve, tmp_path):
 
 def test_unreadable_audio_or_cover_is_refused_and_a_jpeg_cover_is_taken(narrated, tmp_path):
     manifest, out, cover = narrated
-    copy = tmp_path / "out"
-    copy.mkdir()
-    for f in out.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_run(out, tmp_path / "out")
     damaged = copy / "ch-3.mp3"
     damaged.write_bytes(bytes(damaged.stat().st_size))  # as long as it was, so the ledger still counts it done
     result = cli("audiobook", copy, "--to", tmp_path / "Book.m4b")

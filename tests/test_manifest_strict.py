@@ -138,14 +138,14 @@ def test_a_utf8_bom_is_read_past(tmp_path, name, text):
 def test_wrong_types_in_json_lines_are_named(tmp_path):
     records = [{"id": "a", "text": 5}, {"id": "b", "text": ["x"]}, {"id": "c", "text": {"a": 1}},
                {"id": "d", "text": True}, {"id": {"x": 1}, "text": "t"}, {"id": "f", "text": "t", "output": {"a": 1}},
-               {"id": "g", "text": "t", "voice": ["v"]}, {"id": "h", "text": "t", "model": False},
+               {"id": "g", "text": "t", "voice": ["v", 1]}, {"id": "h", "text": "t", "model": False},
                {"id": "i", "text": "t", "speed": True}, {"id": float("nan"), "text": "t"}]
     jsonl = write(tmp_path / "m.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     assert problems(jsonl) == [
         (1, "text is a number, not a string"), (2, "text is a list, not a string"),
         (3, "text is an object, not a string"), (4, "text is true/false, not a string"),
         (5, "id is an object, not a string"), (6, "output is an object, not a string"),
-        (7, "voice is a list, not a string"), (8, "model is true/false, not a string"),
+        (7, "voice holds 1, not a voice name: a list of voices holds names such as alloy|nova"), (8, "model is true/false, not a string"),
         (9, "speed True is not a number from 0.25 to 4"), (10, "id is nan, not a string"),
     ]
 

@@ -22,9 +22,11 @@ import mutagen.mp3
 import numpy as np
 import pyloudnorm
 import pytest
-from conftest import FAST_RETRY, batchtts, cli, error_message, ledger_rows, start_batchtts, write_csv
+from conftest import FAST_RETRY, cli, error_message, ledger_rows, start_batchtts, write_csv
 from scipy.signal import resample_poly
 
+from batchtts import mastering
+from batchtts.captions import Cue, render
 from batchtts.ledger import MASTERED
 from batchtts.mastering import (
     MEASUREMENTS,
@@ -42,7 +44,7 @@ from batchtts.storage import OutputFolder
 
 LOCAL = ("--model", "local/espeak-ng", "--voice", "alloy")
 TEXTS = ["The first chapter begins on a cold morning by the sea.",
-         "In the second, the ship sails at dawn with all hands aboard."]
+         "In the second, the ship sails at dawn. All hands are aboard."]
 RATE = 48000
 
 
@@ -81,6 +83,30 @@ def room_tone(samples: np.ndarray, rate: int) -> tuple[float, float, float]:
     head, tail = loud[0], len(levels) - loud[-1] - 1
     quiet = np.concatenate([samples[:head * block], samples[usable - tail * block:usable]])
     return head / 100, tail / 100, db(np.square(quiet).mean())
+
+
+def speech_onset(samples: np.ndarray, rate: int) -> float:
+    """Seconds before the first 10 ms block within 30 dB of the file's RMS: where the speech starts."""
+    block = rate // 100
+    levels = np.square(samples[: len(samples) // block * block]).mean(axis=1).reshape(-1, block).mean(axis=1)
+    return np.flatnonzero(levels > np.square(samples).mean() / 1000)[0] / 100
+
+
+def cue_times(path: Path) -> list[tuple[float, float, str]]:
+    """A caption file's cues, read by FFmpeg's subtitle demuxer (PyAV): start, end and text."""
+    with av.open(str(path)) as container:
+        stream = container.streams.subtitles[0]
+        return [(float(p.pts * stream.time_base), float((p.pts + p.duration) * stream.time_base),
+                 bytes(p).decode().strip()) for p in container.demux(stream) if p.pts is not None]
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> None:
+    """16-bit pcm: samples of shape (frames,) or (frames, channels)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((samples * 32767).astype("<i2").tobytes())
 
 
 def mastered_records(out: Path) -> dict[str, dict]:
@@ -183,22 +209,75 @@ def test_raw_pcm_is_measured_with_the_shape_the_ledger_gives(tmp_path):
 
 def test_a_stopped_master_leaves_nothing_under_its_name(tmp_path):
     src = tmp_path / "src.wav"
-    with wave.open(str(src), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((sine(-20, 3) * 32767).astype("<i2").tobytes())
-    asked = []
-
-    def cancelled() -> bool:
-        asked.append(1)
-        return len(asked) > 40
-
+    write_wav(src, sine(-20, 3))
     scratch = tmp_path / "scratch"
+    asked: list[list[str]] = []
+
+    def cancelled() -> bool:  # asked before each frame: the sixth is stopped
+        asked.append([p.name for p in scratch.iterdir()])
+        return len(asked) > 5
+
     with pytest.raises(MasteringCancelled):
         master(src, tmp_path / "out" / "src.mp3", PRESETS["podcast"], scratch=scratch, cancelled=cancelled)
+    assert [name.startswith(".src.mp3.mastering-") for name in asked[-1]] == [True]  # stopped while encoding
     assert not (tmp_path / "out" / "src.mp3").exists()
     assert list(scratch.iterdir()) == []
+
+
+def test_captions_move_with_the_speech_and_stay_within_the_mastered_file(tmp_path):
+    # 1.5 s of silence, 2 s of "speech", 4 s of silence: ACX's head (0.75 s) and tail (2 s) take the
+    # place of the silences, so the speech starts 0.73 s sooner and the file ends 2 s sooner.
+    src = tmp_path / "ch01.wav"
+    write_wav(src, np.concatenate([np.zeros(round(1.5 * RATE), np.float32), sine(-20, 2), np.zeros(4 * RATE, np.float32)]))
+    written = [Cue(0.0, 1.5, "Before the speech."), Cue(1.5, 2.5, "Salt & <pepper>."), Cue(2.5, 7.5, "To the end.")]
+    for fmt in ("srt", "vtt"):
+        (tmp_path / f"ch01.{fmt}").write_text(render(written, fmt))
+    dst = tmp_path / "mastered" / "ch01.mp3"
+    master(src, dst, PRESETS["acx"], scratch=tmp_path / "scratch")
+    samples, rate = decode(dst)
+    length, onset = len(samples) / rate, speech_onset(samples, rate)
+    assert onset == pytest.approx(0.77, abs=0.02)  # the head, and the 20 ms kept before the speech
+    for fmt, said in (("srt", "Salt & <pepper>."), ("vtt", "Salt &amp; &lt;pepper&gt;.")):
+        cues = cue_times(dst.with_suffix(f".{fmt}"))
+        assert [text for *_, text in cues] == ["Before the speech.", said, "To the end."]
+        (first_start, first_end, _), (start, end, _), (last_start, last_end, _) = cues
+        assert first_start == 0 and first_end == pytest.approx(start, abs=0.001)  # begun in the silence cut: from 0
+        assert start == pytest.approx(onset, abs=0.05)  # the speech's cue where the speech now starts
+        assert (end - start, last_start - start) == (pytest.approx(1.0, abs=0.001), pytest.approx(1.0, abs=0.001))
+        assert last_end == pytest.approx(length, abs=0.002)  # cut at the end of the file, not 2 s past it
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["ch01.mp3", "ch01.srt", "ch01.vtt"]
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+@pytest.mark.parametrize("foreseen, passes", [((3.0, 3.0), True), ((3.0, 9.0), False)])
+def test_a_file_that_misses_its_level_is_made_once_more_and_no_more(tmp_path, monkeypatch, foreseen, passes):
+    src = tmp_path / "tone.wav"
+    write_wav(src, sine(-20, 3))
+    renders = []
+    real_render = mastering._render
+    monkeypatch.setattr(mastering, "_render", lambda *args: renders.append(1) or real_render(*args))
+    wrong = iter(foreseen)  # the encoder foreseen to add 3 dB (then 9) that it does not: the file comes out quieter
+    monkeypatch.setattr(mastering, "_encoder_gain", lambda *args: next(wrong))
+    measured = master(src, tmp_path / "tone.mp3", PRESETS["podcast"])
+    assert len(renders) == 2  # the miss measured, one pass corrected by it, and never a third
+    samples, rate = decode(tmp_path / "tone.mp3")
+    loudness = pyloudnorm.Meter(rate).integrated_loudness(samples)
+    assert measured.loudness_lufs == pytest.approx(loudness, abs=0.05)
+    assert check(measured, PRESETS["podcast"]).passed is passes and bool(-17 <= loudness <= -15) is passes
+
+
+def test_a_stereo_narration_stays_stereo_with_its_channels_apart(tmp_path):
+    quiet = np.zeros((RATE // 2, 2), np.float32)
+    src = tmp_path / "duet.wav"
+    write_wav(src, np.concatenate([quiet, np.stack([sine(-10, 3), sine(-20, 3, frequency=660)], axis=1), quiet]))
+    for name in ("acx", "podcast"):
+        dst = tmp_path / f"duet-{name}.mp3"
+        master(src, dst, PRESETS[name])
+        samples, rate = decode(dst)
+        assert samples.shape[1] == 2 and mutagen.mp3.MP3(dst).info.channels == 2
+        middle = samples[round(1.5 * rate):round(2.5 * rate)]
+        left, right = (db(np.square(middle[:, channel]).mean()) for channel in (0, 1))
+        assert left - right == pytest.approx(10, abs=0.5), name  # one gain for both, neither mixed into the other
 
 
 def test_the_memory_budget_runs_a_file_too_big_for_it_alone():
@@ -261,14 +340,22 @@ def test_podcast_masters_are_at_minus_16_lufs_under_minus_1_dbtp_at_44_1_khz(tmp
 def test_acx_masters_meet_the_acx_spec_set_in_the_job_file(tmp_path):
     out = tmp_path / "out"
     job = tmp_path / "job.toml"
-    job.write_text(f'manifest = "{manifest(tmp_path)}"\nout = "{out}"\n[defaults]\nmodel = "local/espeak-ng"\n'
-                   'voice = "alloy"\nformat = "wav"\n[mastering]\npreset = "acx"\n')
+    job.write_text(f'manifest = "{manifest(tmp_path)}"\nout = "{out}"\ncaptions = "vtt"\n[defaults]\n'
+                   'model = "local/espeak-ng"\nvoice = "alloy"\nformat = "wav"\n[mastering]\npreset = "acx"\n')
     result = cli("run", job)
     assert result.returncode == 0, result.stderr
     for key in ("ch1", "ch2"):
         path = out / "mastered" / f"{key}.mp3"  # from ch1.wav: the preset's container
+        # The captions beside it: each cue as far from the start of the speech as it was in the narration.
+        narrated, mastered = cue_times(out / f"{key}.vtt"), cue_times(out / "mastered" / f"{key}.vtt")
+        assert [c[2] for c in mastered] == [c[2] for c in narrated] and len(mastered) == 1 + (key == "ch2")  # sentences
+        narrated_onset, onset = speech_onset(*decode(out / f"{key}.wav")), speech_onset(*decode(path))
+        for (start, _, _), (was, _, _) in zip(mastered, narrated, strict=True):
+            assert start - onset == pytest.approx(was - narrated_onset, abs=0.05), (key, start, onset, was, narrated_onset)
+        assert mastered[-1][1] <= mutagen.mp3.MP3(path).info.length + 0.001
         info = mutagen.mp3.MP3(path).info
         assert (info.sample_rate, round(info.bitrate / 1000), info.bitrate_mode) == (44100, 192, mutagen.mp3.BitrateMode.CBR)
+        assert info.channels == 1  # as narrated
         samples, rate = decode(path)
         assert rate == 44100
         assert -23 <= db(np.square(samples).mean()) <= -18
@@ -330,21 +417,25 @@ def test_a_file_that_cannot_be_mastered_fails_alone(tmp_path):
     assert qc.returncode == 1 and "not mastered" in qc.stdout
 
 
-def test_a_mastered_file_never_overwrites_a_narrated_one(tmp_path):
+def test_a_mastered_file_never_overwrites_a_narrated_one_or_another_mastered_one(tmp_path):
     out = tmp_path / "out"
     m = write_csv(tmp_path / "m.csv", [{"id": "ch1", "text": TEXTS[0]},
                                        {"id": "extra", "text": TEXTS[1], "output": "mastered/ch1"}])
+    refused = cli("run", m, "--out", out, *LOCAL, "--master", "podcast")  # mastered/ is batchtts's own
+    assert refused.returncode == 2 and "'mastered/ch1' is a name batchtts uses itself" in error_message(refused)
+    assert not list(out.glob("**/*.mp3"))
+    m = write_csv(tmp_path / "m.csv", [{"id": "a", "text": TEXTS[0], "response_format": "wav"},
+                                       {"id": "b", "text": TEXTS[1], "output": "a", "response_format": "mp3"}])
     result = cli("run", m, "--out", out, *LOCAL, "--master", "podcast")
     assert result.returncode == 1
-    assert "could not master row 1 (ch1): row 2's narrated file is mastered/ch1.mp3" in result.stdout
-    assert ledger_rows(out / "ledger.sqlite")["extra"]["sha256"] == hashlib.sha256(
-        (out / "mastered" / "ch1.mp3").read_bytes()).hexdigest()
-    assert mastered_records(out)["extra"]["path"] == "mastered/mastered/ch1.mp3"
+    assert "could not master row 2 (b): row 1's mastered file is mastered/a.mp3 too" in result.stdout
+    assert sorted(p.name for p in (out / "mastered").iterdir()) == ["a.mp3"]
+    assert mastered_records(out)["a"]["sha256"] == hashlib.sha256((out / "mastered" / "a.mp3").read_bytes()).hexdigest()
 
 
 def test_a_stopped_or_killed_run_leaves_no_half_mastered_file_and_a_rerun_finishes(tmp_path):
     out = tmp_path / "out"
-    m = manifest(tmp_path, [" ".join(TEXTS * 4), " ".join(TEXTS[::-1] * 4)])  # 20 s each: seconds to master
+    m = manifest(tmp_path, [" ".join(TEXTS * 4), " ".join(TEXTS[::-1] * 4)])  # 20 s each: a signal finds them mastering
     assert cli("run", m, "--out", out, *LOCAL).returncode == 0
     command = ("run", m, "--out", out, *LOCAL, "--master", "acx", "--log-format", "json")
 
@@ -374,7 +465,7 @@ def test_a_stopped_or_killed_run_leaves_no_half_mastered_file_and_a_rerun_finish
     folder.partial_dir.mkdir(parents=True, exist_ok=True)
     (folder.partial_dir / ".ch1.mp3.mastering-1-0").write_bytes(b"half")  # as a kill mid-encoding leaves it
 
-    result = batchtts(*command)
+    result = cli(*command)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (out / "mastered").iterdir()) == ["ch1.mp3", "ch2.mp3"]
     assert all(r["status"] == "done" for r in mastered_records(out).values())

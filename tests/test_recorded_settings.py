@@ -16,7 +16,7 @@ from conftest import cli, error_message, ledger_rows, write_csv
 
 import batchtts
 from batchtts.config import load_job
-from batchtts.ledger import VERSION, Ledger, upgrade
+from batchtts.ledger import TABLES, VERSION, Ledger, upgrade
 
 ROWS = [  # two the lexicon changes (one keyed by its content), one the cast changes, one neither
     {"id": "ch-1", "title": "One", "track": "1", "text": "Doctor Nguyen opens the book."},
@@ -149,17 +149,25 @@ def schema(db: sqlite3.Connection) -> list[tuple[str, str, list[tuple[object, ..
             for kind, name in objects]
 
 
+BEFORE = 5  # the schema before the one that records the lexicon, the cast and the chunking
+
+
 def test_a_ledger_of_the_schema_before_is_read_as_it_is_and_upgraded_by_the_next_run(tmp_path):
     job, out = narrate(tmp_path)
     ledger = out / "ledger.sqlite"
     db = sqlite3.connect(ledger, isolation_level=None)
-    try:  # the ledger as the schema before this one wrote it: the same steps, one fewer
-        for column in ("lexicon", "voices", "chunk_chars", "limits"):
-            db.execute(f"ALTER TABLE runs DROP COLUMN {column}")
-        db.execute(f"PRAGMA user_version = {VERSION - 1}")
+    try:  # the ledger as schema 5 wrote it, before the run settings: what later schemas added, taken away
+        for table in TABLES:
+            if table.since > BEFORE:
+                db.execute(f"DROP TABLE {table.name}")
+            for column in (c for c in table.columns if c.since > BEFORE and table.since <= BEFORE):
+                if column.index:
+                    db.execute(f"DROP INDEX {column.index}")
+                db.execute(f"ALTER TABLE {table.name} DROP COLUMN {column.name}")
+        db.execute(f"PRAGMA user_version = {BEFORE}")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         made = sqlite3.connect(tmp_path / "before.sqlite", isolation_level=None)
-        for number in range(1, VERSION):
+        for number in range(1, BEFORE + 1):
             made.executescript(f"BEGIN; {upgrade(number)} PRAGMA user_version={number}; COMMIT;")
         assert schema(db) == schema(made)
         made.close()

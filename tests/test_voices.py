@@ -141,9 +141,11 @@ def test_markup_is_read_exactly_and_the_cast_refuses_lists():
     assert cast.voice("Alice", "local/espeak-ng") == "Alice" and cast.voice("Dave", MODEL) == "Dave"
 
 
-def test_a_list_of_voices_is_refused_for_now(tmp_path):
+def test_a_list_of_voices_is_a_pool_and_an_empty_one_is_refused(tmp_path):
     write_csv(tmp_path / "m.csv", [{"text": "Hello."}])
-    (tmp_path / "job.toml").write_text('manifest = "m.csv"\nout = "out"\n[voices]\nAlice = ["nova", "shimmer"]\n')
+    (tmp_path / "job.toml").write_text('manifest = "m.csv"\nout = "out"\n[voices]\nAlice = []\n')
     result = cli("run", tmp_path / "job.toml", "--model", "local/espeak-ng", "--voice", "alloy")
     assert result.returncode == 2
-    assert "[voices] Alice is a list: a pool of voices for one name is not taken yet" in result.stderr
+    assert "[voices] Alice is an empty pool" in result.stderr
+    (tmp_path / "job.toml").write_text('manifest = "m.csv"\nout = "out"\n[voices]\nAlice = ["nova", "shimmer"]\n')
+    assert cli("run", tmp_path / "job.toml", "--model", "local/espeak-ng", "--voice", "alloy").returncode == 0

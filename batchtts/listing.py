@@ -1,0 +1,90 @@
+"""Which recorded files are still in a local output folder: one listing of each folder, not a look per row.
+
+A rerun of a finished job asks, for every row the ledger records as done, whether its file is still
+there as recorded. Asked with a `stat` per row, a job of ten million rows pays ten million system
+calls. `Listing` lists each folder rows write into once (`os.scandir`: names and types, from the
+directory entries alone on Linux) and keeps an 8-byte hash of each regular file's name in a sorted
+array, so a folder of ten million files costs 80 MB for the length of the plan.
+
+A name in the listing says the file is there and is a file (a folder or a socket of that name is
+not). Its size is the ledger's record, trusted: one file in SAMPLE_EVERY has its size looked at too,
+and once one is found not as recorded, every file after it is. `verify` (`run --verify-files`)
+looks at every file's size, as a full check. Batchtts itself publishes files whole (written aside,
+then renamed), so a file of another size is one something else changed.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .names import hash64
+
+SAMPLE_EVERY = 64  # files, of those listed, whose size is looked at without --verify-files
+
+
+class Listing:
+    """The regular files of a local output folder, listed once per folder as they are asked for."""
+
+    def __init__(self, root: os.PathLike[str] | str, verify: bool = False) -> None:
+        self._root = os.path.join(root, "")
+        self.verify = verify
+        self._folders: dict[str, np.ndarray] = {}
+        self._asked = 0
+        self._expected: dict[tuple[str, int | None], bool] = {}
+
+    def has(self, relpath: str, size: int | None) -> bool:
+        """True if the file is in its folder's listing (and, when looked at, of the size recorded)."""
+        known = self._expected.get((relpath, size))
+        return self.have([(relpath, size)])[0] if known is None else known
+
+    def expect(self, files: Sequence[tuple[str, int | None]]) -> None:
+        """Look for the files `has` is about to be asked about, together (the next call forgets these)."""
+        self._expected = dict(zip(files, self.have(files), strict=True))
+
+    def have(self, files: Sequence[tuple[str, int | None]]) -> list[bool]:
+        """`has` for many files at once: one search of each folder's listing per call."""
+        by_folder: dict[str, list[int]] = {}
+        for i, (relpath, _) in enumerate(files):
+            by_folder.setdefault(relpath.rpartition("/")[0], []).append(i)
+        found = [False] * len(files)
+        for folder, indices in by_folder.items():
+            names = self._listed(folder)
+            wanted = np.fromiter((hash64(files[i][0].rpartition("/")[2]) for i in indices), np.uint64, len(indices))
+            at = np.searchsorted(names, wanted)
+            listed = (at < len(names)) & (names[np.minimum(at, len(names) - 1)] == wanted) if len(names) else \
+                np.zeros(len(indices), bool)
+            for i, there in zip(indices, listed.tolist(), strict=True):
+                found[i] = there and self._size_ok(*files[i])
+        return found
+
+    def _size_ok(self, relpath: str, size: int | None) -> bool:
+        if size is None:
+            return False
+        self._asked += 1
+        if not self.verify and self._asked % SAMPLE_EVERY:
+            return True
+        try:
+            ok = os.stat(self._root + relpath).st_size == size
+        except OSError:
+            ok = False
+        if not ok:
+            self.verify = True  # something changed files behind the ledger's back: look at every one from here on
+        return ok
+
+    def _listed(self, folder: str) -> np.ndarray:
+        """The sorted hashes of the regular files' names in one folder (empty when it is not there)."""
+        if folder not in self._folders:
+            hashes = array.array("Q")
+            try:
+                with os.scandir(self._root + folder if folder else self._root) as entries:
+                    hashes.extend(hash64(e.name) for e in entries if e.is_file())
+            except OSError:  # not there, or not a folder: no file in it is there
+                pass
+            listed = np.frombuffer(hashes, np.uint64) if hashes else np.zeros(0, np.uint64)
+            listed.sort()  # in place: the array's memory, 8 bytes a file
+            self._folders[folder] = listed
+        return self._folders[folder]

@@ -1,0 +1,182 @@
+"""Big jobs: a rerun checks files against one listing of each folder and looks records up in batches,
+status counts the ledger when the manifest is as the last run planned it, and the manifest's repeats
+are found on disk past a million rows, all deciding as the row-by-row way does. Speed is
+bench/scale.py's."""
+
+from __future__ import annotations
+
+import array
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from conftest import FAST_RETRY, cli, ledger_rows, write_csv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchtts import Defaults, Job, results
+from batchtts import ledger as ledger_module
+from batchtts.errors import SpeechError
+from batchtts.ledger import Ledger, Stored
+from batchtts.listing import Listing
+from batchtts.manifest import Row, _duplicates
+from batchtts.plan import Planner, needs_work
+from batchtts.repeats import Hashes
+from batchtts.storage import OutputFolder
+
+MODEL = "openai/gpt-4o-mini-tts"
+
+
+def rows(n: int, edited: int | None = None) -> list[dict[str, str]]:
+    return [{"id": f"r{i:03d}", "text": f"Line {i} of the scale test{' (edited)' if i == edited else ''}.",
+             "voice": "alloy"} for i in range(n)]
+
+
+def run_args(manifest: Path, out: Path, server, *extra: str) -> list[str | Path]:
+    return ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, *FAST_RETRY, *extra]
+
+
+def test_a_rerun_finds_a_deleted_file_one_of_another_size_and_one_replaced_by_a_folder(serve, tmp_path):
+    server = serve()
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", rows(8))
+    assert cli(*run_args(manifest, out, server)).returncode == 0
+    files = {key: out / entry["path"] for key, entry in ledger_rows(out / "ledger.sqlite").items()}
+    sent = server.stats()["requests"]
+
+    files["r001"].unlink()
+    assert cli(*run_args(manifest, out, server)).returncode == 0  # names alone: the listing lacks it
+    assert server.stats()["requests"] == sent + 1 and files["r001"].is_file()
+
+    with files["r002"].open("r+b") as f:  # cut short behind the ledger's back: --verify-files looks at sizes
+        f.truncate(10)
+    files["r003"].unlink()
+    assert cli(*run_args(manifest, out, server, "--verify-files")).returncode == 0
+    assert server.stats()["requests"] == sent + 3
+    entries = ledger_rows(out / "ledger.sqlite")
+    assert all(files[key].stat().st_size == entries[key]["bytes"] for key in ("r002", "r003"))
+
+    files["r004"].unlink()
+    files["r004"].mkdir()  # not a file: the row has work, and its file cannot take the folder's place
+    result = cli(*run_args(manifest, out, server))
+    assert result.returncode != 0 and "is a folder on disk" in result.stdout + result.stderr
+    assert server.stats()["requests"] == sent + 3
+
+
+def test_the_listing_says_what_a_stat_says(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name, size in (("a.wav", 10), ("b.wav", 20), ("sub/c.wav", 30)):
+        (tmp_path / name).write_bytes(bytes(size))
+    (tmp_path / "d.wav").mkdir()  # a folder of a file's name
+    (tmp_path / "e.wav").symlink_to(tmp_path / "a.wav")
+    asked = [("a.wav", 10), ("b.wav", 21), ("sub/c.wav", 30), ("d.wav", (tmp_path / "d.wav").stat().st_size),
+             ("gone.wav", 1), ("e.wav", 10), ("nowhere/f.wav", 1), ("a.wav", None)]
+    assert Listing(tmp_path, verify=True).have(asked) == [True, False, True, False, False, True, False, False]
+    by_names = Listing(tmp_path)  # sizes taken as recorded, but for one file in SAMPLE_EVERY
+    assert by_names.have(asked) == [True, True, True, False, False, True, False, False]
+    assert [by_names.has(*file) for file in asked] == by_names.have(asked)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["none", "done", "stale", "failed", "retryable"]),
+                          st.sampled_from(["there", "gone", "resized", "folder"])), min_size=1, max_size=25),
+       st.booleans(), st.integers(1, 7))
+def test_batched_lookups_decide_as_one_lookup_a_row_does(cases, verify, batch):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        job = Job(manifest=out / "m.csv", out=out, defaults=Defaults(model=MODEL, voice="alloy", format="wav"),
+                  verify_files=verify)
+        ledger = Ledger(job.ledger_path)
+        made = []
+        for i, (record, file) in enumerate(cases):
+            row = Row(i + 1, f"r{i}", f"Line {i}.", MODEL, "alloy", "wav", None, None, None, {})
+            made.append(row)
+            recorded = Row(i + 1, f"r{i}", f"Line {i} before.", MODEL, "alloy", "wav", None, None, None, {}) \
+                if record == "stale" else row
+            if record in ("done", "stale"):
+                ledger.record_done(recorded, Stored(row.relpath, 100, "0" * 64, 24000, 1, 0.1), 1, 0.0, None)
+            elif record != "none":
+                ledger.record_failed(recorded, SpeechError("no", 400), 1, retryable=record == "retryable")
+            if file == "there" or (file == "resized" and not verify):  # sampled sizes: only --verify-files is sure
+                (out / row.relpath).write_bytes(bytes(100))
+            elif file == "resized":
+                (out / row.relpath).write_bytes(bytes(99))
+            elif file == "folder":
+                (out / row.relpath).mkdir()
+        ledger.commit()
+        folder = OutputFolder(out, job.ledger_path)
+        expected = [needs_work(row, ledger.lookup(row.key), folder, False) for row in made]
+        original = ledger_module.LOOKUP_BATCH
+        ledger_module.LOOKUP_BATCH = batch  # several queries for one batch of rows
+        try:
+            one_by_one = [Planner(job, ledger, folder).decide(row) for row in made]
+            together = Planner(job, ledger, folder).decide_many(made)
+        finally:
+            ledger_module.LOOKUP_BATCH = original
+            ledger.close()
+        assert together == one_by_one
+        assert [d.state.value == "work" for d in together] == expected
+
+
+def status(out: Path, *extra: str | Path) -> dict:
+    import json
+
+    result = cli("status", out, "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def planned_everything(out: Path, monkeypatch) -> dict:
+    """Status as a full plan of every row says it."""
+    with monkeypatch.context() as m:
+        m.setattr(results, "_counted", lambda ctx: None)
+        return status(out)
+
+
+def test_status_counts_the_ledger_while_the_manifest_is_as_planned_and_plans_rows_once_it_is_not(
+        serve, tmp_path, monkeypatch):
+    server = serve()
+    out = tmp_path / "out"
+    manifest = write_csv(tmp_path / "m.csv", rows(6))
+    assert cli(*run_args(manifest, out, server, "--limit", "4")).returncode == 0
+    recorded = sqlite3.connect(out / "ledger.sqlite").execute(
+        "SELECT manifest_rows FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    assert recorded == (6,)
+    calls = []
+    counted = results._counted
+    monkeypatch.setattr(results, "_counted", lambda ctx: calls.append(found := counted(ctx)) or found)
+    fast = status(out)
+    assert calls[-1] is not None  # the ledger was counted, not the manifest planned
+    assert (fast["total"], fast["done"], fast["pending"]) == (6, 4, 2)
+    assert fast == planned_everything(out, monkeypatch)
+
+    os.utime(manifest, ns=(1, 1))  # the same rows, but status cannot know it: it plans them
+    assert status(out) == fast and calls[-1] is None
+
+    write_csv(manifest, rows(6, edited=0))  # a row done is edited: it is pending again
+    edited = status(out)
+    assert calls[-1] is None and (edited["done"], edited["pending"]) == (3, 3)
+    assert edited == planned_everything(out, monkeypatch)
+
+    # The run found a record of a row as it was before: it records no plan, and status plans rows.
+    assert cli(*run_args(manifest, out, server)).returncode == 0
+    finished = status(out)
+    assert calls[-1] is None and (finished["total"], finished["done"], finished["pending"]) == (6, 6, 0)
+    assert cli(*run_args(manifest, out, server)).returncode == 0  # the ledger holds only the rows as they are
+    assert status(out) == finished and calls[-1] is not None
+    assert finished == planned_everything(out, monkeypatch)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**64 - 1) | st.integers(0, 30), max_size=400),
+       st.integers(1, 50))
+def test_spilled_hashes_find_the_repeats_memory_finds(values, spill_at):
+    hashes = Hashes(spill_at=spill_at)
+    for value in values:
+        hashes.append(value)
+    try:
+        assert len(hashes) == len(values)
+        assert hashes.repeats(_duplicates) == _duplicates(array.array("Q", values))
+        assert hashes.among([*values[:3], 31]) == ({*values[:3], 31} & set(values))
+    finally:
+        hashes.close()
