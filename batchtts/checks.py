@@ -235,9 +235,9 @@ def judge(m: Measurement, characters: int, bounds: Checks, wer: float | None = N
 
     if m.silent:
         misses.append((f"silent: no 10 ms of it above {SILENCE_DB:g} dBFS", math.inf))
-    if m.duration_s < bounds.min_duration:
+    if bounds.min_duration is not None and m.duration_s < bounds.min_duration:
         misses.append((f"short: {m.duration_s:.2f} s, under {bounds.min_duration:g} s", past(bounds.min_duration, m.duration_s)))
-    if m.duration_s > bounds.max_duration:
+    if bounds.max_duration is not None and m.duration_s > bounds.max_duration:
         misses.append((f"long: {m.duration_s:.2f} s, over {bounds.max_duration:g} s", past(m.duration_s, bounds.max_duration)))
     if rate is not None and rate < bounds.min_chars_per_second:
         misses.append((f"slow: {rate:.1f} characters/s, under {bounds.min_chars_per_second:g}",

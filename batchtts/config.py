@@ -208,7 +208,7 @@ def _recogniser(value: str) -> str | None:
 
 @dataclass(frozen=True)
 class Checks:
-    """What each narrated file is held to as it lands (NeMo Curator's quality filters by default): a
+    """What each narrated file is held to as it lands (NeMo Curator's quality filters): a
     file outside a bound is kept, and its row done but flagged with why; `--redo-flagged` narrates
     flagged rows again, at most `max_redo` times each."""
 
@@ -217,8 +217,10 @@ class Checks:
     max_chars_per_second: float = _setting(25.0, low=0, above=True)
     max_inner_silence: float = _setting(2.0, low=0, above=True)  # seconds of silence inside the speech
     max_clipping: float = _setting(0.0, low=0, high=1)  # share of samples at full scale
-    min_duration: float = _setting(1.0, low=0)  # seconds
-    max_duration: float = _setting(30.0, low=0, above=True)
+    # Seconds. No bound unless the job sets one: a dataset job sets NeMo Curator's 1 and 30, an
+    # audiobook's chapters run for minutes.
+    min_duration: float | None = _setting(None, low=0)
+    max_duration: float | None = _setting(None, low=0, above=True)
     max_redo: int = _setting(2, low=0)
     verify: Verification = _setting("none", flag="--verify", rule=_recogniser)  # asr: a word error rate per row
     max_wer: float = _setting(0.75, low=0)

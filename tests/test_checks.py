@@ -93,7 +93,7 @@ def test_a_sine_measures_as_its_formula_says_and_digital_silence_has_no_level():
 def test_the_bounds_name_each_reason_and_a_better_take_is_nearer_its_bounds():
     rng = np.random.default_rng(7)
     speech = checks.measure(speech_like(4.0, rng), RATE)
-    bounds = Checks()
+    bounds = Checks(min_duration=1.0, max_duration=30.0)
     assert not checks.judge(speech, 64, bounds).flagged  # 16 characters a second
     fast = checks.judge(speech, 160, bounds)
     assert fast.reasons == ("fast: 40.0 characters/s, over 25",) and fast.chars_per_second == 40
