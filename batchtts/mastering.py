@@ -493,6 +493,8 @@ def master(src: Path, dst: Path, chosen: Preset, *, pcm: PcmShape | None = None,
             finally:
                 caption.unlink(missing_ok=True)
         os.replace(aside, dst)
+        for fmt in set(captions.FORMATS) - set(moved):  # an earlier mastering's, of audio since narrated again
+            dst.with_suffix(f".{fmt}").unlink(missing_ok=True)
     finally:
         aside.unlink(missing_ok=True)
     return measured

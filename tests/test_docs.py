@@ -30,7 +30,9 @@ PAGES = [README, *sorted(DOCS.glob("*.md"))]
 RUN_LANGUAGES = {"sh", "python"}
 # Languages that are shell but would escape the runner: a shell example is written as `sh`.
 SHELL_ALIASES = {"bash", "shell", "zsh", "console", "shell-session"}
-BLOCK_TIMEOUT = 60
+# A block may narrate a book, master it and wrap it in an M4B: a minute on a quiet machine is far more
+# than it needs, so this only catches a hang, also on a busy one.
+BLOCK_TIMEOUT = 180
 # Run before each `python` block: the library takes its provider from the Job, not from
 # BATCHTTS_BASE_URL as the CLI does, so a job left with the default provider (OpenRouter's) is
 # pointed at the test's server, as the CLI examples are.

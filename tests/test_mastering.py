@@ -247,6 +247,9 @@ def test_captions_move_with_the_speech_and_stay_within_the_mastered_file(tmp_pat
         assert last_end == pytest.approx(length, abs=0.002)  # cut at the end of the file, not 2 s past it
     assert sorted(p.name for p in dst.parent.iterdir()) == ["ch01.mp3", "ch01.srt", "ch01.vtt"]
     assert list((tmp_path / "scratch").iterdir()) == []
+    (tmp_path / "ch01.vtt").unlink()  # narrated again, with SRT captions only
+    master(src, dst, PRESETS["acx"], scratch=tmp_path / "scratch")
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["ch01.mp3", "ch01.srt"]
 
 
 @pytest.mark.parametrize("foreseen, passes", [((3.0, 3.0), True), ((3.0, 9.0), False)])
