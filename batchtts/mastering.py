@@ -45,8 +45,6 @@ import av
 import av.filter
 import numpy as np
 import numpy.typing as npt
-import pyloudnorm
-from scipy.signal import resample_poly, sosfilt  # type: ignore[import-untyped]  # pyloudnorm's dependency, no stubs
 
 from . import captions
 from .config import MasteringPreset
@@ -234,6 +232,8 @@ def _peak(samples: Samples) -> float:
 def _true_peak(samples: Samples) -> float:
     """The highest absolute value of the signal oversampled 4x (BS.1770's true peak), a stretch at a
     time so that an hour's chapter needs no four hours of samples in memory."""
+    from scipy.signal import resample_poly  # type: ignore[import-untyped]  # see _loudness
+
     pad, step, peak = 64, 1 << 18, 0.0
     for start in range(0, len(samples), step):
         lead = min(pad, start)
@@ -250,6 +250,11 @@ def _loudness(samples: Samples, rate: int, in_place: bool = False) -> float | No
     time, their state carried over, into float32 as pyloudnorm keeps float32 audio: its meter, given
     the whole file, would hold several float64 copies of it at once. `in_place` weights the samples
     themselves, for a caller that needs them no more."""
+    # Imported when a file is first measured: scipy.signal, which pyloudnorm loads, takes seconds to
+    # import, which a run with nothing to master (or stopped before it measures) need not wait for.
+    import pyloudnorm
+    from scipy.signal import sosfilt  # pyloudnorm's dependency, no stubs
+
     meter = pyloudnorm.Meter(rate)
     if len(samples) < meter.block_size * rate:
         return None

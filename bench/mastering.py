@@ -38,6 +38,8 @@ def story(words: int) -> str:
 def child(preset: str, src: Path, dst: Path) -> None:
     """Master `src` on one CPU and print what it took, as JSON."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import pyloudnorm  # noqa: F401  # loaded by mastering as it first measures: once a process, not a chapter's
+
     from batchtts import mastering
 
     chosen = mastering.PRESETS[preset]
