@@ -144,7 +144,7 @@ def split_text(text: str, limit: int) -> list[Chunk]:
 
     def descend(start: int, end: int, level: int, new_paragraph: bool) -> None:
         for i, (a, b) in enumerate(levels[level](text, start, end)):
-            a, b = _trim(text, a, b)
+            a, b = trim(text, a, b)
             if a >= b:
                 continue
             first = new_paragraph if i == 0 else level == 0
@@ -157,7 +157,8 @@ def split_text(text: str, limit: int) -> list[Chunk]:
     return _pack(text, pieces, limit)
 
 
-def _trim(text: str, a: int, b: int) -> tuple[int, int]:
+def trim(text: str, a: int, b: int) -> tuple[int, int]:
+    """The span text[a:b] without the whitespace at its ends."""
     while a < b and text[a].isspace():
         a += 1
     while b > a and text[b - 1].isspace():

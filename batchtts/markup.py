@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .chunking import trim
 from .errors import UsageError
 from .speakers import SEPARATOR, choose
 
@@ -72,7 +73,7 @@ def stretches(text: str) -> list[Stretch] | None:
     pause: float | None = None
     at = 0
     for tag in [*tags, None]:
-        start, end = _trim(text, at, len(text) if tag is None else tag.start())
+        start, end = trim(text, at, len(text) if tag is None else tag.start())
         if start < end:
             paragraph = bool(found) and _PARAGRAPH.search(_CANDIDATE.sub("", text[found[-1].end:start])) is not None
             found.append(Stretch(start, end, open_voices[-1][0] if open_voices else None, pause, paragraph))
@@ -102,14 +103,6 @@ def stretches(text: str) -> list[Stretch] | None:
         name, where = open_voices[-1]
         raise MarkupError(_at(text, where, f'<voice name="{name}"> is never closed with </voice>'))
     return found
-
-
-def _trim(text: str, a: int, b: int) -> tuple[int, int]:
-    while a < b and text[a].isspace():
-        a += 1
-    while b > a and text[b - 1].isspace():
-        b -= 1
-    return a, b
 
 
 def _seconds(value: str) -> float | None:

@@ -334,17 +334,17 @@ def error_message(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr
 
 
-def ledger_rows(path: Path) -> dict[str, dict[str, Any]]:
-    """The ledger's rows by key; none before a starting run has created it. Read-only: a reader
-    never creates or changes the file a run is about to open."""
+def ledger_rows(path: Path, table: str = "rows") -> dict[str, dict[str, Any]]:
+    """A ledger table's records by key (`rows` by default); none before a starting run has created
+    it. Read-only: a reader never creates or changes the file a run is about to open."""
     if not path.exists():
         return {}
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rows'").fetchone() is None:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone() is None:
             return {}
-        return {r["key"]: dict(r) for r in db.execute("SELECT * FROM rows")}
+        return {r["key"]: dict(r) for r in db.execute(f"SELECT * FROM {table}")}
     finally:
         db.close()
 

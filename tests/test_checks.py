@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sqlite3
 import wave
 from pathlib import Path
 
@@ -164,12 +163,7 @@ def run(manifest: Path, out: Path, server, *extra: str | Path):
 
 def verdicts(ledger: Path) -> dict[str, dict]:
     """The checks table by key, as SQLite reads it."""
-    db = sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return {r["key"]: dict(r) for r in db.execute("SELECT * FROM checks")}
-    finally:
-        db.close()
+    return ledger_rows(ledger, "checks")
 
 
 def decoded(path: Path) -> np.ndarray:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -110,12 +109,7 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = RATE) -> None:
 
 
 def mastered_records(out: Path) -> dict[str, dict]:
-    db_ = sqlite3.connect(f"{(out / 'ledger.sqlite').resolve().as_uri()}?mode=ro", uri=True)
-    db_.row_factory = sqlite3.Row
-    try:
-        return {r["key"]: dict(r) for r in db_.execute("SELECT * FROM mastered")}
-    finally:
-        db_.close()
+    return ledger_rows(out / "ledger.sqlite", "mastered")
 
 
 def events(stderr: str) -> list[dict]:
