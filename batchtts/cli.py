@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -602,9 +602,7 @@ def export(targets: tuple[str, ...], to: str | None, fmt: str | None, manifest: 
     except BatchTTSError as exc:
         _fail(exc)
     except BrokenPipeError:
-        # The reader stopped early (`| head`): nothing to say; exit as a tool killed by SIGPIPE would.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + signal.SIGPIPE)
+        _reader_left()
     except OSError as exc:
         if stream is None:
             raise
@@ -612,6 +610,13 @@ def export(targets: tuple[str, ...], to: str | None, fmt: str | None, manifest: 
     if stream is None:
         assert isinstance(destination, str | Path)
         click.echo(f"wrote {rows} rows to {_where(destination)}")
+
+
+def _reader_left() -> NoReturn:
+    """The reader of standard output stopped early (`| head`): nothing to say; exit as a tool killed
+    by SIGPIPE would, with nothing left to flush into the closed pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 @main.command(epilog=_examples(
@@ -704,9 +709,8 @@ def qc(target: Path, preset_name: str | None, as_json: bool) -> None:
             click.echo(json.dumps(f.as_dict()) if as_json else _qc_text(f))
     except BatchTTSError as exc:
         _fail(exc)
-    except BrokenPipeError:  # the reader stopped early (`| head`), as export's would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + signal.SIGPIPE)
+    except BrokenPipeError:
+        _reader_left()
     if not as_json:
         click.echo(f"{_count(checked, 'file')}: {checked - failed:,} pass, {failed:,} fail")
     sys.exit(1 if failed else 0)
