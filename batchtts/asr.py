@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
-import os
 import re
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -86,14 +85,12 @@ _pool_lock = threading.Lock()  # the run's threads ask for it at once
 
 def _recognisers() -> ProcessPoolExecutor:
     """The processes that recognise, started when first needed: as many as the run may use cores."""
+    from .mastering import cpus
+
     global _pool
     with _pool_lock:
         if _pool is None:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:  # not on Linux
-                cores = os.cpu_count() or 1
-            _pool = ProcessPoolExecutor(max_workers=cores, mp_context=multiprocessing.get_context("spawn"),
+            _pool = ProcessPoolExecutor(max_workers=cpus(), mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_load)
         return _pool
 

@@ -31,6 +31,7 @@ from mutagen.mp4 import MP4, MP4Cover
 
 from .audio import DEFAULT_CHANNELS, DEFAULT_RATE
 from .config import Job
+from .decoding import PcmShape, open_audio, planar_float
 from .errors import UsageError
 from .results import _LEDGER_FIELDS, _export_records, _umask, open_context
 
@@ -50,7 +51,7 @@ class Chapter:
     id: str
     title: str
     path: Path
-    pcm: tuple[int, int] | None  # sample rate and channels of a raw s16le file, which says neither itself
+    pcm: PcmShape | None  # a raw s16le file says neither its rate nor its channels
     seconds: float | None  # how long the ledger measured the file to be, to plan parts by
 
 
@@ -186,7 +187,7 @@ def _read_job(targets: Sequence[str | Path], manifest: Path | None, job: Job | N
             continue
         pcm = None
         if path.suffix.lower() == ".pcm":
-            pcm = (int(r["sample_rate"] or DEFAULT_RATE), int(r["channels"] or DEFAULT_CHANNELS))
+            pcm = PcmShape(int(r["sample_rate"] or DEFAULT_RATE), int(r["channels"] or DEFAULT_CHANNELS))
         seconds = r.get("length_s") if r.get("mastered_path") else r["duration_s"]
         chapters.append(Chapter(row, ident, _text(r.get("title")) or ident, path, pcm,
                                 None if seconds is None else float(seconds)))
@@ -240,14 +241,6 @@ def _cover(path: Path) -> _Cover:
     return _Cover(data, kind)
 
 
-def _open(chapter: Chapter) -> av.container.InputContainer:
-    if chapter.pcm is None:
-        return av.open(str(chapter.path))
-    rate, channels = chapter.pcm
-    layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
-    return av.open(str(chapter.path), format="s16le", options={"sample_rate": str(rate), "ch_layout": layout})
-
-
 def _unreadable(chapter: Chapter, exc: Exception) -> UsageError:
     return UsageError(f"row {chapter.row} (id {chapter.id!r}): cannot decode {chapter.path}: {exc}")
 
@@ -258,7 +251,7 @@ def _shape_of(chapters: list[Chapter], suffix: str) -> _Shape:
     rates, channels = [], []
     for chapter in chapters:
         try:
-            with _open(chapter) as container:
+            with open_audio(chapter.path, chapter.pcm) as container:
                 if not container.streams.audio:
                     raise UsageError(f"row {chapter.row} (id {chapter.id!r}): {chapter.path} holds no audio")
                 stream = container.streams.audio[0]
@@ -285,20 +278,8 @@ def _frames(chapter: Chapter, shape: _Shape) -> Iterator[AudioFrame]:
     """The chapter's audio in the book's rate, layout and sample format, a frame at a time, to its
     last sample; frames already in them are handed on as decoded."""
     try:
-        with _open(chapter) as container:
-            decoded = container.decode(container.streams.audio[0])
-            first = next(decoded, None)
-            if first is None:
-                return
-            if first.sample_rate == shape.rate and first.layout.name == shape.layout and first.format.name == "fltp":
-                yield first
-                yield from decoded
-                return
-            resampler = av.AudioResampler(format="fltp", layout=shape.layout, rate=shape.rate)
-            yield from resampler.resample(first)
-            for frame in decoded:
-                yield from resampler.resample(frame)
-            yield from resampler.resample(None)
+        with open_audio(chapter.path, chapter.pcm) as container:
+            yield from planar_float(container.decode(container.streams.audio[0]), shape.layout, shape.rate)
     except av.FFmpegError as exc:
         raise _unreadable(chapter, exc) from exc
 

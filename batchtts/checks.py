@@ -172,22 +172,15 @@ def _mp3(container: Any, stream: Any, channels: int) -> Iterator[Samples]:
     """Decoded frames as float samples, gathered into stretches (an mp3 frame is a few hundred
     samples: measured one by one, numpy's cost per call would outweigh the decoding). The decoder's
     own planar floats are read where they are; other layouts are converted."""
-    import av
+    from .decoding import channel_layout, planar_float
 
-    layout = "mono" if channels == 1 else "stereo"
-    converter: av.AudioResampler | None = None
+    layout = channel_layout(channels)
     planes: list[list[npt.NDArray[np.float32]]] = [[] for _ in range(channels)]
     held = 0
-    for frame in container.decode(stream):
-        frames = [frame] if frame.format.name == "fltp" and frame.layout.nb_channels == channels else None
-        if frames is None:
-            if converter is None:
-                converter = av.AudioResampler(format="fltp", layout=layout, rate=frame.sample_rate)
-            frames = converter.resample(frame)
-        for each in frames:
-            for channel, plane in zip(planes, each.planes, strict=True):
-                channel.append(np.frombuffer(plane, np.float32, each.samples))
-            held += each.samples
+    for each in planar_float(container.decode(stream), layout, stream.codec_context.sample_rate):
+        for channel, plane in zip(planes, each.planes, strict=True):
+            channel.append(np.frombuffer(memoryview(plane), np.float32, each.samples))
+        held += each.samples
         if held >= _STRETCH:
             yield _joined(planes)
             planes, held = [[] for _ in range(channels)], 0

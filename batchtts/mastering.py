@@ -48,6 +48,7 @@ import numpy.typing as npt
 
 from . import captions
 from .config import MasteringPreset
+from .decoding import PcmShape, channel_layout, open_audio, planar_float
 from .errors import BatchTTSError, LedgerError
 from .ledger import Ledger
 from .log import log
@@ -177,14 +178,6 @@ class Verdict:
     @property
     def passed(self) -> bool:
         return not self.problems
-
-
-@dataclass(frozen=True)
-class PcmShape:
-    """What a raw pcm file (16-bit little-endian, no header) holds; its rate and channels are in the ledger."""
-
-    sample_rate: int
-    channels: int
 
 
 def mastered_relpath(relpath: str, chosen: Preset) -> str:
@@ -376,28 +369,24 @@ class _Decoded:
 _STATED_S = 3 * 3600  # room made at once for no more than this: a longer file's is grown
 
 
-def _layout(channels: int) -> str:
-    return "mono" if channels == 1 else "stereo"
-
-
 def _decode(path: Path, pcm: PcmShape | None = None) -> _Decoded:
     """The whole file as float32 samples at its own rate, mono or stereo. The decoder's own planar
     float frames are taken as they are; other formats (16-bit pcm, more channels) are converted by
     FFmpeg's resampler."""
     try:
-        with _opened(path, pcm) as container:
+        with open_audio(path, pcm) as container:
             if not container.streams.audio:
                 raise MasteringError(f"{path.name} holds no audio stream")
             stream = container.streams.audio[0]
             channels = 1 if stream.codec_context.channels == 1 else 2
-            layout = _layout(channels)
+            layout = channel_layout(channels)
             rate = stream.codec_context.sample_rate
             # Filled in place, frame by frame: sized by the length the file states (a little over, in
             # pages never touched), grown if it says too little.
             stated = min((container.duration or 0) / av.time_base, _STATED_S)  # a damaged header may say anything
             planar = np.empty((channels, round(stated * rate) + rate), np.float32)
             filled = 0
-            for frame in _planar_float(container.decode(stream), layout, rate):
+            for frame in planar_float(container.decode(stream), layout, rate):
                 if filled + frame.samples > planar.shape[1]:
                     planar = np.concatenate([planar[:, :filled], np.empty_like(planar)], axis=1)
                 for row, plane in zip(planar, frame.planes, strict=True):
@@ -412,31 +401,6 @@ def _decode(path: Path, pcm: PcmShape | None = None) -> _Decoded:
     if not len(found.samples):
         raise MasteringError(f"{path.name} holds no audio")
     return found
-
-
-def _planar_float(decoded: Iterator[av.AudioFrame], layout: str, rate: int) -> Iterator[av.AudioFrame]:
-    """The decoder's frames as planar float32 in `layout` at `rate`: as they come when the decoder
-    gives them so (mp3's does), else converted by FFmpeg's resampler, from the first frame that is not on."""
-    first = next(decoded, None)
-    as_given = first is not None and first.format.name == "fltp" and first.layout.name == layout
-    converter: av.AudioResampler | None = None
-    for frame in itertools.chain([first] if first is not None else [], decoded, [None]):
-        if converter is None and frame is not None and as_given and frame.sample_rate == rate:
-            yield frame
-        elif converter is not None or frame is not None:
-            converter = converter or av.AudioResampler(format="fltp", layout=layout, rate=rate)
-            yield from converter.resample(frame)
-
-
-@contextlib.contextmanager
-def _opened(path: Path, pcm: PcmShape | None) -> Iterator[av.container.InputContainer]:
-    if pcm is None:
-        container = av.open(str(path), metadata_errors="ignore")
-    else:
-        container = av.open(str(path), format="s16le", options={
-            "sample_rate": str(pcm.sample_rate), "ch_layout": _layout(pcm.channels)})
-    with container:
-        yield container
 
 
 @dataclass(frozen=True)
@@ -526,7 +490,7 @@ def _render(src: Path, pcm: PcmShape | None, chosen: Preset, encoding: Encoding,
             if cancelled():
                 raise MasteringCancelled("mastering was stopped")
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(speech[start:start + _FRAME].T), format="fltp",
-                                               layout=_layout(channels))
+                                               layout=channel_layout(channels))
             frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
             source.push(frame)
             for filtered in _pulled(sink):
@@ -541,7 +505,7 @@ def _render(src: Path, pcm: PcmShape | None, chosen: Preset, encoding: Encoding,
 def _encoder(out: av.container.OutputContainer, encoding: Encoding, rate: int, channels: int) -> av.AudioStream:
     """The preset's encoder, fed planar float: what LAME takes without a conversion."""
     options = {} if encoding.compression_level is None else {"compression_level": str(encoding.compression_level)}
-    stream = out.add_stream(encoding.codec, rate=rate, layout=_layout(channels), options=options)
+    stream = out.add_stream(encoding.codec, rate=rate, layout=channel_layout(channels), options=options)
     assert isinstance(stream, av.AudioStream)
     stream.bit_rate = encoding.bitrate_kbps * 1000
     stream.format = "fltp"
@@ -559,7 +523,7 @@ def _encoder_gain(encoding: Encoding, rate: int, channels: int) -> float:
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=encoding.container) as out:
         stream = _encoder(out, encoding, rate, channels)
-        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=_layout(channels))
+        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=channel_layout(channels))
         frame.sample_rate = rate
         out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
@@ -686,7 +650,7 @@ def _graph(rate: int, out_rate: int, channels: int, plan: _Plan,
            chosen: Preset) -> tuple[av.filter.Graph, av.filter.FilterContext, av.filter.FilterContext]:
     """FFmpeg's filters for one pass: gain, resampling, the limiter (on an oversampling for a true
     peak ceiling), room tone. The graph, its source and its sink."""
-    layout = _layout(channels)
+    layout = channel_layout(channels)
     graph = av.filter.Graph()
     source = graph.add_abuffer(sample_rate=rate, format="fltp", layout=layout, time_base=Fraction(1, rate))
     over = LIMITER_OVERSAMPLING if chosen.true_peak_db is not None else 1

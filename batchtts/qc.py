@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .decoding import PcmShape
 from .errors import UsageError
 from .mastering import (
     MEASUREMENTS,
     MasteringError,
     Measurement,
     MemoryBudget,
-    PcmShape,
     check,
     cpus,
     measure_file,

@@ -26,6 +26,7 @@ from scipy.signal import resample_poly
 
 from batchtts import mastering
 from batchtts.captions import Cue, render
+from batchtts.decoding import PcmShape
 from batchtts.ledger import MASTERED
 from batchtts.mastering import (
     MEASUREMENTS,
@@ -33,7 +34,6 @@ from batchtts.mastering import (
     MasteringCancelled,
     Measurement,
     MemoryBudget,
-    PcmShape,
     check,
     master,
     measure,

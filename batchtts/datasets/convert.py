@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -59,7 +58,9 @@ def converted(jobs: Iterator[Conversion[T]], source: Source, shape: Shape, worke
               ) -> Iterator[tuple[T, Audio | str]]:
     """Each job's tag with its audio, or why its file could not be had, in the order of `jobs`.
     `workers`: processes to convert in (default: one a core; 1 converts here)."""
-    count = workers or _cores()
+    from ..mastering import cpus  # in this process only: a worker loads no more than converting needs
+
+    count = workers or cpus()
     copied = 0
     for done, job in enumerate(jobs, start=1):
         audio = convert(source, shape, job.relpath, job.pcm)
@@ -99,10 +100,6 @@ def _in_workers(jobs: Iterator[Conversion[T]], source: Source, shape: Shape, wor
                 yield tag, future.result()
         finally:
             pool.shutdown(cancel_futures=True)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @functools.cache
