@@ -10,15 +10,23 @@ the row it came from; or failed, with the source's reason, when the source faile
 `Firsts` is the run's record of the first row taken on with each request: the plan's first pass
 fills it in manifest order and the feed's second pass reads it back, so both count the same copies
 and the budget takes copies for free. Millions of rows would hold hundreds of megabytes of it in a
-dict: it lives in a temporary SQLite file instead (some 40 bytes a row on disk, a few MB of memory),
-which closing removes.
+dict, and a table indexed by a random hash takes a read and a write of the disk per row once it
+outgrows its cache. So a Bloom filter (16 MB of address space, taken as it is touched) answers the
+common question, "is this request new?", for almost every row, and the records go to a temporary
+SQLite file in sorted batches (some 40 bytes a row on disk); only a row the filter may have seen
+before is looked up there. Closing removes the file.
 """
 
 from __future__ import annotations
 
+import mmap
 import sqlite3
 
 from .manifest import Row
+
+_FILTER_BITS = 1 << 27  # at 10^7 requests, about 13 bits each: 2 new requests in 100 are looked up for nothing
+_MASK = _FILTER_BITS - 1
+_BATCH = 1 << 16  # records held in memory before they are written together, in key order
 
 
 def _hashed(request: str) -> int:
@@ -28,28 +36,72 @@ def _hashed(request: str) -> int:
     return int(request[:16], 16) - (1 << 63)
 
 
+class _Filter:
+    """A Bloom filter of 64-bit hashes: no false "new", a few false "seen"."""
+
+    def __init__(self) -> None:
+        self._bits = mmap.mmap(-1, _FILTER_BITS >> 3)  # anonymous memory: zero pages until written
+
+    def add(self, hashed: int) -> bool:
+        """Add the hash; whether it may have been added before. Two probes, from two stretches of
+        the hash's bits: in Python, each probe costs as much as a lookup saved."""
+        bits = self._bits
+        one, two = hashed & _MASK, (hashed >> 27) & _MASK
+        byte_one, bit_one, byte_two, bit_two = one >> 3, 1 << (one & 7), two >> 3, 1 << (two & 7)
+        seen = bits[byte_one] & bit_one and bits[byte_two] & bit_two
+        bits[byte_one] |= bit_one
+        bits[byte_two] |= bit_two
+        return bool(seen)
+
+    def close(self) -> None:
+        self._bits.close()
+
+
 class Firsts:
     """The first row taken on with each request, by its number and key."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int = _BATCH) -> None:
+        self._batch = batch
         self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("CREATE TABLE firsts (request INTEGER PRIMARY KEY, number INTEGER NOT NULL, key TEXT NOT NULL)")
-        self._db.execute("BEGIN")  # never committed: one transaction spares a write per row
+        self._db.execute("BEGIN")  # never committed: one transaction spares a write per batch
+        self._filter = _Filter()
+        self._held: dict[int, tuple[int, str]] = {}  # records not written yet
 
     def take(self, row: Row) -> str | None:
         """The key of the row taken on before this one with its request; None when there is none (this
         row is then the first), or it has this row's key (an identical row without id: one file is
         named for both)."""
         hashed = _hashed(row.request)
-        if self._db.execute("INSERT OR IGNORE INTO firsts VALUES (?, ?, ?)", (hashed, row.number, row.key)).rowcount:
+        first = self._find(hashed) if self._filter.add(hashed) else None
+        if first is None:
+            self._held[hashed] = (row.number, row.key)
+            if len(self._held) >= self._batch:
+                self._write()
             return None
-        number, key = self._db.execute("SELECT number, key FROM firsts WHERE request = ?", (hashed,)).fetchone()
-        return None if number >= row.number or key == row.key else str(key)
+        number, key = first
+        return None if number >= row.number or key == row.key else key
+
+    def _find(self, hashed: int) -> tuple[int, str] | None:
+        if (held := self._held.get(hashed)) is not None:
+            return held
+        found = self._db.execute("SELECT number, key FROM firsts WHERE request = ?", (hashed,)).fetchone()
+        return None if found is None else (int(found[0]), str(found[1]))
+
+    def _write(self) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO firsts VALUES (?, ?, ?)",
+                             ((hashed, *first) for hashed, first in sorted(self._held.items())))
+        self._held.clear()
 
     def drop(self, row: Row) -> None:
         """The row is not taken on after all (the budget passes it over): it is no row's source."""
-        self._db.execute("DELETE FROM firsts WHERE request = ? AND number = ?", (_hashed(row.request), row.number))
+        hashed = _hashed(row.request)
+        if self._held.get(hashed, (None,))[0] == row.number:
+            del self._held[hashed]
+        else:
+            self._db.execute("DELETE FROM firsts WHERE request = ? AND number = ?", (hashed, row.number))
 
     def close(self) -> None:
         self._db.close()
+        self._filter.close()

@@ -14,6 +14,12 @@ import av
 import pyarrow.parquet as pq
 import pytest
 from conftest import FAST_RETRY, cli, ledger_rows, write_csv
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchtts.config import Defaults
+from batchtts.dedup import Firsts
+from batchtts.manifest import make_row
 
 from batchtts.errors import StorageError
 from batchtts.storage import OutputFolder
@@ -187,3 +193,33 @@ def test_where_the_file_system_takes_no_link_the_bytes_are_copied(tmp_path, monk
     with pytest.raises(FileNotFoundError):
         folder.copy("gone.mp3", "d.mp3", 1, "0" * 64)
     assert not (out / "d.mp3").exists() and not list(folder.partial_dir.iterdir())
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=40), st.integers(1, 4))
+def test_firsts_answers_as_a_dictionary_would_through_its_filter_and_its_file(takes, batch):
+    """Each row is told the first row taken on with its request, however many records were written
+    to the file meanwhile (`batch` records at a time) and whichever rows the budget dropped; the
+    feed's second pass, asking again in order, is told the same."""
+    rows = []
+    for number, (text, _) in enumerate(takes, start=1):
+        row = make_row(number, {"id": f"r{number}", "text": f"text {text}"}, Defaults(model="m", voice="v"))
+        assert not isinstance(row, list)
+        rows.append(row)
+    firsts, first_of = Firsts(batch=batch), {}
+    try:
+        answers = []
+        for row, (text, dropped) in zip(rows, takes, strict=True):
+            expected = first_of.get(text)
+            answers.append(firsts.take(row))
+            assert answers[-1] == expected
+            if expected is None:
+                first_of[text] = row.key
+                if dropped:
+                    firsts.drop(row)
+                    del first_of[text]
+                    answers[-1] = "dropped"
+        for row, answer in zip(rows, answers, strict=True):
+            if answer != "dropped":
+                assert firsts.take(row) == answer
+    finally:
+        firsts.close()
