@@ -560,10 +560,22 @@ class Ledger:
         file (a copy of another row's); None when the row is not done, or its file was not checked."""
         if self.version < CHECKS.since:
             return None
-        cur = self.db.execute(f"SELECT v.* FROM rows r JOIN checks v ON v.rowid = {_VERDICT} "
-                              "WHERE r.key = ? AND r.status = 'done'", (key,))
-        found = cur.fetchone()
-        return dict(zip([d[0] for d in cur.description], found, strict=True)) if found else None
+        return self.checked_many([key]).get(key)
+
+    @_guarded
+    def checked_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """`checked` of many keys together, by the row's key (a copy's verdict is its source's)."""
+        if self.version < CHECKS.since:
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            batch = keys[start:start + LOOKUP_BATCH]
+            cur = self.db.execute(f"SELECT r.key AS row_key, v.* FROM rows r JOIN checks v ON v.rowid = {_VERDICT} "
+                                  f"WHERE r.key IN ({', '.join('?' * len(batch))}) AND r.status = 'done'", batch)
+            names = [d[0] for d in cur.description][1:]
+            for row_key, *values in cur:
+                found[row_key] = dict(zip(names, values, strict=True))
+        return found
 
     @_guarded
     def flags(self, limit: int | None = None) -> tuple[int, int, list[dict[str, Any]]]:
@@ -579,12 +591,32 @@ class Ledger:
 
     def _get(self, table: Table, key: str) -> dict[str, Any] | None:
         """One record; from a ledger of an earlier schema (read as it is), the columns it has."""
+        return self._get_many(table, [key]).get(key)
+
+    def _get_many(self, table: Table, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Records by key, one query per LOOKUP_BATCH keys."""
         version = self.version
         if table.since > version:
-            return None
+            return {}
         names = [c.name for c in table.columns if c.since <= version]
-        found = self.db.execute(f"SELECT {', '.join(names)} FROM {table.name} WHERE {table.key} = ?", (key,)).fetchone()
-        return {**dict.fromkeys(table.names), **dict(zip(names, found, strict=True))} if found else None
+        at = names.index(table.key)
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), LOOKUP_BATCH):
+            batch = keys[start:start + LOOKUP_BATCH]
+            query = f"SELECT {', '.join(names)} FROM {table.name} WHERE {table.key} IN ({', '.join('?' * len(batch))})"
+            for values in self.db.execute(query, batch):
+                found[values[at]] = {**dict.fromkeys(table.names), **dict(zip(names, values, strict=True))}
+        return found
+
+    @_guarded
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """`get` of many keys together."""
+        return self._get_many(ROWS, keys)
+
+    @_guarded
+    def mastered_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """`mastered` of many keys together."""
+        return self._get_many(MASTERED, keys)
 
     @functools.cached_property
     def version(self) -> int:
@@ -900,21 +932,34 @@ class LedgerSet:
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, Entry]:
         """Each key looked up in its shard's ledger (every ledger when they are not shards)."""
-        found: dict[str, Entry] = {}
+        return self._many(keys, Ledger.lookup_many)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return next((e for ledger in self._for(key) if (e := ledger.get(key)) is not None), None)
+
+    def _many(self, keys: Sequence[str], read: Callable[[Ledger, Sequence[str]], dict[str, R]]) -> dict[str, R]:
+        """Records of many keys, each from its shard's ledger (the first that has it, when they are not shards)."""
+        found: dict[str, R] = {}
         if self.count is None:
             for ledger in self.ledgers:
-                found.update(ledger.lookup_many([k for k in keys if k not in found]))
+                found.update(read(ledger, [k for k in keys if k not in found]))
             return found
         by_ledger: dict[Ledger, list[str]] = {}
         for key in keys:
             for ledger in self._for(key):
                 by_ledger.setdefault(ledger, []).append(key)
         for ledger, mine in by_ledger.items():
-            found.update(ledger.lookup_many(mine))
+            found.update(read(ledger, mine))
         return found
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return next((e for ledger in self._for(key) if (e := ledger.get(key)) is not None), None)
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self._many(keys, Ledger.get_many)
+
+    def mastered_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self._many(keys, Ledger.mastered_many)
+
+    def checked_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self._many(keys, Ledger.checked_many)
 
     def chunk(self, fingerprint: str) -> dict[str, Any] | None:
         return next((c for ledger in self.ledgers if (c := ledger.chunk(fingerprint)) is not None), None)

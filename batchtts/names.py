@@ -30,6 +30,7 @@ _RESERVED = re.compile(r"^(\.batchtts|ledger(-shard-\d+-of-\d+)?\.sqlite)", re.I
 
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_SEPARATORS = re.compile(r"[\\/]")
 MAX_NAME = 120  # characters of a key kept in its file name; a hash of 10 follows a changed one
 
 
@@ -41,8 +42,7 @@ def unsafe_reason(value: str, allow_folders: bool = False) -> str | None:
         return f"{value!r} is an absolute path"
     if _DRIVE.match(value):
         return f"{value!r} starts with a drive letter"
-    parts = re.split(r"[\\/]", value)
-    if ".." in parts:
+    if ".." in value and ".." in _SEPARATORS.split(value):
         return f"{value!r} climbs out of the output folder with '..'"
     if allow_folders:
         if "\\" in value:

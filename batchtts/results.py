@@ -300,7 +300,12 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
     for batch in manifest.read_records(ctx.manifest):
         out: list[dict[str, Any]] = []
         made = [manifest.make_row(number + i, record, ctx.defaults) for i, record in enumerate(batch, 1)]
-        decisions = iter(planner.decide_many([row for row in made if isinstance(row, Row)]))  # records looked up together
+        decisions = planner.decide_many([row for row in made if isinstance(row, Row)])  # records looked up together
+        # A row's records, as narrated (the lexicon may change its key): for rows done or tried.
+        tried = [d.row.key for d in decisions if d.state in (State.DONE, State.FAILED) or d.failed_before]
+        entries, mastered, checked = (ctx.ledger.get_many(tried), ctx.ledger.mastered_many(tried),
+                                      ctx.ledger.checked_many(tried))
+        settled = iter(decisions)
         for record, row in zip(batch, made, strict=True):
             number += 1
             result: dict[str, Any] = {"row": number, "id": record.get("id"), "text": record.get("text"),
@@ -308,19 +313,19 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
                                       "model": record.get("model")}
             entry: dict[str, Any] | None = None
             if isinstance(row, Row):
-                decision = next(decisions)
+                decision = next(settled)
                 if decision.state is State.ELSEWHERE:
                     continue
                 # The voice as written (a list or a pool, speakers.py), and the speaker: the voice the
                 # row takes, unless the manifest has a speaker column of its own.
                 result.update(id=row.id, voice=row.voice, speaker=result["speaker"] or decision.row.voice,
                               model=row.model)
-                if decision.state in (State.DONE, State.FAILED) or decision.failed_before:
-                    entry = ctx.ledger.get(decision.row.key)  # as narrated: the lexicon may change its key
+                entry = entries.get(decision.row.key)
             for name in fields:
                 result[name] = entry[name] if entry is not None else None
-            result.update(_mastered(ctx.ledger, planner, entry))
-            result.update(_checked(ctx.ledger, entry))
+            done = entry["key"] if entry is not None and entry["status"] == "done" else None
+            result.update(_mastered(planner, entry, mastered.get(done) if done else None))
+            result.update(_checked(checked.get(done) if done else None))
             if entry is None:
                 result["status"] = "pending" if isinstance(row, Row) else "invalid"
             for name, value in record.items():
@@ -330,18 +335,16 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
         yield out
 
 
-def _checked(ledger: LedgerSet, entry: dict[str, Any] | None) -> dict[str, Any]:
+def _checked(verdict: dict[str, Any] | None) -> dict[str, Any]:
     """What the audio checks found of a done row's file as it is now (nothing for a file unchecked)."""
-    verdict = ledger.checked(entry["key"]) if entry is not None and entry["status"] == "done" else None
     if verdict is None:
         return dict.fromkeys((*_CHECKED_FIELDS, "flagged", "flag_reasons", "redos"))
     return {**{name: verdict[column] for name, column in _CHECKED_FIELDS.items()}, "flagged": bool(verdict["flagged"]),
             "flag_reasons": verdict["flag_reasons"], "redos": verdict["redos"]}
 
 
-def _mastered(ledger: LedgerSet, planner: Planner, entry: dict[str, Any] | None) -> dict[str, Any]:
+def _mastered(planner: Planner, entry: dict[str, Any] | None, made: dict[str, Any] | None) -> dict[str, Any]:
     """A done row's mastered file, when there is one made from its audio as it is now."""
-    made = ledger.mastered(entry["key"]) if entry is not None and entry["status"] == "done" else None
     if entry is None or made is None or made["status"] != "done" or made["source_sha256"] != entry["sha256"] \
             or not planner.folder.has(made["path"], made["bytes"]):
         return dict.fromkeys(("mastered_path", "preset", "meets_preset", *_MASTERED_FIELDS))
