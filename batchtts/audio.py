@@ -1,7 +1,8 @@
 """Audio formats: what to ask the provider for, how to write its answer, and what the file holds.
 
 `wav` is not a wire format: we ask for pcm and wrap it in a RIFF header whose rate and channels come
-from the response's Content-Type (`audio/pcm;rate=24000;channels=1`).
+from the response's Content-Type (`audio/pcm;rate=24000;channels=1`). Nor is `flac`: we ask for pcm,
+keep it raw, and encode it as the file lands (conform.py).
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ def pcm_content_type(rate: int, channels: int = 1) -> str:
     return f"audio/pcm;rate={rate};channels={channels}"
 
 
+PCM_FORMATS = ("pcm", "wav", "flac")  # asked of the provider as pcm
+
+
 def wire_format(fmt: str) -> str:
-    return "pcm" if fmt in ("pcm", "wav") else fmt
+    return "pcm" if fmt in PCM_FORMATS else fmt
 
 
 def is_audio(content_type: str) -> bool:
@@ -67,19 +71,20 @@ class AudioInfo:
 
 
 class AudioWriter:
-    """Streams one response body into a file in the row's output format."""
+    """Streams one response body into a file in the row's output format (flac: its raw pcm, encoded
+    once it is whole)."""
 
     def __init__(self, f: BinaryIO, fmt: str, content_type: str) -> None:
         self.f = f
         self.fmt = fmt
         self.received = 0
         kind = content_type.split(";", 1)[0].strip().lower()
-        if fmt in ("pcm", "wav") and kind in ("audio/mpeg", "audio/mp3", "audio/wav", "audio/x-wav", "audio/ogg"):
+        if fmt in PCM_FORMATS and kind in ("audio/mpeg", "audio/mp3", "audio/wav", "audio/x-wav", "audio/ogg"):
             raise RejectedError(f"asked for raw pcm, the provider sent {kind}: this model may not offer pcm")
         self.rate: int | None = None
         self.channels: int | None = None
         self._wave: wave.Wave_write | None = None
-        if fmt in ("pcm", "wav"):
+        if fmt in PCM_FORMATS:
             rate, channels = pcm_params(content_type)
             self.rate, self.channels = rate, channels
             if fmt == "wav":

@@ -7,8 +7,8 @@ full scale. Silence is what mastering takes it to be, 10 ms blocks quieter than 
 file with no block louder is silent.
 
 A run measures every file it writes, tens of millions in a dataset job, so measuring is cheap: pcm
-and wav are read with numpy straight from their bytes, mp3 is decoded by PyAV, a stretch at a time
-(an hour's chapter needs no hour of samples in memory), in the run's threads, off the event loop.
+and wav are read with numpy straight from their bytes, mp3 and flac are decoded by PyAV, a stretch at
+a time (an hour's chapter needs no hour of samples in memory), in the run's threads, off the event loop.
 With `verify = "asr"` an English row is also heard by an offline recogniser (asr.py), for a word
 error rate.
 
@@ -41,6 +41,7 @@ BLOCK_S = 0.01  # silence is found in blocks this long, as mastering finds it
 SILENCE_DB = -50.0  # a block quieter than this (RMS, dBFS) is silence
 FULL_SCALE = 32767 / 32768  # a sample this loud (16-bit's largest values, or past them) is clipped
 _STRETCH = 1 << 16  # frames read from a pcm or wav file at a time
+_DECODED = ("mp3", "flac")  # formats PyAV decodes; pcm and wav are read as they are
 
 Samples = npt.NDArray[np.float32]  # (frames, channels), full scale at ±1
 
@@ -145,13 +146,13 @@ def _decoded(f: BinaryIO, fmt: str, info: AudioInfo) -> Iterator[_Decoded]:
     f.flush()
     f.seek(0)
     try:
-        if fmt == "mp3":
-            import av  # decoding mp3: loaded by the runs that write it
+        if fmt in _DECODED:
+            from .decoding import open_audio  # PyAV: loaded by the runs that write mp3 or flac
 
-            with av.open(f, format="mp3", metadata_errors="ignore") as container:
+            with open_audio(f, container=fmt) as container:
                 stream = container.streams.audio[0]
                 context = stream.codec_context
-                yield _Decoded(context.sample_rate, context.channels, _mp3(container, stream, context.channels))
+                yield _Decoded(context.sample_rate, context.channels, _frames(container, stream, context.channels))
         elif fmt == "wav":
             with wave.open(f, "rb") as riff:
                 yield _Decoded(riff.getframerate(), riff.getnchannels(), _pcm(riff.readframes, riff.getnchannels()))
@@ -168,10 +169,11 @@ def _pcm(read: Any, channels: int) -> Iterator[Samples]:
         yield _float(np.frombuffer(data, "<i2").reshape(-1, channels))
 
 
-def _mp3(container: Any, stream: Any, channels: int) -> Iterator[Samples]:
-    """Decoded frames as float samples, gathered into stretches (an mp3 frame is a few hundred
-    samples: measured one by one, numpy's cost per call would outweigh the decoding). The decoder's
-    own planar floats are read where they are; other layouts are converted."""
+def _frames(container: Any, stream: Any, channels: int) -> Iterator[Samples]:
+    """Decoded frames as float samples, gathered into stretches (an mp3 or flac frame is a few hundred
+    to a few thousand samples: measured one by one, numpy's cost per call would outweigh the
+    decoding). The decoder's own planar floats (mp3's) are read where they are; other sample formats
+    (flac's 16-bit) are converted."""
     from .decoding import channel_layout, planar_float
 
     layout = channel_layout(channels)
@@ -251,7 +253,7 @@ def judge(m: Measurement, characters: int, bounds: Checks, wer: float | None = N
 
 def _undecodable(fmt: str) -> tuple[type[Exception], ...]:
     """What reading a file of the format raises for audio that does not decode."""
-    if fmt != "mp3":
+    if fmt not in _DECODED:
         return (wave.Error, EOFError, ValueError)
     import av
 

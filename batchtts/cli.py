@@ -28,6 +28,7 @@ from .config import (
     Defaults,
     Job,
     Mastering,
+    Output,
     Provider,
     RetryPolicy,
     Timeouts,
@@ -165,8 +166,13 @@ def main() -> None:
               "Required unless the job file names it.")
 @_setting_flag(Defaults, "model", "-m", "--model", help="Default model for rows without a model column.")
 @_setting_flag(Defaults, "voice", "-v", "--voice", help="Default voice for rows without a voice column.")
-@_setting_flag(Defaults, "format", "-f", "--format", "fmt", type=click.Choice(FORMATS), help="Default output format.")
+@_setting_flag(Defaults, "format", "-f", "--format", "fmt", type=click.Choice(FORMATS),
+               help="Default output format (flac: asked for as pcm, encoded as it lands).")
 @_setting_flag(Defaults, "speed", "--speed", help="Default speed multiplier.")
+@_setting_flag(Output, "sample_rate", "--sample-rate", help="Make every file this sample rate, in Hz, as it lands "
+               "(default: the provider's); part of each row's fingerprint, so a change narrates again.")
+@_setting_flag(Output, "channels", "--channels", help="Make every file mono (1) or stereo (2) as it lands (default: the "
+               "provider's); part of each row's fingerprint, so a change narrates again.")
 @_setting_flag(Job, "concurrency", "-c", "--concurrency", help="Most requests in flight at once (lowered for a while after 429s).")
 @_setting_flag(Job, "requests_per_minute", "--rpm", help="Cap on requests per minute, for accounts whose limit is known.")
 @_setting_flag(RetryPolicy, "max_attempts", "--max-attempts", help="Attempts per row before it is recorded as failed.")
@@ -258,6 +264,8 @@ def run(target: Path, **flags: Any) -> None:
         "defaults.voice": flags["voice"],
         "defaults.format": flags["fmt"],
         "defaults.speed": flags["speed"],
+        "output.sample_rate": flags["sample_rate"],
+        "output.channels": flags["channels"],
         "concurrency": flags["concurrency"],
         "requests_per_minute": flags["rpm"],
         "retry.max_attempts": flags["max_attempts"],

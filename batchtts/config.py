@@ -33,7 +33,7 @@ from .suggest import did_you_mean
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-OutputFormat = Literal["mp3", "pcm", "wav"]
+OutputFormat = Literal["mp3", "pcm", "wav", "flac"]
 FORMATS: tuple[str, ...] = typing.get_args(OutputFormat)
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 SPEEDS = (0.25, 4.0)  # the speech API's range of speed multipliers
@@ -114,13 +114,36 @@ def _base_url(value: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class Output:
+    """The job file's [output]: the rate and channels every row's file is made into as it lands, in
+    its own format (16 kHz mono, as many trainers read). Unset, a file keeps the provider's."""
+
+    sample_rate: int | None = _setting(None, flag="--sample-rate", low=1000, high=384_000)
+    channels: int | None = _setting(None, flag="--channels", low=1, high=2)
+
+    @property
+    def shaped(self) -> bool:
+        return self.sample_rate is not None or self.channels is not None
+
+    def refused(self, fmt: str) -> str | None:
+        """What the encoder of a row's format says to the rate (mp3's takes nine), or None."""
+        if self.sample_rate is None:
+            return None
+        from .conform import refused  # the encoders: loaded by jobs that set a rate
+
+        return refused(fmt, self.sample_rate)
+
+
+@dataclass(frozen=True)
 class Defaults:
-    """Values for rows whose manifest leaves a column empty or absent."""
+    """Values for rows whose manifest leaves a column empty or absent, and the [output] shape of
+    every row's file: what a row is, so what its fingerprint hashes."""
 
     model: str | None = _setting(None, flag="--model", rule=_not_blank)
     voice: str | None = _setting(None, flag="--voice", rule=_not_blank)
     format: OutputFormat = _setting("mp3", flag="--format")
     speed: float | None = _setting(None, flag="--speed", low=SPEEDS[0], high=SPEEDS[1])
+    output: Output = field(default_factory=Output)  # the job file's [output] table
 
 
 @dataclass(frozen=True)
@@ -289,6 +312,8 @@ class Job:
         """Raise UsageError naming the first setting of the wrong type or out of range. Job files, flags
         and jobs built in Python all pass here before anything is read or sent."""
         check_settings(self)
+        if (refused := self.defaults.output.refused(self.defaults.format)) is not None:
+            raise UsageError(f"[output] sample_rate (--sample-rate): {refused}")
         if self.redo_flagged and not self.checks.enabled:
             raise UsageError("--redo-flagged narrates again the rows the audio checks flagged, keeping the better "
                              "take: it needs the checks on ([checks] enabled = true)")
@@ -309,6 +334,7 @@ _SECTIONS: dict[str, type[DataclassInstance]] = {
     "budget": Budget,
     "mastering": Mastering,
     "checks": Checks,
+    "output": Output,  # held by Defaults: it shapes every row
 }
 _TABLES = ("limits", "prices")
 _PATHS = ("manifest", "out", "ledger")
@@ -331,7 +357,7 @@ def check_settings(settings: DataclassInstance, section: str | None = None) -> N
     hints = _hints(type(settings))
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
-        if section is None and f.name in _SECTIONS:
+        if hints[f.name] is _SECTIONS.get(f.name):
             if not isinstance(value, _SECTIONS[f.name]):
                 raise UsageError(f"{f.name} must be a {_SECTIONS[f.name].__name__}, not {_shown(value)}")
             check_settings(value, f.name)
@@ -354,6 +380,12 @@ def bounds_of(settings: type, name: str) -> tuple[type, Bounds]:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _keys(cls: type) -> dict[str, Any]:
+    """The settings a table takes in a job file: its fields, but those that are tables of their own
+    ([output], which Defaults holds)."""
+    return {name: hint for name, hint in _hints(cls).items() if hint is not _SECTIONS.get(name)}
 
 
 def _check(label: str, value: Any, hint: Any, meta: Any) -> None:
@@ -431,7 +463,7 @@ def _unknown(names: list[str], known: set[str]) -> str:
 
 def _home(name: str) -> str:
     for section, cls in _SECTIONS.items():
-        if name in _hints(cls):
+        if name in _keys(cls):
             return f" (it goes under [{section}])"
     if name in _hints(Job) and name not in _SECTIONS:
         return " (it goes at the top of the job file, before any [section])"
@@ -532,13 +564,14 @@ def load_job(path: Path | None, **overrides: Any) -> Job:
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         values = sections.get(name, {})
-        hints = _hints(cls)
+        hints = _keys(cls)
         unknown = sorted(set(values) - set(hints))
         if unknown:
             raise UsageError(f"{where}unknown key{'s' if len(unknown) > 1 else ''} in [{name}]: "
                              f"{_unknown(unknown, set(hints))}; [{name}] takes {', '.join(hints)}")
         built[name] = cls(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple and isinstance(v, list) else v
                              for k, v in values.items()})
+    built["defaults"] = dataclasses.replace(built["defaults"], output=built.pop("output"))
 
     if top.get("max_runtime") is not None:
         try:

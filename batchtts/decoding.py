@@ -1,5 +1,5 @@
-"""A narrated file opened with PyAV and decoded into planar float frames, as mastering and the
-audiobook encoders take them: one reader for both, raw pcm included."""
+"""A narrated file opened with PyAV and decoded into planar float frames, as mastering, the audio
+checks and the audiobook encoders take them: one reader for all, raw pcm included."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 
@@ -24,11 +25,15 @@ def channel_layout(channels: int) -> str:
     return {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
 
 
-def open_audio(path: Path, pcm: PcmShape | None = None) -> av.container.InputContainer:
-    """The file opened for decoding; `pcm` for a raw pcm file, which says nothing of itself."""
+def open_audio(source: Path | BinaryIO, pcm: PcmShape | None = None,
+               container: str | None = None) -> av.container.InputContainer:
+    """The file (a path, or a file open for reading) opened for decoding; `pcm` for a raw pcm file,
+    which says nothing of itself; `container`, FFmpeg's name for the file's format when it is known,
+    which spares probing a file being written."""
+    file = str(source) if isinstance(source, Path) else source
     if pcm is None:
-        return av.open(str(path), metadata_errors="ignore")
-    return av.open(str(path), format="s16le",
+        return av.open(file, "r", format=container, metadata_errors="ignore")
+    return av.open(file, "r", format="s16le",
                    options={"sample_rate": str(pcm.sample_rate), "ch_layout": channel_layout(pcm.channels)})
 
 

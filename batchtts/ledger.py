@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
-from .config import Defaults, Job
+from .config import Defaults, Job, Output
 from .errors import LedgerError, SpeechError, UsageError
 from .lexicon import COLUMNS as LEXICON_COLUMNS
 from .lexicon import Entry as LexiconEntry
@@ -114,6 +114,8 @@ RUNS = Table("runs", "id", (
     # counts the ledger's rows instead of planning every manifest row again (Planned).
     Column("manifest_bytes", "INTEGER", since=9), Column("manifest_mtime_ns", "INTEGER", since=9),
     Column("manifest_rows", "INTEGER", since=9),
+    # The [output] shape every file was made into as it landed: part of what a row is (its fingerprint).
+    Column("output_rate", "INTEGER", since=10), Column("output_channels", "INTEGER", since=10),
 ))
 # One row per request sent (or local synthesis tried), for `batchtts report`: millions a night, so
 # each is kept narrow (numbers, NULL for what does not apply; no text but the key and a short kind).
@@ -153,7 +155,7 @@ TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED, CHECKS)
 # The checks record that speaks for a row `r`'s file: its own, else any of the same file.
 _VERDICT = ("COALESCE((SELECT c.rowid FROM checks c WHERE c.key = r.key AND c.sha256 = r.sha256), "
             "(SELECT c.rowid FROM checks c WHERE c.sha256 = r.sha256 LIMIT 1))")
-VERSION = 9  # PRAGMA user_version records how far a file is
+VERSION = 10  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
 _LOGGED_SETTINGS = {
@@ -628,10 +630,11 @@ class Ledger:
         self.commit()
         defaults = settings.defaults
         cur = self.db.execute(
-            f"INSERT INTO runs (started_at, manifest, config, out, model, voice, format, speed, shard, {_SHAPING}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO runs (started_at, manifest, config, out, model, voice, format, speed, shard, {_SHAPING}, "
+            "output_rate, output_channels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (now(), settings.manifest, json.dumps(config, default=str), settings.out, defaults.model, defaults.voice,
-             defaults.format, defaults.speed, settings.shard, *settings.shaping()),
+             defaults.format, defaults.speed, settings.shard, *settings.shaping(), defaults.output.sample_rate,
+             defaults.output.channels),
         )
         assert cur.lastrowid is not None
         self.run_id = cur.lastrowid
@@ -684,13 +687,14 @@ class Ledger:
         """The newest run's settings; from a ledger of an earlier schema, read only, as it logged them."""
         settings = ", ".join(_LOGGED_SETTINGS if self.version >= 3 else _LOGGED_SETTINGS.values())
         shaping = _SHAPING if self.version >= 6 else f"NULL, NULL, {', '.join(_LOGGED_CHUNKING.values())}"
+        output = "output_rate, output_channels" if self.version >= 10 else "NULL, NULL"
         found = self.db.execute(
-            f"SELECT manifest, {settings}, started_at, {shaping} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+            f"SELECT manifest, {settings}, started_at, {output}, {shaping} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if found is None:
             return None
-        manifest, out, model, voice, fmt, speed, shard, started_at, *shaped = found
-        return RunSettings(manifest, out, Defaults(model, voice, fmt or Defaults.format, speed), shard, started_at,
-                           **_shaping(self.path, *shaped))
+        manifest, out, model, voice, fmt, speed, shard, started_at, rate, channels, *shaped = found
+        defaults = Defaults(model, voice, fmt or Defaults.format, speed, Output(rate, channels))
+        return RunSettings(manifest, out, defaults, shard, started_at, **_shaping(self.path, *shaped))
 
     def check_place(self, job: Job) -> None:
         """A ledger is trusted for what is in the bucket it recorded: refuse to read it as another's."""

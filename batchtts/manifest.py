@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from . import names, speakers
-from .config import FORMATS, SPEEDS, Defaults
+from .config import FORMATS, SPEEDS, Defaults, Output
 from .errors import ManifestError, ManifestProblem
 from .names import hash64
 from .repeats import Hashes
@@ -63,13 +63,18 @@ class Row:
     language: str | None = None  # the `language` column: which lexicon entries apply; not sent
     script: str | None = None  # what is said, when the lexicon or voice markup changes the text (script.py)
     pool: str | None = None  # the voice as written, when `voice` was chosen from its list or pool (speakers.py)
+    shape: Output = Output()  # the job's [output]: the rate and channels the file is made into as it lands
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
     _key: str | None = field(default=None, init=False, repr=False, compare=False)
     _relpath: str | None = field(default=None, init=False, repr=False, compare=False)
 
-    def _hash(self, text: str, fmt: str, voice: str | None = None) -> str:
-        shape = [self.model, voice or self.voice, text, fmt, self.speed, self.provider_options]
-        return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    def _hash(self, text: str, fmt: str, voice: str | None = None, shaped: bool = False) -> str:
+        """`shaped`: the [output] rate and channels too, when the job sets them (a job that does not
+        keeps the fingerprints its ledger has)."""
+        made: list[Any] = [self.model, voice or self.voice, text, fmt, self.speed, self.provider_options]
+        if shaped and self.shape.shaped:
+            made.append({"sample_rate": self.shape.sample_rate, "channels": self.shape.channels})
+        return hashlib.sha256(json.dumps(made, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     @property
     def spoken(self) -> str:
@@ -78,9 +83,10 @@ class Row:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the audio: a change here means the file must be redone."""
+        """Hash of everything that shapes the audio, the [output] shape included: a change here means
+        the file must be redone."""
         if self._fingerprint is None:
-            object.__setattr__(self, "_fingerprint", self._hash(self.spoken, self.format))
+            object.__setattr__(self, "_fingerprint", self._hash(self.spoken, self.format, shaped=True))
         assert self._fingerprint is not None
         return self._fingerprint
 
@@ -94,17 +100,20 @@ class Row:
         return hashlib.sha256(json.dumps(shape, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def chunk_fingerprint(self, text: str, voice: str | None = None) -> str:
-        """The same for one piece of a long row, as it is requested (wav rows ask for pcm), in its
-        own voice when markup gives it one."""
-        return self._hash(text, "pcm" if self.format == "wav" else self.format, voice)
+        """The same for one piece of a long row, as it is requested (wav and flac rows ask for pcm), in
+        its own voice when markup gives it one; not the [output] shape, which the stitched file is made
+        into: a changed shape stitches the chunks on disk again."""
+        return self._hash(text, "pcm" if self.format in ("wav", "flac") else self.format, voice)
 
     @property
     def key(self) -> str:
-        """The ledger key: the id when given, else a content key that stays put while the row does."""
+        """The ledger key: the id when given, else a content key that stays put while the row does (its
+        [output] shape aside: a changed shape narrates the row again into the same record and file)."""
         if self.id is not None:
             return self.id
         if self._key is None:
-            object.__setattr__(self, "_key", "k-" + self.fingerprint[:24])
+            content = self._hash(self.spoken, self.format) if self.shape.shaped else self.fingerprint
+            object.__setattr__(self, "_key", "k-" + content[:24])
         assert self._key is not None
         return self._key
 
@@ -558,6 +567,8 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
         fmt = (_text(record, "response_format", problems) or defaults.format).strip().lower()
         if fmt not in FORMATS:
             problems.append(f"unknown response_format {fmt!r}: use one of {', '.join(FORMATS)}")
+        elif (refused := defaults.output.refused(fmt)) is not None:
+            problems.append(f"[output] sample_rate: {refused}")
         speed = defaults.speed
         raw_speed = record.get("speed")
         if raw_speed is not None and not (isinstance(raw_speed, str) and not raw_speed.strip()):
@@ -592,7 +603,7 @@ def make_row(number: int, record: dict[str, Any], defaults: Defaults) -> Row | l
     if problems:
         return [ManifestProblem(number, p, row_id) for p in problems]
     return Row(number, row_id, text, model, voice, fmt, speed, options, output, tags,  # type: ignore[arg-type]
-               language)
+               language, shape=defaults.output)
 
 
 def iter_rows(path: Path, defaults: Defaults, only: Callable[[int], bool] | None = None,

@@ -1,5 +1,6 @@
 """Narrating the work the pool hands out: a row, or one chunk of a long row, requested with retries,
-streamed to disk, published and recorded; and, once a long row's chunks are all there, its stitching.
+streamed to disk, made into the row's shape (conform.py), published and recorded; and, once a long
+row's chunks are all there, its stitching.
 
 The order is what makes reruns safe: a file is renamed into place before the ledger says done, and
 work whose failure was transient is left for the next run instead of being marked failed.
@@ -29,7 +30,8 @@ from .audio import AudioInfo, AudioWriter, wire_format
 from .budget import Prices
 from .captions import caption_path, cues, render
 from .checks import Checker, Verdict
-from .config import Checks, RetryPolicy, Stitching
+from .config import Checks, Output, RetryPolicy, Stitching
+from .conform import conform, converts
 from .errors import (
     HaltError,
     HTTPStatusError,
@@ -350,7 +352,8 @@ class Narrator:
         attempts = [0]
         check = self._check(row, spoken)
         try:
-            outcome = await self._request(request, row.format, row.relpath, row.tags, row, attempts, check=check)
+            outcome = await self._request(request, row.format, row.relpath, row.tags, row, attempts, check=check,
+                                          shape=row.shape)
             if self.captions is not None and outcome.published is not None:
                 await self._captioned(row, outcome.info.duration_s or 0.0)
         except _Stopped:
@@ -475,11 +478,12 @@ class Narrator:
         stitched: Stitched
         try:
             stitched = stitch(parts, row.format, f, self.stitching.sentence_gap, self.stitching.paragraph_gap)
+            info = self._conformed(f, row.format, stitched.info, row.shape)
             write_tags(f, row.format, row.tags)
-            verdict = self._checked(f, row.format, stitched.info, check)
+            verdict = self._checked(f, row.format, info, check)
             if verdict is not None and not self._better(verdict, check):
                 self.folder.discard(partial, f)
-                return stitched.info, None, verdict
+                return info, None, verdict
             published = self.folder.publish(partial, f, row.relpath)
         except BaseException:
             self.folder.discard(partial, f)
@@ -487,8 +491,14 @@ class Narrator:
         if self.captions is not None:
             words = [chunk.caption or chunk.text for chunk in assembly.chunks]
             self._caption(row, [(w, a, b) for w, (a, b) in zip(words, stitched.spans, strict=True)],
-                          stitched.info.duration_s or 0.0)
-        return stitched.info, published, verdict
+                          info.duration_s or 0.0)
+        return info, published, verdict
+
+    @staticmethod
+    def _conformed(f: BinaryIO, fmt: str, info: AudioInfo, shape: Output | None) -> AudioInfo:
+        """A row's file, written whole, made into its format at its [output] shape (a chunk, of no
+        shape, stays as it was asked for): what it holds then."""
+        return conform(f, fmt, info, shape) if shape is not None and converts(fmt, shape) else info
 
     def _checked(self, f: BinaryIO, fmt: str, info: AudioInfo, check: _Check | None) -> Verdict | None:
         """The audio checks' verdict on a row's file, written whole and not yet published."""
@@ -523,8 +533,10 @@ class Narrator:
     async def _request(
         self, request: SpeechRequest, fmt: str, relpath: str, tags: dict[str, str], row: Row, attempts: list[int],
         chunk: str | None = None, chunk_index: int | None = None, check: _Check | None = None,
+        shape: Output | None = None,
     ) -> _Outcome:
-        """One request with the retry policy; `attempts` counts as it goes, for the failure record."""
+        """One request with the retry policy; `attempts` counts as it goes, for the failure record.
+        `shape`: a row's [output], which its file is made into as it lands."""
         self.missing_models.refuse(request.model)  # not even a turn under the rate limit
         started = time.monotonic()
         remote = not is_local(request.model)
@@ -562,7 +574,8 @@ class Narrator:
                         self.throttle.succeeded(ticket)
                     self._spent(request)
                     try:
-                        info, published, verdict = await self._in_thread(self._publish, body, relpath, fmt, tags, check)
+                        info, published, verdict = await self._in_thread(self._publish, body, relpath, fmt, tags, check,
+                                                                         shape)
                     except Exception as exc:
                         raise classify(exc, self._where(relpath)) from exc
         return _Outcome(body.generation_id, published, info, attempts[0], round(time.monotonic() - started, 3),
@@ -648,13 +661,13 @@ class Narrator:
                 raise
         return _Body(audio.generation_id, writer, partial, f)
 
-    def _publish(self, body: _Body, relpath: str, fmt: str, tags: dict[str, str],
-                 check: _Check | None) -> tuple[AudioInfo, Published | None, Verdict | None]:
-        """Check, tag, measure, fsync and rename: blocking, so it runs in a thread. Once it starts, the
-        file either lands whole or stays partial, whatever happens to the run meanwhile; a redo take
-        no better than the flagged file kept is thrown away."""
+    def _publish(self, body: _Body, relpath: str, fmt: str, tags: dict[str, str], check: _Check | None,
+                 shape: Output | None) -> tuple[AudioInfo, Published | None, Verdict | None]:
+        """Check, convert, tag, measure, fsync and rename: blocking, so it runs in a thread. Once it
+        starts, the file either lands whole or stays partial, whatever happens to the run meanwhile; a
+        redo take no better than the flagged file kept is thrown away."""
         try:
-            info = body.writer.finish()
+            info = self._conformed(body.file, fmt, body.writer.finish(), shape)
             write_tags(body.file, fmt, tags)
             verdict = self._checked(body.file, fmt, info, check)
             if verdict is not None and not self._better(verdict, check):

@@ -1,10 +1,11 @@
 """Joining the chunks of a long row into one file that plays as if it were one request.
 
-pcm and wav: samples concatenated with silence at each seam. mp3: frame-level concatenation with
-every ID3 tag and Xing/Info/VBRI header frame removed, silence as encoded silent frames of the same
-rate, channel mode and bitrate, so the result is one clean constant-bitrate stream that plays
-gaplessly and whose duration players compute correctly. Chunks whose rate or channels differ are an
-error, never a corrupt file.
+pcm and wav: samples concatenated with silence at each seam; flac the same, as raw pcm, encoded as
+the row's file lands (conform.py). mp3: frame-level concatenation with every ID3 tag and
+Xing/Info/VBRI header frame removed, silence as encoded silent frames of the same rate, channel mode
+and bitrate, so the result is one clean constant-bitrate stream that plays gaplessly and whose
+duration players compute correctly. Chunks whose rate or channels differ are an error, never a
+corrupt file.
 
 The silence before a chunk is the pause voice markup asks for there, else the gap of its seam (a
 paragraph's or a sentence's); a pause before the first chunk opens the file. The stitcher says where

@@ -1,5 +1,6 @@
-"""Titles in the files themselves: ID3v2 for mp3 (title, artist, album, track, through mutagen), a
-LIST/INFO title for WAV, from the manifest's `title`, `artist`, `album` and `track` columns."""
+"""Titles in the files themselves: ID3v2 for mp3 and Vorbis comments for FLAC (title, artist, album,
+track, through mutagen), a LIST/INFO title for WAV, from the manifest's `title`, `artist`, `album`
+and `track` columns."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import struct
 from typing import BinaryIO
 
+from mutagen.flac import FLAC
 from mutagen.id3 import ID3, TALB, TIT2, TPE1, TRCK, TextFrame
 
 _ID3_FRAMES: dict[str, type[TextFrame]] = {"title": TIT2, "artist": TPE1, "album": TALB, "track": TRCK}
+_VORBIS_FIELDS = {"title": "TITLE", "artist": "ARTIST", "album": "ALBUM", "track": "TRACKNUMBER"}
 
 
 def write_tags(f: BinaryIO, fmt: str, tags: dict[str, str]) -> None:
@@ -24,8 +27,23 @@ def write_tags(f: BinaryIO, fmt: str, tags: dict[str, str]) -> None:
         f.seek(0)
         id3.save(f, v2_version=4)
         f.seek(0, os.SEEK_END)
+    elif fmt == "flac":
+        _vorbis_comments(f, tags)
     elif fmt == "wav" and "title" in tags:
         _riff_info_title(f, tags["title"])
+
+
+def _vorbis_comments(f: BinaryIO, tags: dict[str, str]) -> None:
+    f.flush()
+    f.seek(0)
+    flac = FLAC(f)
+    if flac.tags is None:
+        flac.add_tags()
+    for name, value in tags.items():
+        flac[_VORBIS_FIELDS[name]] = value
+    f.seek(0)  # mutagen reads the header from where the file is
+    flac.save(f)
+    f.seek(0, os.SEEK_END)
 
 
 def _riff_info_title(f: BinaryIO, title: str) -> None:

@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 
 from batchtts.config import Defaults
 from batchtts.dedup import Firsts
-from batchtts.manifest import make_row
-
 from batchtts.errors import StorageError
+from batchtts.manifest import make_row
 from batchtts.storage import OutputFolder
 from batchtts.store import ObjectStoreOutput
 

@@ -76,7 +76,7 @@ def refusal(tmp_path: Path, text: str | bytes) -> str:
     ('[defaults]\nspeed = "fast"', '[defaults] speed (--speed) must be a number, from 0.25 to 4, not "fast"'),
     ("[defaults]\nspeed = 0", "[defaults] speed (--speed) must be a number, from 0.25 to 4, not 0"),
     ("[defaults]\nspeed = 4.5", "from 0.25 to 4, not 4.5"),
-    ('[defaults]\nformat = "ogg"', '[defaults] format (--format) must be one of "mp3", "pcm", "wav", not "ogg"'),
+    ('[defaults]\nformat = "ogg"', '[defaults] format (--format) must be one of "mp3", "pcm", "wav", "flac", not "ogg"'),
     ('[defaults]\nmodel = " "', "[defaults] model (--model) must not be empty"),
     ("[defaults]\nvoice = 3", "[defaults] voice (--voice) must be text, not 3"),
     ("[stitching]\nsentence_gap = -0.1", "[stitching] sentence_gap must be a number, from 0 to 60, not -0.1"),
