@@ -18,10 +18,12 @@ from __future__ import annotations
 import array
 import os
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .names import hash64
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SAMPLE_EVERY = 64  # files, of those listed, whose size is looked at without --verify-files
 
@@ -47,6 +49,8 @@ class Listing:
 
     def have(self, files: Sequence[tuple[str, int | None]]) -> list[bool]:
         """`has` for many files at once: one search of each folder's listing per call."""
+        import numpy as np  # loaded when files are looked for: `status` and a dry run into a new folder do without
+
         by_folder: dict[str, list[int]] = {}
         for i, (relpath, _) in enumerate(files):
             by_folder.setdefault(relpath.rpartition("/")[0], []).append(i)
@@ -77,6 +81,8 @@ class Listing:
 
     def _listed(self, folder: str) -> np.ndarray:
         """The sorted hashes of the regular files' names in one folder (empty when it is not there)."""
+        import numpy as np
+
         if folder not in self._folders:
             hashes = array.array("Q")
             try:

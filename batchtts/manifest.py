@@ -20,16 +20,16 @@ import math
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.csv as pacsv
+from typing import TYPE_CHECKING, Any
 
 from . import names, speakers
 from .config import FORMATS, SPEEDS, Defaults, Output
 from .errors import ManifestError, ManifestProblem
 from .names import hash64
 from .repeats import Hashes
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BATCH_ROWS = 4096
 # What a row hashes is this JSON of it (json.dumps with these settings): one encoder, made once.
@@ -234,6 +234,8 @@ def _refuse_repeated_columns(path: Path, names: list[str]) -> None:
 
 
 def _read_delimited(path: Path, delimiter: str) -> Iterator[list[dict[str, Any]]]:
+    import pyarrow as pa  # loaded to read a manifest: `status` of one unchanged since its run does without
+
     names = _csv_header(path, delimiter)
     # pyarrow reads a quote left open as a field running to the end of the file. A row of ours after
     # the file's bytes tells: it comes out as a row of its own only if every quote was closed.
@@ -276,6 +278,9 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
 
 def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, str], tail: bytes,
                  block: int, skip: int) -> Iterator[list[dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     # Every column is read as text: type inference on the first block would turn id "007" into 7
     # and then fail on a later block that holds "x7".
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
@@ -459,6 +464,8 @@ def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
 def _json_type(kind: pa.DataType) -> bool:
     """Whether Python gets values of this Arrow type as JSON can carry them: no bytes, dates,
     decimals or maps, which would fail only when the row is hashed or sent."""
+    import pyarrow as pa
+
     if pa.types.is_dictionary(kind):
         return _json_type(kind.value_type)
     if pa.types.is_struct(kind):
@@ -471,6 +478,8 @@ def _json_type(kind: pa.DataType) -> bool:
 
 
 def _batch_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
     try:
         return batch.to_pylist()
     except (ValueError, OverflowError, pa.ArrowException):
@@ -479,6 +488,8 @@ def _batch_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 
 
 def _record(batch: pa.RecordBatch, index: int) -> dict[str, Any]:
+    import pyarrow as pa
+
     record: dict[str, Any] = {}
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         try:
@@ -646,6 +657,7 @@ def _duplicates(hashes: array.array[int], keep: int = 10_000, sort_from: int = S
             else:
                 seen.add(value)
         return set(repeated[:keep]), len(repeated)
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     values = pa.Array.from_buffers(pa.uint64(), len(hashes), [None, pa.py_buffer(hashes)])

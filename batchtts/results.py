@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-import pyarrow as pa
-
 from . import manifest
 from .config import Defaults, Job, is_uri
 from .errors import UsageError
@@ -43,6 +41,7 @@ from .sharding import Shard, named_ledger
 from .storage import open_output
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -50,23 +49,24 @@ _LEDGER_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")
 _SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _LEDGER_FIELDS = ("path", "status", "bytes", "duration_s", "sample_rate", "error", "copy_of")
+# Our columns' Arrow types, by name (pyarrow is loaded by export alone).
 _TYPES = {
-    "row": pa.int64(), "id": pa.string(), "text": pa.string(), "voice": pa.string(), "speaker": pa.string(),
-    "model": pa.string(), "path": pa.string(), "status": pa.string(), "bytes": pa.int64(), "duration_s": pa.float64(),
-    "sample_rate": pa.int64(), "error": pa.string(), "copy_of": pa.string(),
-    "mastered_path": pa.string(), "preset": pa.string(), "meets_preset": pa.bool_(),
+    "row": "int64", "id": "string", "text": "string", "voice": "string", "speaker": "string",
+    "model": "string", "path": "string", "status": "string", "bytes": "int64", "duration_s": "float64",
+    "sample_rate": "int64", "error": "string", "copy_of": "string",
+    "mastered_path": "string", "preset": "string", "meets_preset": "bool_",
 }
 # The measurements of a row's mastered file, as the ledger recorded them when it was made.
 _MASTERED_FIELDS = ("loudness_lufs", "rms_db", "peak_db", "true_peak_db", "noise_floor_db", "head_s", "tail_s",
                     "room_tone_db", "length_s")
-_TYPES.update(dict.fromkeys(_MASTERED_FIELDS, pa.float64()))
+_TYPES.update(dict.fromkeys(_MASTERED_FIELDS, "float64"))
 # The audio checks' measurement of a row's file, as the checks table holds it; the narrated file's
 # peak and RMS are peak_dbfs and rms_dbfs, peak_db and rms_db being the mastered file's.
 _CHECKED_FIELDS = {"chars_per_second": "chars_per_second", "lead_silence_s": "lead_silence_s",
                    "trail_silence_s": "trail_silence_s", "max_inner_silence_s": "max_inner_silence_s",
                    "peak_dbfs": "peak_db", "rms_dbfs": "rms_db", "clipping": "clipping", "wer": "wer"}
-_TYPES.update(dict.fromkeys(_CHECKED_FIELDS, pa.float64()))
-_TYPES.update(flagged=pa.bool_(), flag_reasons=pa.string(), redos=pa.int64())
+_TYPES.update(dict.fromkeys(_CHECKED_FIELDS, "float64"))
+_TYPES.update(flagged="bool_", flag_reasons="string", redos="int64")
 
 
 def ledger_files(folder: Path) -> list[Path]:
@@ -383,6 +383,8 @@ def _export(ctx: JobContext, to: Path | str, format: str | None) -> int:
             aside = Path(tempfile.mkstemp(prefix="batchtts-export-", suffix=suffix)[1])
     except OSError as exc:
         raise UsageError(f"cannot write {to}: {exc.strerror or exc}") from exc
+    import pyarrow as pa
+
     try:
         with aside.open("wb") as stream:
             rows = _write_export(ctx, stream, kind)
@@ -409,9 +411,11 @@ def _umask() -> int:
 def _write_export(ctx: JobContext, to: BinaryIO, kind: str) -> int:
     if kind == "jsonl":
         return _write_jsonl(ctx, to)
-    schema: pa.Schema | None = None
-    import pyarrow.csv as pacsv  # the writers, loaded by export alone
+    import pyarrow as pa  # the writers, loaded by export alone
+    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    schema: pa.Schema | None = None
 
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     rows = 0
@@ -423,7 +427,8 @@ def _write_export(ctx: JobContext, to: BinaryIO, kind: str) -> int:
                 # Fixed types for our columns; carried columns keep the type of their first batch.
                 inferred = pa.Table.from_pylist(records).schema
                 schema = pa.schema([
-                    pa.field(f.name, _TYPES.get(f.name, pa.string() if pa.types.is_null(f.type) else f.type))
+                    pa.field(f.name, getattr(pa, _TYPES[f.name])() if f.name in _TYPES
+                             else pa.string() if pa.types.is_null(f.type) else f.type)
                     for f in inferred
                 ])
             table = pa.Table.from_pylist(records, schema=schema)
