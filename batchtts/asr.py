@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
+from .cores import cpus
+
 if TYPE_CHECKING:
     import numpy.typing as npt
 
@@ -85,8 +87,6 @@ _pool_lock = threading.Lock()  # the run's threads ask for it at once
 
 def _recognisers() -> ProcessPoolExecutor:
     """The processes that recognise, started when first needed: as many as the run may use cores."""
-    from .mastering import cpus
-
     global _pool
     with _pool_lock:
         if _pool is None:

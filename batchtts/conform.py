@@ -52,8 +52,8 @@ def refused(fmt: str, rate: int) -> str | None:
 def conform(f: BinaryIO, fmt: str, info: AudioInfo, output: Output) -> AudioInfo:
     """Make the open file, written whole, into `fmt` at the shape `output` sets, in place, and say
     what it now holds; the file is left at its end. Raises ConversionError."""
-    if fmt == "pcm" and output.sample_rate in (None, info.sample_rate) and output.channels in (None, info.channels):
-        return info
+    if fmt != "flac" and output.sample_rate in (None, info.sample_rate) and output.channels in (None, info.channels):
+        return info  # the writer read the rate and channels of pcm, wav and mp3 exactly: in shape already
     from .datasets.shape import Shape, Unreadable, reshape
 
     pcm = None

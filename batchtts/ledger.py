@@ -488,10 +488,6 @@ class Ledger:
         return self._get(ROWS, key)
 
     @_guarded
-    def mastered(self, key: str) -> dict[str, Any] | None:
-        return self._get(MASTERED, key)
-
-    @_guarded
     def done_with(self, request: str, besides: str, limit: int = 4) -> list[tuple[str, str, int]]:
         """Rows other than `besides` done with this request: (key, path, bytes) of a few, to copy."""
         if self.version < 7:
@@ -560,8 +556,6 @@ class Ledger:
     def checked(self, key: str) -> dict[str, Any] | None:
         """The checks' verdict on the row's file as it is now: the row's own, else one on an identical
         file (a copy of another row's); None when the row is not done, or its file was not checked."""
-        if self.version < CHECKS.since:
-            return None
         return self.checked_many([key]).get(key)
 
     @_guarded
@@ -572,8 +566,9 @@ class Ledger:
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(keys), LOOKUP_BATCH):
             batch = keys[start:start + LOOKUP_BATCH]
+            # `+r.status`: the keys' index finds the rows; by the status index, SQLite would read every row done.
             cur = self.db.execute(f"SELECT r.key AS row_key, v.* FROM rows r JOIN checks v ON v.rowid = {_VERDICT} "
-                                  f"WHERE r.key IN ({', '.join('?' * len(batch))}) AND r.status = 'done'", batch)
+                                  f"WHERE r.key IN ({', '.join('?' * len(batch))}) AND +r.status = 'done'", batch)
             names = [d[0] for d in cur.description][1:]
             for row_key, *values in cur:
                 found[row_key] = dict(zip(names, values, strict=True))
@@ -617,7 +612,7 @@ class Ledger:
 
     @_guarded
     def mastered_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """`mastered` of many keys together."""
+        """The records of the rows' mastered files, by key."""
         return self._get_many(MASTERED, keys)
 
     @functools.cached_property
@@ -938,9 +933,6 @@ class LedgerSet:
         """Each key looked up in its shard's ledger (every ledger when they are not shards)."""
         return self._many(keys, Ledger.lookup_many)
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return next((e for ledger in self._for(key) if (e := ledger.get(key)) is not None), None)
-
     def _many(self, keys: Sequence[str], read: Callable[[Ledger, Sequence[str]], dict[str, R]]) -> dict[str, R]:
         """Records of many keys, each from its shard's ledger (the first that has it, when they are not shards)."""
         found: dict[str, R] = {}
@@ -967,9 +959,6 @@ class LedgerSet:
 
     def chunk(self, fingerprint: str) -> dict[str, Any] | None:
         return next((c for ledger in self.ledgers if (c := ledger.chunk(fingerprint)) is not None), None)
-
-    def mastered(self, key: str) -> dict[str, Any] | None:
-        return next((m for ledger in self._for(key) if (m := ledger.mastered(key)) is not None), None)
 
     def copies(self) -> tuple[int, int]:
         counts = [ledger.copies() for ledger in self.ledgers]

@@ -48,6 +48,7 @@ import numpy.typing as npt
 
 from . import captions
 from .config import MasteringPreset
+from .cores import cpus
 from .decoding import PcmShape, channel_layout, open_audio, planar_float
 from .errors import BatchTTSError, LedgerError
 from .ledger import Ledger
@@ -846,14 +847,6 @@ def _available_memory() -> int:
         if limit != "max":
             found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
     return max(min(found), 1 << 28)
-
-
-def cpus() -> int:
-    """The CPUs this process may run on: mastering and QC work on that many files at once."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _current(made: dict[str, Any] | None, row: dict[str, Any], relpath: str, root: Path, chosen: Preset) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cores import cpus
 from .decoding import PcmShape
 from .errors import UsageError
 from .mastering import (
@@ -28,7 +29,6 @@ from .mastering import (
     Measurement,
     MemoryBudget,
     check,
-    cpus,
     measure_file,
     memory_for,
     preset,

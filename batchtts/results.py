@@ -35,7 +35,7 @@ from .errors import UsageError
 from .ledger import Ledger, LedgerSet, RunSettings, ledger_family, usage
 from .lock import holder
 from .manifest import KNOWN_COLUMNS, Row
-from .plan import Planner, State, make_plan
+from .plan import Decision, Planner, State, make_plan
 from .redact import redact_uri
 from .sharding import Shard, named_ledger
 from .storage import open_output
@@ -301,10 +301,12 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
         out: list[dict[str, Any]] = []
         made = [manifest.make_row(number + i, record, ctx.defaults) for i, record in enumerate(batch, 1)]
         decisions = planner.decide_many([row for row in made if isinstance(row, Row)])  # records looked up together
-        # A row's records, as narrated (the lexicon may change its key): for rows done or tried.
-        tried = [d.row.key for d in decisions if d.state in (State.DONE, State.FAILED) or d.failed_before]
-        entries, mastered, checked = (ctx.ledger.get_many(tried), ctx.ledger.mastered_many(tried),
-                                      ctx.ledger.checked_many(tried))
+        # A row's records, as narrated (the lexicon may change its key): for rows done or tried, not
+        # for a row with work (a record of its key may be another row's: an id repeated since the run).
+        tried = {d.row.key for d in decisions if _tried(d)}
+        asked = sorted(tried)
+        entries, mastered, checked = (ctx.ledger.get_many(asked), ctx.ledger.mastered_many(asked),
+                                      ctx.ledger.checked_many(asked))
         settled = iter(decisions)
         for record, row in zip(batch, made, strict=True):
             number += 1
@@ -320,7 +322,7 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
                 # row takes, unless the manifest has a speaker column of its own.
                 result.update(id=row.id, voice=row.voice, speaker=result["speaker"] or decision.row.voice,
                               model=row.model)
-                entry = entries.get(decision.row.key)
+                entry = entries.get(decision.row.key) if _tried(decision) else None
             for name in fields:
                 result[name] = entry[name] if entry is not None else None
             done = entry["key"] if entry is not None and entry["status"] == "done" else None
@@ -333,6 +335,11 @@ def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> 
                     result[name] = value
             out.append(result)
         yield out
+
+
+def _tried(decision: Decision) -> bool:
+    """Whether the ledger's record of the row's key is this row's: done, failed, or tried before."""
+    return decision.state in (State.DONE, State.FAILED) or decision.failed_before
 
 
 def _checked(verdict: dict[str, Any] | None) -> dict[str, Any]:
@@ -383,8 +390,11 @@ def _export(ctx: JobContext, to: Path | str, format: str | None) -> int:
             aside = Path(tempfile.mkstemp(prefix="batchtts-export-", suffix=suffix)[1])
     except OSError as exc:
         raise UsageError(f"cannot write {to}: {exc.strerror or exc}") from exc
-    import pyarrow as pa
+    faults: tuple[type[Exception], ...] = (OSError,)
+    if kind != "jsonl":
+        import pyarrow as pa
 
+        faults = (OSError, pa.ArrowException)
     try:
         with aside.open("wb") as stream:
             rows = _write_export(ctx, stream, kind)
@@ -395,7 +405,7 @@ def _export(ctx: JobContext, to: Path | str, format: str | None) -> int:
             from .store import publish_file
 
             publish_file(aside, to)
-    except (OSError, pa.ArrowException) as exc:
+    except faults as exc:
         raise UsageError(f"cannot write {to}: {getattr(exc, 'strerror', None) or exc}") from exc
     finally:
         aside.unlink(missing_ok=True)

@@ -119,6 +119,32 @@ def test_batched_lookups_decide_as_one_lookup_a_row_does(cases, verify, batch):
         assert [d.state.value == "work" for d in together] == expected
 
 
+def test_batched_reads_find_rows_by_their_key_not_by_reading_every_row_done(tmp_path):
+    """Each query of a batched read, explained by SQLite, searches the rows by key: with a thousand
+    keys in a list, SQLite may prefer the status index and read every row done for each batch,
+    which makes an export of millions of rows quadratic."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    keys = [f"r{i}" for i in range(2 * ledger_module.LOOKUP_BATCH)]
+    for i, key in enumerate(keys):
+        row = Row(i + 1, key, f"Line {i}.", MODEL, "alloy", "wav", None, None, None, {})
+        ledger.record_done(row, Stored(row.relpath, 100, f"{i:064d}", 24000, 1, 0.1), 1, 0.0, None)
+    ledger.commit()
+    keys = keys[::2]  # a batch of them, as a ledger holds many more rows than one batch asks for
+    asked: list[str] = []
+    ledger.db.set_trace_callback(asked.append)
+    try:
+        ledger.lookup_many(keys), ledger.get_many(keys), ledger.mastered_many(keys), ledger.checked_many(keys)
+    finally:
+        ledger.db.set_trace_callback(None)
+    queries = [q for q in asked if q.lstrip().upper().startswith("SELECT") and " IN (" in q]
+    assert len(queries) >= 3
+    for query in queries:
+        steps = [step[3] for step in ledger.db.execute(f"EXPLAIN QUERY PLAN {query}")]
+        first = steps[0]
+        assert "(key=?)" in first and "status" not in first, (query[:80], steps)
+    ledger.close()
+
+
 def status(out: Path, *extra: str | Path) -> dict:
     import json
 

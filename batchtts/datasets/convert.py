@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from ..cores import cpus
 from .shape import Audio, Shape, Unreadable, reshape
 
 if TYPE_CHECKING:
@@ -58,8 +59,6 @@ def converted(jobs: Iterator[Conversion[T]], source: Source, shape: Shape, worke
               ) -> Iterator[tuple[T, Audio | str]]:
     """Each job's tag with its audio, or why its file could not be had, in the order of `jobs`.
     `workers`: processes to convert in (default: one a core; 1 converts here)."""
-    from ..mastering import cpus  # in this process only: a worker loads no more than converting needs
-
     count = workers or cpus()
     copied = 0
     for done, job in enumerate(jobs, start=1):
