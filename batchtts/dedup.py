@@ -22,7 +22,7 @@ from __future__ import annotations
 import mmap
 import sqlite3
 
-from .manifest import Row
+from .manifest import CANONICAL, Row
 
 # The filter's size, fixed: a new request is looked up for nothing about 2 times in 100 at 10^7
 # requests and 13 in 100 at 3 x 10^7 (the lookups cost time, never a wrong answer). Its pages are
@@ -32,11 +32,15 @@ _MASK = _FILTER_BITS - 1
 _BATCH = 1 << 16  # records held in memory before they are written together, in key order
 
 
-def _hashed(request: str) -> int:
-    """64 bits of a request's hex digest, as SQLite's signed integer key. Two requests that share
-    them (a chance of a few in a million among 10^7 rows) cost only a count: the narrator copies a
-    file recorded with the very same request, or narrates the row."""
-    return int(request[:16], 16) - (1 << 63)
+def _hashed(row: Row) -> int:
+    """64 bits of what the row's request is made of: Python's own hash, keyed anew in each process,
+    as the record lives and dies with the run (the SHA-256 of `Row.request` costs more than the rest
+    of the record). Two requests that share them (a chance of a few in a million among 10^7 rows)
+    cost only a count: the narrator copies a file recorded with the very same request, or narrates
+    the row."""
+    options = CANONICAL.encode(row.provider_options) if row.provider_options else None
+    return hash((row.model, row.voice, row.spoken, row.format, row.speed, options, row.shape,
+                 tuple(sorted(row.tags.items()))))
 
 
 class _Filter:
@@ -76,7 +80,7 @@ class Firsts:
         """The key of the row taken on before this one with its request; None when there is none (this
         row is then the first), or it has this row's key (an identical row without id: one file is
         named for both)."""
-        hashed = _hashed(row.request)
+        hashed = _hashed(row)
         first = self._find(hashed) if self._filter.add(hashed) else None
         if first is None:
             self._held[hashed] = (row.number, row.key)
@@ -99,7 +103,7 @@ class Firsts:
 
     def drop(self, row: Row) -> None:
         """The row is not taken on after all (the budget passes it over): it is no row's source."""
-        hashed = _hashed(row.request)
+        hashed = _hashed(row)
         if self._held.get(hashed, (None,))[0] == row.number:
             del self._held[hashed]
         else:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 BATCH_ROWS = 4096
 # What a row hashes is this JSON of it (json.dumps with these settings): one encoder, made once.
-_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
 KNOWN_COLUMNS = ("id", "text", "voice", "model", "response_format", "speed", "provider_options", "output")
 TAG_COLUMNS = ("title", "artist", "album", "track")
 # pyarrow's CSV blocks must hold the largest row; they grow to this, and a row beyond it is refused.
@@ -76,7 +76,7 @@ class Row:
         made: list[Any] = [self.model, voice or self.voice, text, fmt, self.speed, self.provider_options]
         if shaped and self.shape.shaped:
             made.append({"sample_rate": self.shape.sample_rate, "channels": self.shape.channels})
-        return hashlib.sha256(_CANONICAL.encode(made).encode()).hexdigest()
+        return hashlib.sha256(CANONICAL.encode(made).encode()).hexdigest()
 
     @property
     def spoken(self) -> str:
@@ -99,7 +99,7 @@ class Row:
         if not self.tags:
             return self.fingerprint
         shape = [self.fingerprint, self.tags]
-        return hashlib.sha256(_CANONICAL.encode(shape).encode()).hexdigest()
+        return hashlib.sha256(CANONICAL.encode(shape).encode()).hexdigest()
 
     def chunk_fingerprint(self, text: str, voice: str | None = None) -> str:
         """The same for one piece of a long row, as it is requested (wav and flac rows ask for pcm), in
