@@ -13,6 +13,7 @@ read-only file is refused (LedgerError) and never modified.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import json
@@ -847,7 +848,7 @@ def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
     """The ledger named and its shards' beside it, each with a run, and what they hold."""
     candidates: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
     pattern = f"{glob.escape(named.stem)}-shard-*-of-*{glob.escape(named.suffix)}"
-    for path in sorted(named.parent.glob(pattern)):
+    for path in _matching(named.parent, pattern):
         parent, shard = named_ledger(path)
         # An empty shard's file holds nothing to speak for: it is passed over here, and refused by
         # whatever names it (its shard's run, status or export given the file).
@@ -855,6 +856,16 @@ def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
             candidates[path] = shard
     found = {path: (shard, usage(path)) for path, shard in candidates.items()}
     return {path: (shard, used) for path, (shard, used) in found.items() if used is not None and used.runs}
+
+
+def _matching(folder: Path, pattern: str) -> list[Path]:
+    """The files of the folder whose names match, from one pass over its entries: the folder may
+    hold millions of audio files, which Path.glob would hold in memory all at once."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(folder / e.name for e in entries if fnmatch.fnmatchcase(e.name, pattern))
+    except OSError:  # not there, or not to be listed: no shard beside it
+        return []
 
 
 def ledger_family(named: Path) -> dict[Path, Shard | None]:

@@ -145,6 +145,24 @@ def test_batched_reads_find_rows_by_their_key_not_by_reading_every_row_done(tmp_
     ledger.close()
 
 
+@given(st.lists(st.sampled_from(["ledger-shard-0-of-2.sqlite", "ledger-shard-1-of-2.sqlite", "ledger.sqlite",
+                                  "a[1]-shard-0-of-2.sqlite", "ledger-shard-x-of-y.sqlite", ".ledger-shard-0-of-2.sqlite",
+                                  "Ledger-shard-0-of-2.sqlite", "r-00001.wav"]), unique=True),
+       st.sampled_from(["ledger.sqlite", "a[1].sqlite"]))
+def test_the_shards_beside_a_ledger_are_found_as_glob_finds_them(names, named):
+    """One pass over the folder's entries (a folder of millions of audio files is not held in memory)
+    finds what Path.glob finds."""
+    import glob
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in names:
+            (folder / name).touch()
+        stem, suffix = Path(named).stem, Path(named).suffix
+        pattern = f"{glob.escape(stem)}-shard-*-of-*{glob.escape(suffix)}"
+        assert ledger_module._matching(folder, pattern) == sorted(folder.glob(pattern))
+
+
 def status(out: Path, *extra: str | Path) -> dict:
     import json
 
