@@ -13,9 +13,7 @@ read-only file is refused (LedgerError) and never modified.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import glob
 import json
 import os
 import sqlite3
@@ -847,8 +845,7 @@ def usage(path: Path) -> Usage | None:
 def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
     """The ledger named and its shards' beside it, each with a run, and what they hold."""
     candidates: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
-    pattern = f"{glob.escape(named.stem)}-shard-*-of-*{glob.escape(named.suffix)}"
-    for path in _matching(named.parent, pattern):
+    for path in _beside(named.parent, f"{named.stem}-shard-", named.suffix):
         parent, shard = named_ledger(path)
         # An empty shard's file holds nothing to speak for: it is passed over here, and refused by
         # whatever names it (its shard's run, status or export given the file).
@@ -858,12 +855,12 @@ def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
     return {path: (shard, used) for path, (shard, used) in found.items() if used is not None and used.runs}
 
 
-def _matching(folder: Path, pattern: str) -> list[Path]:
-    """The files of the folder whose names match, from one pass over its entries: the folder may
-    hold millions of audio files, which Path.glob would hold in memory all at once."""
+def _beside(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    """The files of the folder whose names start and end so, from one pass over its entries, a
+    comparison each: the folder may hold millions of audio files."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(folder / e.name for e in entries if fnmatch.fnmatchcase(e.name, pattern))
+            return sorted(folder / e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(suffix))
     except OSError:  # not there, or not to be listed: no shard beside it
         return []
 

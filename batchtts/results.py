@@ -73,7 +73,7 @@ def ledger_files(folder: Path) -> list[Path]:
     """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
     jobs: dict[Path, dict[Path, Shard | None]] = {}
     with os.scandir(folder) as entries:  # names from the listing alone: the folder may hold millions of files
-        found = sorted(folder / e.name for e in entries if os.path.splitext(e.name)[1] in _LEDGER_SUFFIXES and e.is_file())
+        found = sorted(folder / e.name for e in entries if e.name.endswith(_LEDGER_SUFFIXES) and e.is_file())
     for path in found:
         named = named_ledger(path)[0]
         if named not in jobs:

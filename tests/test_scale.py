@@ -23,6 +23,7 @@ from batchtts.listing import Listing
 from batchtts.manifest import Row, _duplicates
 from batchtts.plan import Planner, needs_work
 from batchtts.repeats import Hashes
+from batchtts.sharding import named_ledger
 from batchtts.storage import OutputFolder
 
 MODEL = "openai/gpt-4o-mini-tts"
@@ -151,7 +152,7 @@ def test_batched_reads_find_rows_by_their_key_not_by_reading_every_row_done(tmp_
        st.sampled_from(["ledger.sqlite", "a[1].sqlite"]))
 def test_the_shards_beside_a_ledger_are_found_as_glob_finds_them(names, named):
     """One pass over the folder's entries (a folder of millions of audio files is not held in memory)
-    finds what Path.glob finds."""
+    finds the shard ledgers Path.glob finds."""
     import glob
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,8 +160,10 @@ def test_the_shards_beside_a_ledger_are_found_as_glob_finds_them(names, named):
         for name in names:
             (folder / name).touch()
         stem, suffix = Path(named).stem, Path(named).suffix
-        pattern = f"{glob.escape(stem)}-shard-*-of-*{glob.escape(suffix)}"
-        assert ledger_module._matching(folder, pattern) == sorted(folder.glob(pattern))
+        globbed = folder.glob(f"{glob.escape(stem)}-shard-*-of-*{glob.escape(suffix)}")
+        found = ledger_module._beside(folder, f"{stem}-shard-", suffix)
+        assert {p for p in found if named_ledger(p)[1] is not None} == \
+            {p for p in globbed if named_ledger(p)[1] is not None}
 
 
 def status(out: Path, *extra: str | Path) -> dict:
