@@ -842,10 +842,14 @@ def usage(path: Path) -> Usage | None:
         raise LedgerError(describe(path, exc)) from exc
 
 
-def _in_use(named: Path) -> dict[Path, tuple[Shard | None, Usage]]:
-    """The ledger named and its shards' beside it, each with a run, and what they hold."""
+def _in_use(named: Path, listed: Sequence[Path] | None = None) -> dict[Path, tuple[Shard | None, Usage]]:
+    """The ledger named and its shards' beside it, each with a run, and what they hold; `listed`: the
+    folder's files already listed, not listed again."""
     candidates: dict[Path, Shard | None] = {named: None} if named.is_file() else {}
-    for path in _beside(named.parent, f"{named.stem}-shard-", named.suffix):
+    prefix = f"{named.stem}-shard-"
+    beside = _beside(named.parent, prefix, named.suffix) if listed is None else \
+        [p for p in listed if p.name.startswith(prefix) and p.name.endswith(named.suffix)]
+    for path in beside:
         parent, shard = named_ledger(path)
         # An empty shard's file holds nothing to speak for: it is passed over here, and refused by
         # whatever names it (its shard's run, status or export given the file).
@@ -865,9 +869,10 @@ def _beside(folder: Path, prefix: str, suffix: str) -> list[Path]:
         return []
 
 
-def ledger_family(named: Path) -> dict[Path, Shard | None]:
-    """The ledgers of one job in use: the one named, and its shards' beside it."""
-    return {path: shard for path, (shard, _) in _in_use(named).items()}
+def ledger_family(named: Path, listed: Sequence[Path] | None = None) -> dict[Path, Shard | None]:
+    """The ledgers of one job in use: the one named, and its shards' beside it (among `listed`, the
+    folder's ledger files, when the caller has listed them)."""
+    return {path: shard for path, (shard, _) in _in_use(named, listed).items()}
 
 
 def _layout(shard: Shard | None) -> int | None:

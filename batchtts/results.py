@@ -77,7 +77,7 @@ def ledger_files(folder: Path) -> list[Path]:
     for path in found:
         named = named_ledger(path)[0]
         if named not in jobs:
-            jobs[named] = ledger_family(named)  # only ledgers in use: other files drop out here
+            jobs[named] = ledger_family(named, found)  # only ledgers in use: other files drop out here
     jobs = {named: family for named, family in jobs.items() if family}
     if not jobs:
         raise UsageError(f"no ledger in {folder}: run the job first, or give the path of its ledger file")
