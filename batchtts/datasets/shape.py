@@ -13,6 +13,7 @@ from typing import Literal
 
 import av
 
+from ..decoding import PcmShape, channel_layout, open_audio
 from ..errors import UsageError
 
 AudioFormat = Literal["flac", "wav", "mp3"]
@@ -25,7 +26,7 @@ _MP3_BITRATE = 64_000  # a channel: clear speech
 # durations) costs ten times the copy of a short wav. A file that says too little in that much is
 # opened again with the default.
 _PROBE = {"probesize": "1024", "analyzeduration": "0"}
-_LAYOUTS = {1: "mono", 2: "stereo"}
+_CHANNELS = (1, 2)  # what the encoders are given: mono or stereo
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Shape:
 
     def check(self) -> None:
         """Refuse, before any file is read, a shape the encoder cannot make."""
-        if self.channels is not None and self.channels not in _LAYOUTS:
+        if self.channels is not None and self.channels not in _CHANNELS:
             raise UsageError(f"--channels takes 1 or 2, not {self.channels}")
         rates = av.Codec(_ENCODERS[self.format], "w").audio_rates
         if self.rate is not None and rates and self.rate not in rates:
@@ -95,9 +96,7 @@ def _open(data: bytes, pcm: tuple[int, int] | None) -> av.container.InputContain
             return quick
         quick.close()
         return av.open(io.BytesIO(data), "r")
-    rate, channels = pcm
-    layout = _LAYOUTS.get(channels, f"{channels}c")
-    return av.open(io.BytesIO(data), "r", format="s16le", options={"sample_rate": str(rate), "ch_layout": layout})
+    return open_audio(io.BytesIO(data), PcmShape(*pcm))
 
 
 def _in_shape(source: av.container.InputContainer, fmt: AudioFormat, rate: int, channels: int) -> bool:
@@ -117,7 +116,7 @@ def _length(source: av.container.InputContainer) -> int:
 
 
 def _encode(source: av.container.InputContainer, fmt: AudioFormat, rate: int, channels: int) -> Audio:
-    layout = _LAYOUTS.get(channels, f"{channels}c")
+    layout = channel_layout(channels)
     buffer = io.BytesIO()
     samples = 0
     with av.open(buffer, "w", format=fmt) as out:
