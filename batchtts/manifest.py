@@ -282,7 +282,9 @@ def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, st
     import pyarrow.csv as pacsv
 
     # Every column is read as text: type inference on the first block would turn id "007" into 7
-    # and then fail on a later block that holds "x7".
+    # and then fail on a later block that holds "x7". One thread: rows are used one at a time in
+    # Python, and Arrow's pool of threads, once started, can abort the process as it exits
+    # ("terminate called without an active exception", apache/arrow#34314).
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     convert = pacsv.ConvertOptions(
         column_types={n: pa.string() for n in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
@@ -291,7 +293,7 @@ def _csv_batches(path: Path, delimiter: str, names: list[str], end: dict[str, st
     with _open_bytes(path, tail) as f:
         # pyarrow reads any binary file object; its stubs name only IO, which GzipFile is not declared as.
         reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert,  # type: ignore[arg-type]
-                                read_options=pacsv.ReadOptions(block_size=block))
+                                read_options=pacsv.ReadOptions(block_size=block, use_threads=False))
         if reader.schema.names != names:
             raise _refuse(path, f"the header reads as {reader.schema.names} or as {names}: quote it plainly")
         for batch in reader:
@@ -448,7 +450,8 @@ def _encodes(value: Any) -> bool:
 
 
 def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
-    # pre_buffer would cache every row group read so far until the file is closed.
+    # pre_buffer would cache every row group read so far until the file is closed; one thread, as
+    # for CSV (_csv_batches).
     import pyarrow.parquet as pq  # loaded for a Parquet manifest only
 
     with pq.ParquetFile(path, pre_buffer=False) as file:
@@ -457,7 +460,7 @@ def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
         if "provider_options" in schema.names and not _json_type(kind := schema.field("provider_options").type):
             raise _refuse(path, f"column 'provider_options' holds {kind}: it must hold JSON objects "
                                 "(a struct, or JSON text)")
-        for batch in file.iter_batches(batch_size=BATCH_ROWS):
+        for batch in file.iter_batches(batch_size=BATCH_ROWS, use_threads=False):
             yield _batch_records(batch)
 
 
