@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import mmap
 import sqlite3
+from collections.abc import Sequence
+from itertools import compress
 
+from .config import Output
 from .manifest import CANONICAL, Row
 
 # The filter's size, fixed: a new request is looked up for nothing about 2 times in 100 at 10^7
@@ -33,26 +36,31 @@ _BATCH = 1 << 16  # records held in memory before they are written together, in 
 
 
 def _hashed(row: Row) -> int:
-    """64 bits of what the row's request is made of: Python's own hash, keyed anew in each process,
-    as the record lives and dies with the run (the SHA-256 of `Row.request` costs more than the rest
-    of the record). Two requests that share them (a chance of a few in a million among 10^7 rows)
-    cost only a count: the narrator copies a file recorded with the very same request, or narrates
-    the row."""
     options = CANONICAL.encode(row.provider_options) if row.provider_options else None
-    return hash((row.model, row.voice, row.spoken, row.format, row.speed, options, row.shape,
-                 tuple(sorted(row.tags.items()))))
+    return request_hash(row.model, row.voice, row.spoken, row.format, row.speed, options, row.shape,
+                        tuple(sorted(row.tags.items())))
+
+
+def request_hash(model: str, voice: str, spoken: str, fmt: str, speed: float | None, options: str | None,
+                 shape: Output, tags: tuple[tuple[str, str], ...]) -> int:
+    """64 bits of what a row's request is made of (`options` as canonical JSON, `tags` sorted):
+    Python's own hash, keyed anew in each process, as the record lives and dies with the run (the
+    SHA-256 of `Row.request` costs more than the rest of the record). Two requests that share them
+    (a chance of a few in a million among 10^7 rows) cost only a count: the narrator copies a file
+    recorded with the very same request, or narrates the row."""
+    return hash((model, voice, spoken, fmt, speed, options, shape, tags))
 
 
 class _Filter:
     """A Bloom filter of 64-bit hashes: no false "new", a few false "seen"."""
 
     def __init__(self) -> None:
-        self._bits = mmap.mmap(-1, _FILTER_BITS >> 3)  # anonymous memory: zero pages until written
+        self.bits = mmap.mmap(-1, _FILTER_BITS >> 3)  # anonymous memory: zero pages until written
 
     def add(self, hashed: int) -> bool:
         """Add the hash; whether it may have been added before. Two probes, from two stretches of
         the hash's bits: in Python, each probe costs as much as a lookup saved."""
-        bits = self._bits
+        bits = self.bits
         one, two = hashed & _MASK, (hashed >> 27) & _MASK
         byte_one, bit_one, byte_two, bit_two = one >> 3, 1 << (one & 7), two >> 3, 1 << (two & 7)
         seen = bits[byte_one] & bit_one and bits[byte_two] & bit_two
@@ -61,7 +69,7 @@ class _Filter:
         return bool(seen)
 
     def close(self) -> None:
-        self._bits.close()
+        self.bits.close()
 
 
 class Firsts:
@@ -89,6 +97,40 @@ class Firsts:
             return None
         number, key = first
         return None if number >= row.number or key == row.key else key
+
+    def take_many(self, hashed: Sequence[int], numbers: Sequence[int], keys: Sequence[str]) -> list[str | None]:
+        """`take` for a batch of rows in manifest order, by their `request_hash`: the filter is asked
+        for all of them at once, and only the rows it may have seen (or that repeat a request earlier
+        in the batch) are looked up, one by one, in order."""
+        import numpy as np
+
+        values = np.array(hashed, dtype=np.int64)
+        one, two = values & _MASK, (values >> 27) & _MASK
+        bits = np.frombuffer(self._filter.bits, dtype=np.uint8)
+        try:
+            maybe = ((bits[one >> 3] >> (one & 7).astype(np.uint8)) & (bits[two >> 3] >> (two & 7).astype(np.uint8)) & 1
+                     ).astype(bool)
+            repeated = np.ones(len(values), dtype=bool)
+            repeated[np.unique(values, return_index=True)[1]] = False
+            maybe |= repeated
+            np.bitwise_or.at(bits, one >> 3, np.left_shift(1, one & 7).astype(np.uint8))
+            np.bitwise_or.at(bits, two >> 3, np.left_shift(1, two & 7).astype(np.uint8))
+        finally:
+            del bits  # the filter's memory is unmapped on close: no view of it may outlive this
+        new = (~maybe).tolist()
+        # A new request repeats no row before it in the batch, so the new ones are recorded first.
+        self._held.update(zip(compress(hashed, new), zip(compress(numbers, new), compress(keys, new), strict=True),
+                              strict=True))
+        sources: list[str | None] = [None] * len(new)
+        for index in np.flatnonzero(maybe).tolist():
+            first = self._find(hashed[index])
+            if first is None:
+                self._held[hashed[index]] = (numbers[index], keys[index])
+            elif first[0] < numbers[index] and first[1] != keys[index]:
+                sources[index] = first[1]
+        if len(self._held) >= self._batch:
+            self._write()
+        return sources
 
     def _find(self, hashed: int) -> tuple[int, str] | None:
         if (held := self._held.get(hashed)) is not None:

@@ -18,7 +18,7 @@ from .audio import encode_mp3, pcm_content_type
 from .config import Defaults
 from .engine import UnknownVoiceError, engine
 from .errors import ManifestError, ManifestProblem, RejectedError, UsageError
-from .manifest import ManifestSummary, Row
+from .manifest import ManifestSummary, OnBatch, Row
 from .markup import Cast
 from .providers import SpeechRequest, is_local
 from .speakers import voices_for
@@ -62,10 +62,11 @@ def local_problem(model: str, voice: str | None) -> str | None:
 
 
 def validate_manifest(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None,
-                      cast: Cast | None = None) -> ManifestSummary:
+                      cast: Cast | None = None, on_batch: OnBatch | None = None) -> ManifestSummary:
     """`manifest.validate`, refusing as well the local rows no run could narrate: an unknown local
     model or voice, in the defaults (one line) or in any row (listed with the manifest's problems).
-    A list of voices, or a pool of the `cast`, is checked voice by voice."""
+    A list of voices, or a pool of the `cast`, is checked voice by voice; a batch `on_batch` claims
+    (columnar.py) has had its voices checked there."""
     cast = cast if cast is not None else Cast()
 
     def problem_of(model: str, voice: str | None) -> str | None:
@@ -91,7 +92,7 @@ def validate_manifest(path: Path, defaults: Defaults, on_row: Callable[[Row], No
             problems.append(ManifestProblem(row.number, problem, row.id))
 
     try:
-        summary = manifest.validate(path, defaults, on_row=check)
+        summary = manifest.validate(path, defaults, on_row=check, on_batch=on_batch)
     except ManifestError as exc:
         if not count:
             raise

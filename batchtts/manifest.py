@@ -148,9 +148,17 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
     A record that cannot be read is {"__error__": reason}, so it keeps its row number. A fault that
     stops the reading is a ManifestError whatever raised it: no manifest ends in a traceback.
     """
+    for batch in read_batches(path):
+        yield batch if isinstance(batch, list) else _batch_records(batch)
+
+
+def read_batches(path: Path) -> Iterator[list[dict[str, Any]] | pa.RecordBatch]:
+    """`read_records`, with a Parquet manifest's batches as Arrow gives them, for a reader that
+    takes whole columns (columnar.py); `_batch_records` makes them records."""
     kind = detect_format(path)
     rows = 0
     try:
+        batches: Iterator[list[dict[str, Any]] | pa.RecordBatch]
         if kind == "parquet":
             batches = _read_parquet(path)
         elif kind == "jsonl":
@@ -159,7 +167,7 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
             batches = _read_delimited(path, "\t" if kind == "tsv" else ",")
         for batch in batches:
             yield batch
-            rows += len(batch)
+            rows += len(batch) if isinstance(batch, list) else batch.num_rows
     except ManifestError:
         raise
     except Exception as exc:
@@ -449,7 +457,7 @@ def _encodes(value: Any) -> bool:
     return True
 
 
-def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
+def _read_parquet(path: Path) -> Iterator[pa.RecordBatch]:
     # pre_buffer would cache every row group read so far until the file is closed; one thread, as
     # for CSV (_csv_batches).
     import pyarrow.parquet as pq  # loaded for a Parquet manifest only
@@ -460,8 +468,7 @@ def _read_parquet(path: Path) -> Iterator[list[dict[str, Any]]]:
         if "provider_options" in schema.names and not _json_type(kind := schema.field("provider_options").type):
             raise _refuse(path, f"column 'provider_options' holds {kind}: it must hold JSON objects "
                                 "(a struct, or JSON text)")
-        for batch in file.iter_batches(batch_size=BATCH_ROWS, use_threads=False):
-            yield _batch_records(batch)
+        yield from file.iter_batches(batch_size=BATCH_ROWS, use_threads=False)
 
 
 def _json_type(kind: pa.DataType) -> bool:
@@ -636,6 +643,19 @@ def iter_rows(path: Path, defaults: Defaults, only: Callable[[int], bool] | None
                 yield make_row(number, record, defaults)
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """What `validate` counts of a batch an `on_batch` reader planned itself: its ids, its file
+    names folded to find repeats, and its characters."""
+
+    ids: list[str]
+    folded: list[str]
+    characters: int
+
+
+OnBatch = Callable[[int, "pa.RecordBatch"], Claimed | None]
+
+
 @dataclass
 class ManifestSummary:
     rows: int
@@ -669,10 +689,13 @@ def _duplicates(hashes: array.array[int], keep: int = 10_000, sort_from: int = S
     return {h for h in repeated_sorted.slice(0, keep).to_pylist() if h is not None}, len(repeated_sorted)
 
 
-def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None) -> ManifestSummary:
+def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | None = None,
+             on_batch: OnBatch | None = None) -> ManifestSummary:
     """Read the whole manifest once and raise ManifestError listing what is wrong with it.
 
     `on_row` sees every good row in the same pass, so counting what is left costs no extra read.
+    `on_batch` is offered each Arrow batch first, with the number of the rows before it: a batch
+    it claims (all good rows it has planned itself) is not made into rows.
     """
     problems: list[ManifestProblem] = []
     total_problems = 0
@@ -680,7 +703,17 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
     rows = characters = 0
     columns: list[str] | None = None
     try:
-        for batch in read_records(path):
+        for batch in read_batches(path):
+            if not isinstance(batch, list):
+                claimed = on_batch(rows, batch) if on_batch is not None else None
+                if claimed is not None:
+                    columns = columns or batch.schema.names
+                    rows += batch.num_rows
+                    characters += claimed.characters
+                    ids.extend(map(hash64, claimed.ids))
+                    paths.extend(map(hash64, claimed.folded))
+                    continue
+                batch = _batch_records(batch)
             if columns is None:
                 columns = next((list(record) for record in batch if "__error__" not in record), None)
                 if columns is not None and "text" not in columns:

@@ -144,6 +144,21 @@ class OutputChecks:
         elif pending and (on_disk := self._on_disk(relpath)):
             self._problem(row, on_disk)
 
+    def fits_plain(self, relpaths: list[str]) -> bool:
+        """Whether `see` would find nothing wrong on disk with these names of files in the output
+        folder itself (no folders): none too long, none a folder there now."""
+        if self.root is None:
+            return True
+        longest = max(map(len, relpaths), default=0)
+        if 4 * longest > self._name_max or self._root_bytes + 4 * longest >= self._path_max:
+            return False
+        return self._subfolders("").isdisjoint(relpaths)
+
+    def see_plain(self, folded: list[str]) -> None:
+        """`see` of rows to be written, once `fits_plain` has passed their names and none is a file
+        batchtts keeps: only the names are kept, to find files of one row that are folders of another."""
+        self._files.extend(map(hash64, folded))
+
     def _too_long(self, relpath: str) -> str | None:
         if 4 * len(relpath) <= self._name_max and self._root_bytes + 4 * len(relpath) < self._path_max:
             return None  # no UTF-8 character takes more than 4 bytes: short enough without encoding it

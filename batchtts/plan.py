@@ -26,6 +26,7 @@ from typing import Any
 from . import manifest
 from .budget import Prices, Spending, Verdict
 from .chunking import limit_for
+from .columnar import Lane
 from .config import Job
 from .dedup import Firsts
 from .ledger import LOOKUP_BATCH, Entry, Ledger, LedgerSet
@@ -230,6 +231,20 @@ class RowNumbers:
             self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
         self._bits[byte] |= 1 << (number & 7)
 
+    def add_range(self, numbers: range) -> None:
+        """Every number of a run of them (step 1): whole bytes at once."""
+        if not numbers:
+            return
+        first, last = numbers[0], numbers[-1]
+        self.add(last)  # grows the bits to hold it
+        head = min(last + 1, (first + 7) & ~7)
+        for number in range(first, head):
+            self.add(number)
+        whole = (last + 1 - head) >> 3
+        self._bits[head >> 3:(head >> 3) + whole] = b"\xff" * whole
+        for number in range(head + 8 * whole, last + 1):
+            self.add(number)
+
     def __contains__(self, number: int) -> bool:
         byte = number >> 3
         return byte < len(self._bits) and bool(self._bits[byte] >> (number & 7) & 1)
@@ -272,6 +287,27 @@ class Plan:
             model.copies += bool(decision.work) and isinstance(decision.work[0], Copy)
             model.requests_saved += decision.saved
             self.with_work.add(row.number)
+
+    def count_plain(self, numbers: range, models: list[str], voices: list[str], lengths: list[int],
+                    copied: list[bool]) -> int:
+        """`count` of a batch of rows with ids the lane decided (columnar.py): all work, one request
+        each or a copy of an earlier row's file; the characters of their texts."""
+        for name, length, copy in zip(models, lengths, copied, strict=True):
+            plan = self.models.get(name)
+            if plan is None:
+                plan = self.models[name] = ModelPlan()
+            plan.rows += 1
+            plan.characters += length
+            plan.pending += 1
+            if copy:
+                plan.copies += 1
+                plan.requests_saved += 1
+            else:
+                plan.requests += 1
+                plan.pending_characters += length
+        self.speakers.update(voices)
+        self.with_work.add_range(numbers)
+        return sum(lengths)
 
     def close(self) -> None:
         """Let go of what the feed needed of the plan: a run's record of requests."""
@@ -320,11 +356,12 @@ class Plan:
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
               owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
-              for_run: bool = False, cancelled: Callable[[], bool] | None = None) -> Plan:
+              for_run: bool = False, cancelled: Callable[[], bool] | None = None, columnar: bool = True) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
     rows `owns` accepts (default: the job's shard, or every row); `budget` is played through as the
     feed plays it. For a run, every row's file name is checked against the others and the disk, and
-    local rows no run could narrate are refused. Once `cancelled()` says so, PlanCancelled."""
+    local rows no run could narrate are refused. Once `cancelled()` says so, PlanCancelled.
+    `columnar`: batches of plain rows are decided at once (columnar.py); False decides every row alone."""
     checks = _output_checks(job, folder) if for_run else None
     if owns is None and job.shard is not None:
         owns = job.shard.owns
@@ -347,14 +384,16 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
                 checks.see(decision.row, pending=decision.state not in (State.DONE, State.FAILED, State.ELSEWHERE))
         waiting.clear()
 
+    lane = Lane.for_plan(job, planner, plan, checks, flush=count) if columnar else None
+    on_batch = lane.claim if lane is not None else None
     if checks is None:  # counting what a ledger holds (status): rows are counted as they are
-        manifest.validate(job.manifest, job.defaults, on_row=count)
+        manifest.validate(job.manifest, job.defaults, on_row=count, on_batch=on_batch)
         count()
         return plan
     from .local import validate_manifest  # the embedded engine, to check local voices: a run's check only
 
     try:
-        validate_manifest(job.manifest, job.defaults, on_row=count, cast=job.voices)
+        validate_manifest(job.manifest, job.defaults, on_row=count, cast=job.voices, on_batch=on_batch)
         count()
         checks.raise_problems(job.manifest)
     except BaseException:

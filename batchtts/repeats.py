@@ -36,6 +36,11 @@ class Hashes:
         if len(self._memory) >= self._spill_at:
             self._spill()
 
+    def extend(self, values: Iterable[int]) -> None:
+        self._memory.extend(values)
+        if len(self._memory) >= self._spill_at:
+            self._spill()
+
     def _spill(self) -> None:
         import numpy as np
 
