@@ -6,7 +6,9 @@ and within its model's limit, one voice, no lexicon, no pool, no budget, no --li
 record in the ledger yet. For such a batch every row's decision is the same (work: one request, or a
 copy of an earlier row's file with the same request), so the checks are made on the batch's columns
 by Arrow, and what is left per row in Python is a few hashes: the id and file name (repeats), the
-request (`dedup.Firsts`).
+request (`dedup.Firsts`). A rerun's batch whose rows are all done (recorded done for the same
+audio, their files listed as recorded) is counted done the same way, its fingerprints hashed from the
+columns.
 
 `Lane.claim` takes a batch only when it can answer for every row of it exactly as `Planner.decide`,
 `manifest.make_row` and `names.OutputChecks.see` would, and otherwise leaves the whole batch to
@@ -22,7 +24,9 @@ from typing import TYPE_CHECKING, Any, cast
 from .chunking import limit_for
 from .config import FORMATS, Job
 from .dedup import request_hash
-from .manifest import Claimed
+from .ledger import Entry
+from .listing import Listing
+from .manifest import Claimed, fingerprint
 from .names import MAX_NAME
 from .providers import is_local
 from .speakers import voices_for
@@ -60,7 +64,7 @@ class Lane:
                  flush: Callable[[], None]) -> Lane | None:
         fmt = job.defaults.format.strip().lower()
         if (job.lexicon or job.limit is not None or planner.spending is not None or planner.owns is not None
-                or planner._copyable or fmt not in FORMATS or job.defaults.output.refused(fmt) is not None):
+                or job.redo_flagged or fmt not in FORMATS or job.defaults.output.refused(fmt) is not None):
             return None
         return cls(job, planner, plan, checks, flush)
 
@@ -98,7 +102,17 @@ class Lane:
         ids = _strings(batch.column("id"))
         relpaths = [f"{row_id}.{self.format}" for row_id in ids]
         folded = [relpath.lower() for relpath in relpaths]  # ASCII: as casefold
-        if not self._names_fit(relpaths, folded) or not self._unrecorded(ids):
+        if not self._names_fit(relpaths, folded):
+            return None
+        found = self.planner.ledger.lookup_many(ids) if self.planner.ledger is not None else {}
+        if found:
+            if len(found) < len(ids) or not self._done(ids, relpaths, models, voices, _strings(text), found):
+                return None
+            self._flush()
+            if self.checks is not None:
+                self.checks.see_named(folded)
+            return Claimed(ids, folded, self.plan.count_done(models, voices, lengths))
+        if self.planner._copyable:  # a row done before may answer a request: `Planner._source` asks the ledger
             return None
 
         self._flush()
@@ -111,9 +125,25 @@ class Lane:
             copied = [source is not None for source in self.planner.firsts.take_many(hashes, numbers, ids)]
         self.planner.taken += batch.num_rows
         if self.checks is not None:
-            self.checks.see_plain(folded)
-        characters = self.plan.count_plain(numbers, models, voices, lengths, copied)
+            self.checks.see_named(folded)
+        characters = self.plan.count_work(numbers, models, voices, lengths, copied)
         return Claimed(ids, folded, characters)
+
+    def _done(self, ids: list[str], relpaths: list[str], models: list[str], voices: list[str], texts: list[str],
+              found: dict[str, Entry]) -> bool:
+        """Every row is done: recorded done, for the same audio, under its own name, and its file is
+        there as recorded (`plan.needs_work`), looked for in the folder's listing together."""
+        files = self.planner.files
+        if not isinstance(files, Listing):
+            return False
+        entries = [found[row_id] for row_id in ids]
+        if any(entry.status != "done" or entry.path != relpath for entry, relpath in zip(entries, relpaths, strict=True)):
+            return False
+        defaults = self.job.defaults
+        for entry, model, voice, words in zip(entries, models, voices, texts, strict=True):
+            if entry.fingerprint != fingerprint(model, voice, words, self.format, defaults.speed, None, defaults.output):
+                return False
+        return all(files.have([(relpath, entry.bytes) for entry, relpath in zip(entries, relpaths, strict=True)]))
 
     def _plain(self, models: list[str], voices: list[str], lengths: list[int]) -> bool:
         """Every (model, voice) of the batch is one voice, narratable if local, and every text fits
@@ -148,11 +178,6 @@ class Lane:
         if checks.owned and not checks.owned.keys().isdisjoint(folded):
             return False
         return checks.fits_plain(relpaths)
-
-    def _unrecorded(self, ids: list[str]) -> bool:
-        """No row of the batch has a ledger record: each one's decision is then work."""
-        ledger = self.planner.ledger
-        return ledger is None or not ledger.lookup_many(ids)
 
 
 def _strings(column: Any) -> list[str]:

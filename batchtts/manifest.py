@@ -46,6 +46,15 @@ _WIDE_BOMS = (
 )
 
 
+def fingerprint(model: str, voice: str, text: str, fmt: str, speed: float | None, options: dict[str, Any] | None,
+                shape: Output | None) -> str:
+    """SHA-256 of what shapes a request's audio (`Row.fingerprint`); `shape` only when the job sets one."""
+    made: list[Any] = [model, voice, text, fmt, speed, options]
+    if shape is not None and shape.shaped:
+        made.append({"sample_rate": shape.sample_rate, "channels": shape.channels})
+    return hashlib.sha256(CANONICAL.encode(made).encode()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One manifest row with the job's defaults applied: everything needed to narrate it. Its
@@ -73,10 +82,8 @@ class Row:
     def _hash(self, text: str, fmt: str, voice: str | None = None, shaped: bool = False) -> str:
         """`shaped`: the [output] rate and channels too, when the job sets them (a job that does not
         keeps the fingerprints its ledger has)."""
-        made: list[Any] = [self.model, voice or self.voice, text, fmt, self.speed, self.provider_options]
-        if shaped and self.shape.shaped:
-            made.append({"sample_rate": self.shape.sample_rate, "channels": self.shape.channels})
-        return hashlib.sha256(CANONICAL.encode(made).encode()).hexdigest()
+        return fingerprint(self.model, voice or self.voice, text, fmt, self.speed, self.provider_options,
+                           self.shape if shaped else None)
 
     @property
     def spoken(self) -> str:

@@ -154,9 +154,9 @@ class OutputChecks:
             return False
         return self._subfolders("").isdisjoint(relpaths)
 
-    def see_plain(self, folded: list[str]) -> None:
-        """`see` of rows to be written, once `fits_plain` has passed their names and none is a file
-        batchtts keeps: only the names are kept, to find files of one row that are folders of another."""
+    def see_named(self, folded: list[str]) -> None:
+        """`see` of rows once `fits_plain` has passed their names and none is a file batchtts keeps:
+        only the names are kept, to find files of one row that are folders of another."""
         self._files.extend(map(hash64, folded))
 
     def _too_long(self, relpath: str) -> str | None:

@@ -288,8 +288,20 @@ class Plan:
             model.requests_saved += decision.saved
             self.with_work.add(row.number)
 
-    def count_plain(self, numbers: range, models: list[str], voices: list[str], lengths: list[int],
-                    copied: list[bool]) -> int:
+    def count_done(self, models: list[str], voices: list[str], lengths: list[int]) -> int:
+        """`count` of a batch of rows the lane found done (columnar.py); the characters of their texts."""
+        for name, length in zip(models, lengths, strict=True):
+            plan = self.models.get(name)
+            if plan is None:
+                plan = self.models[name] = ModelPlan()
+            plan.rows += 1
+            plan.characters += length
+            plan.done += 1
+        self.speakers.update(voices)
+        return sum(lengths)
+
+    def count_work(self, numbers: range, models: list[str], voices: list[str], lengths: list[int],
+                   copied: list[bool]) -> int:
         """`count` of a batch of rows with ids the lane decided (columnar.py): all work, one request
         each or a copy of an earlier row's file; the characters of their texts."""
         for name, length, copy in zip(models, lengths, copied, strict=True):

@@ -4,6 +4,7 @@ refusal, the same names checked on disk and the same work for the feed."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from batchtts import Defaults, Job
 from batchtts import manifest as manifest_module
 from batchtts.budget import Prices, Spending
 from batchtts.errors import ManifestError, SpeechError
-from batchtts.ledger import Ledger
+from batchtts.ledger import Ledger, Stored
 from batchtts.manifest import Row
 from batchtts.plan import make_plan, pending_work
 from batchtts.storage import OutputFolder
@@ -43,6 +44,7 @@ plain = st.fixed_dictionaries({"id": st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0
                                "voice": st.sampled_from(["alloy", "nova", "en-us"]),
                                "model": st.sampled_from([MODEL, LOCAL])})
 records = st.one_of(plain, plain, plain, plain, odd)  # mostly rows the lane takes, among others
+LEDGERS = ["none", "fresh", "one failed", "all done", "half done", "one file gone", "one resized", "one stale"]
 
 
 def _write(path: Path, rows: list[dict[str, str | None]], columns: list[str]) -> None:
@@ -78,7 +80,7 @@ def _described(item: WorkItem) -> tuple[object, ...]:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(records, min_size=1, max_size=30), st.integers(1, 8), st.booleans(), st.booleans(),
-       st.sampled_from(["none", "fresh", "one recorded"]),
+       st.sampled_from(LEDGERS),
        st.sampled_from([("alloy", MODEL), (None, None), ("nova", None)]), st.sampled_from(["wav", "mp3", "pcm"]))
 def test_the_lane_plans_every_manifest_as_the_rows_do(rows, batch_rows, with_voice, with_model, ledger_state,
                                                        defaults, fmt):
@@ -94,24 +96,41 @@ def test_the_lane_plans_every_manifest_as_the_rows_do(rows, batch_rows, with_voi
     assert answers[0] == answers[1]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(plain, min_size=1, max_size=30), st.integers(1, 8), st.sampled_from(LEDGERS),
+       st.sampled_from(["wav", "mp3"]), st.booleans())
+def test_a_rerun_is_planned_by_the_lane_as_the_rows_do(rows, batch_rows, ledger_state, fmt, verify):
+    """Manifests of plain rows only, against ledgers that have all, some or none of them done."""
+    original = manifest_module.BATCH_ROWS
+    manifest_module.BATCH_ROWS = batch_rows
+    try:
+        answers = _both_ways(rows, ["id", "text", "voice", "model"], ledger_state, ("alloy", MODEL), fmt, verify)
+    finally:
+        manifest_module.BATCH_ROWS = original
+    assert answers[0] == answers[1]
+
+
 def _both_ways(rows: list[dict[str, str | None]], columns: list[str], ledger_state: str,
-               defaults: tuple[str | None, str | None], fmt: str) -> list[list[tuple[object, ...]]]:
+               defaults: tuple[str | None, str | None], fmt: str, verify: bool = True) -> list[list[tuple[object, ...]]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         out.mkdir()
         (out / "dir.wav").mkdir()  # a folder where a row named "dir" would write its file
         _write(Path(tmp) / "m.parquet", rows, columns)
         voice, model = defaults
-        job = Job(manifest=Path(tmp) / "m.parquet", out=out, defaults=Defaults(model=model, voice=voice, format=fmt))
+        job = Job(manifest=Path(tmp) / "m.parquet", out=out, defaults=Defaults(model=model, voice=voice, format=fmt),
+                  verify_files=verify)
         answers = []
         for columnar in (True, False):
             ledger = None
             if ledger_state != "none":
                 job.ledger_path.unlink(missing_ok=True)
                 ledger = Ledger(job.ledger_path)
-                if ledger_state == "one recorded" and _plannable(job):  # that row's batch is left to the rows
-                    ledger.record_failed(_first_row(job), SpeechError("no", 500), 1, retryable=True)
-                    ledger.commit()
+                if ledger_state == "one failed" and _plannable(job):  # that row's batch is left to the rows
+                    ledger.record_failed(_rows(job)[0], SpeechError("no", 500), 1, retryable=True)
+                elif ledger_state != "fresh" and _plannable(job):
+                    _finish(job, ledger, ledger_state)
+                ledger.commit()
             try:
                 answers.append([_plan(job, ledger, columnar, for_run) for for_run in (False, True)])
             finally:
@@ -128,10 +147,20 @@ def _plannable(job: Job) -> bool:
     return True
 
 
-def _first_row(job: Job) -> manifest_module.Row:
-    row = next(manifest_module.iter_rows(job.manifest, job.defaults))
-    assert isinstance(row, manifest_module.Row)
-    return row
+def _finish(job: Job, ledger: Ledger, how: str) -> None:
+    """Record rows done, their files in place: all of them, or half, or all but one file gone, one of
+    another size, or one recorded for another text."""
+    made = _rows(job)
+    for i, row in enumerate(made[:len(made) // 2] if how == "half done" else made):
+        recorded = dataclasses.replace(row, text="Said before.") if how == "one stale" and i == 0 else row
+        ledger.record_done(recorded, Stored(row.relpath, 4, "0" * 64, 24000, 1, 0.1), 1, 0.0, None)
+        if not (how == "one file gone" and i == len(made) - 1):
+            (job.out / row.relpath).write_bytes(b"RIF" if how == "one resized" and i == 0 else b"RIFF")
+
+
+def _rows(job: Job) -> list[Row]:
+    """The manifest's rows, each as the planner narrates it (its key and file name)."""
+    return [row for row in manifest_module.iter_rows(job.manifest, job.defaults) if isinstance(row, Row)]
 
 
 def test_a_plain_manifest_is_planned_without_building_its_rows(tmp_path, monkeypatch):
