@@ -6,7 +6,7 @@ and within its model's limit, one voice, no lexicon, no pool, no budget, no --li
 record in the ledger yet. For such a batch every row's decision is the same (work: one request, or a
 copy of an earlier row's file with the same request), so the checks are made on the batch's columns
 by Arrow, and what is left per row in Python is a few hashes: the id and file name (repeats), the
-request (`dedup.Firsts`). A rerun's batch whose rows are all done (recorded done for the same
+request (`dedup.Repeats`). A rerun's batch whose rows are all done (recorded done for the same
 audio, their files listed as recorded) is counted done the same way, its fingerprints hashed from the
 columns.
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .chunking import limit_for
 from .config import FORMATS, Job
-from .dedup import request_hash
+from .dedup import Firsts, Repeats, request_hash
 from .ledger import Entry
 from .listing import Listing
 from .manifest import Claimed, fingerprint
@@ -64,7 +64,7 @@ class Lane:
                  flush: Callable[[], None]) -> Lane | None:
         fmt = job.defaults.format.strip().lower()
         if (job.lexicon or job.limit is not None or planner.spending is not None or planner.owns is not None
-                or job.redo_flagged or fmt not in FORMATS or job.defaults.output.refused(fmt) is not None):
+                or isinstance(planner.firsts, Firsts) or job.redo_flagged or fmt not in FORMATS or job.defaults.output.refused(fmt) is not None):
             return None
         return cls(job, planner, plan, checks, flush)
 
@@ -117,17 +117,15 @@ class Lane:
 
         self._flush()
         numbers = range(before + 1, before + 1 + batch.num_rows)
-        copied = [False] * batch.num_rows
-        if self.planner.firsts is not None:
+        if isinstance(self.planner.firsts, Repeats):  # a run's: which rows are copies is settled after the pass
             defaults = self.job.defaults
             hashes = [request_hash(model, voice, words, self.format, defaults.speed, None, defaults.output, ())
                       for model, voice, words in zip(models, voices, _strings(text), strict=True)]
-            copied = [source is not None for source in self.planner.firsts.take_many(hashes, numbers, ids)]
+            self.planner.firsts.take_many(hashes, numbers, ids, models, [1] * len(ids), lengths)
         self.planner.taken += batch.num_rows
         if self.checks is not None:
             self.checks.see_named(folded)
-        characters = self.plan.count_work(numbers, models, voices, lengths, copied)
-        return Claimed(ids, folded, characters)
+        return Claimed(ids, folded, self.plan.count_work(numbers, models, voices, lengths))
 
     def _done(self, ids: list[str], relpaths: list[str], models: list[str], voices: list[str], texts: list[str],
               found: dict[str, Entry]) -> bool:

@@ -7,25 +7,37 @@ work: a hard link, or a copy of the bytes where the file system or the store tak
 copy has its own ledger entry: done, with the source's sha256 and duration, and `copy_of` naming
 the row it came from; or failed, with the source's reason, when the source failed in the same run.
 
-`Firsts` is the run's record of the first row taken on with each request: the plan's first pass
-fills it in manifest order and the feed's second pass reads it back, so both count the same copies
-and the budget takes copies for free. Millions of rows would hold hundreds of megabytes of it in a
-dict, and a table indexed by a random hash takes a read and a write of the disk per row once it
-outgrows its cache. So a Bloom filter (16 MB) answers the plan's common question, "is this request
-new?", for almost every row, and the records go to a temporary SQLite file in sorted batches (some
-40 bytes a row on disk); only a row the filter may have seen before is looked up there, as is every
-row of the feed, which goes at the pace of the requests. Closing removes the file.
+The run keeps a record of the first row taken on with each request: the plan's first pass fills it
+in manifest order and the feed's second pass reads it back, so both count the same copies. Millions
+of rows would hold hundreds of megabytes of it in a dict, and a table indexed by a random hash takes
+a read and a write of the disk per row once it outgrows its cache. Two records serve:
+
+- `Repeats`, for a plan with no budget, where no decision waits on whether a row is a copy: each
+  row is noted as it is taken on (36 bytes, spilled to disk), and the copies are found after the
+  pass by sorting the notes once, part by part. This is what keeps planning ten million rows cheap.
+- `Firsts`, for a plan with a budget, which takes copies for free and so must know at each row: a
+  Bloom filter (16 MB) answers "is this request new?" for almost every row, and the records go to a
+  temporary SQLite file in sorted batches (some 40 bytes a row on disk); only a row the filter may
+  have seen before is looked up there, as is every row of the feed.
+
+Closing either removes its files.
 """
 
 from __future__ import annotations
 
+import array
 import mmap
 import sqlite3
-from collections.abc import Sequence
-from itertools import compress
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import IO, TYPE_CHECKING
 
 from .config import Output
 from .manifest import CANONICAL, Row
+from .rownumbers import RowNumbers
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # The filter's size, fixed: a new request is looked up for nothing about 2 times in 100 at 10^7
 # requests and 13 in 100 at 3 x 10^7 (the lookups cost time, never a wrong answer). Its pages are
@@ -55,12 +67,12 @@ class _Filter:
     """A Bloom filter of 64-bit hashes: no false "new", a few false "seen"."""
 
     def __init__(self) -> None:
-        self.bits = mmap.mmap(-1, _FILTER_BITS >> 3)  # anonymous memory: zero pages until written
+        self._bits = mmap.mmap(-1, _FILTER_BITS >> 3)  # anonymous memory: zero pages until written
 
     def add(self, hashed: int) -> bool:
         """Add the hash; whether it may have been added before. Two probes, from two stretches of
         the hash's bits: in Python, each probe costs as much as a lookup saved."""
-        bits = self.bits
+        bits = self._bits
         one, two = hashed & _MASK, (hashed >> 27) & _MASK
         byte_one, bit_one, byte_two, bit_two = one >> 3, 1 << (one & 7), two >> 3, 1 << (two & 7)
         seen = bits[byte_one] & bit_one and bits[byte_two] & bit_two
@@ -69,7 +81,7 @@ class _Filter:
         return bool(seen)
 
     def close(self) -> None:
-        self.bits.close()
+        self._bits.close()
 
 
 class Firsts:
@@ -98,40 +110,6 @@ class Firsts:
         number, key = first
         return None if number >= row.number or key == row.key else key
 
-    def take_many(self, hashed: Sequence[int], numbers: Sequence[int], keys: Sequence[str]) -> list[str | None]:
-        """`take` for a batch of rows in manifest order, by their `request_hash`: the filter is asked
-        for all of them at once, and only the rows it may have seen (or that repeat a request earlier
-        in the batch) are looked up, one by one, in order."""
-        import numpy as np
-
-        values = np.array(hashed, dtype=np.int64)
-        one, two = values & _MASK, (values >> 27) & _MASK
-        bits = np.frombuffer(self._filter.bits, dtype=np.uint8)
-        try:
-            maybe = ((bits[one >> 3] >> (one & 7).astype(np.uint8)) & (bits[two >> 3] >> (two & 7).astype(np.uint8)) & 1
-                     ).astype(bool)
-            repeated = np.ones(len(values), dtype=bool)
-            repeated[np.unique(values, return_index=True)[1]] = False
-            maybe |= repeated
-            np.bitwise_or.at(bits, one >> 3, np.left_shift(1, one & 7).astype(np.uint8))
-            np.bitwise_or.at(bits, two >> 3, np.left_shift(1, two & 7).astype(np.uint8))
-        finally:
-            del bits  # the filter's memory is unmapped on close: no view of it may outlive this
-        new = (~maybe).tolist()
-        # A new request repeats no row before it in the batch, so the new ones are recorded first.
-        self._held.update(zip(compress(hashed, new), zip(compress(numbers, new), compress(keys, new), strict=True),
-                              strict=True))
-        sources: list[str | None] = [None] * len(new)
-        for index in np.flatnonzero(maybe).tolist():
-            first = self._find(hashed[index])
-            if first is None:
-                self._held[hashed[index]] = (numbers[index], keys[index])
-            elif first[0] < numbers[index] and first[1] != keys[index]:
-                sources[index] = first[1]
-        if len(self._held) >= self._batch:
-            self._write()
-        return sources
-
     def _find(self, hashed: int) -> tuple[int, str] | None:
         if (held := self._held.get(hashed)) is not None:
             return held
@@ -154,3 +132,142 @@ class Firsts:
     def close(self) -> None:
         self._db.close()
         self._filter.close()
+
+
+_SPILL_AT = 1 << 16  # records of `Repeats` held in memory before they go to disk
+_PARTS = 64  # files they are split over, by the top 6 bits of the request's hash
+_RECORD = [("request", "<i8"), ("number", "<i8"), ("key", "<i8"), ("model", "<u4"), ("requests", "<u4"),
+           ("characters", "<i8")]
+
+
+class Repeats:
+    """The same answers as `Firsts` for a plan with no budget, where no decision waits on whether a
+    row is a copy: the plan's first pass only notes each row taken on (its request's and its key's
+    hashes, its number, and what it would send), 36 bytes a row spilled to disk in 64 parts by
+    request; `settle` then sorts each part once, finds the rows that repeat an earlier row's request
+    (a copy, unless it has that row's key) and says what the plan counted for them that a copy does
+    not send. The feed's second pass asks `take` again and gets the source's key for each copy: the
+    copies are kept by row number, and the sources' keys as the feed meets them, in a temporary
+    SQLite file. Memory stays at one batch of records however long the manifest."""
+
+    def __init__(self, spill_at: int = _SPILL_AT) -> None:
+        self._spill_at = spill_at
+        self._columns: dict[str, array.array[int]] = {name: array.array("q" if kind == "<i8" else "I")
+                                                      for name, kind in _RECORD}
+        self._parts: list[IO[bytes]] | None = None
+        self._models: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None  # once settled: the copies, and the sources' keys
+        self._sources = RowNumbers()
+
+    def take(self, row: Row, requests: int = 1, characters: int = 0) -> str | None:
+        """While planning, note the row (taken on, sending `requests` of `characters`) and answer None;
+        once settled, the key of the row whose file this row copies, or None."""
+        if self._db is not None:
+            return self._source(row)
+        self.take_many([_hashed(row)], [row.number], [row.key], [row.model], [requests], [characters])
+        return None
+
+    def take_many(self, hashed: Sequence[int], numbers: Sequence[int], keys: Sequence[str], models: Sequence[str],
+                  requests: Sequence[int], characters: Sequence[int]) -> None:
+        """`take` of a batch of rows while planning, by their `request_hash`."""
+        columns = self._columns
+        columns["request"].extend(hashed)
+        columns["number"].extend(numbers)
+        columns["key"].extend(map(hash, keys))
+        index = self._models
+        columns["model"].extend(index[m] if m in index else index.setdefault(m, len(index)) for m in models)
+        columns["requests"].extend(requests)
+        columns["characters"].extend(characters)
+        if len(columns["number"]) >= self._spill_at:
+            self._spill()
+
+    def _records(self) -> np.ndarray:
+        import numpy as np
+
+        columns = self._columns
+        records = np.empty(len(columns["number"]), dtype=_RECORD)
+        for name, values in columns.items():
+            records[name] = np.frombuffer(values, dtype=records.dtype[name])
+        self._columns = {name: array.array(values.typecode) for name, values in columns.items()}
+        return records
+
+    def _spill(self) -> None:
+        if self._parts is None:
+            self._parts = [tempfile.TemporaryFile(prefix="batchtts-repeats-") for _ in range(_PARTS)]
+        records = self._records()
+        part_of = (records["request"] >> 58) & (_PARTS - 1)
+        for index, part in enumerate(self._parts):
+            part.write(records[part_of == index].tobytes())
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        """The records, a part at a time: every row with a request in the same part."""
+        import numpy as np
+
+        if self._parts is None:
+            yield self._records()
+            return
+        self._spill()
+        for part in self._parts:
+            part.seek(0)
+            yield np.frombuffer(part.read(), dtype=_RECORD)
+            part.close()
+        self._parts = None
+
+    def settle(self) -> dict[str, tuple[int, int, int]]:
+        """Find the copies; per model, how many, the requests they save, and the characters they do
+        not send (the plan counted each as a row to narrate)."""
+        import numpy as np
+
+        names = list(self._models)
+        saved = np.zeros((len(names), 3), dtype=np.int64)
+        found: list[np.ndarray] = []
+        for records in self._chunks():
+            if not len(records):
+                continue
+            records = records[np.lexsort((records["number"], records["request"]))]
+            starts = np.r_[True, records["request"][1:] != records["request"][:-1]]
+            first = np.flatnonzero(starts)[np.cumsum(starts) - 1]  # each row's first row with its request
+            copy = ~starts & (records["key"] != records["key"][first])
+            copies = records[copy]
+            np.add.at(saved, copies["model"], np.stack([np.ones(len(copies), np.int64), copies["requests"],
+                                                        copies["characters"]], axis=1))
+            pairs = np.empty(len(copies), dtype=[("number", "<i8"), ("source", "<i8"), ("request", "<i8")])
+            pairs["number"], pairs["source"], pairs["request"] = copies["number"], records["number"][first[copy]], \
+                copies["request"]
+            found.append(pairs)
+        self._settle_feed(found)
+        return {name: (int(n), int(r), int(c)) for name, (n, r, c) in zip(names, saved.tolist(), strict=True) if n}
+
+    def _settle_feed(self, found: list[np.ndarray]) -> None:
+        import numpy as np
+
+        self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("CREATE TABLE copies (number INTEGER PRIMARY KEY, source INTEGER NOT NULL, request INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE sources (number INTEGER PRIMARY KEY, key TEXT NOT NULL)")
+        self._db.execute("BEGIN")
+        if not found:
+            return
+        copies = np.concatenate(found)
+        copies = copies[np.argsort(copies["number"], kind="stable")]  # written in key order: appended
+        self._db.executemany("INSERT INTO copies VALUES (?, ?, ?)", copies.tolist())
+        for source in np.unique(copies["source"]).tolist():
+            self._sources.add(source)
+
+    def _source(self, row: Row) -> str | None:
+        assert self._db is not None
+        if row.number in self._sources:  # a later row copies this one's file: its key is kept for it
+            self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (row.number, row.key))
+        found = self._db.execute("SELECT source, request FROM copies WHERE number = ?", (row.number,)).fetchone()
+        if found is None or found[1] != _hashed(row):  # a row edited since the plan is narrated, not copied
+            return None
+        key = self._db.execute("SELECT key FROM sources WHERE number = ?", (found[0],)).fetchone()
+        return None if key is None else str(key[0])
+
+    def close(self) -> None:
+        if self._parts is not None:
+            for part in self._parts:
+                part.close()
+            self._parts = None
+        if self._db is not None:
+            self._db.close()

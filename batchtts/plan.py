@@ -7,7 +7,8 @@ good, another shard's row, past --limit or the budget), or work (the whole row, 
 long or marked-up row not yet on disk, or for a run, a copy of the file of a row with the same
 request: `dedup.py`), admitted by --limit and the budget in manifest order. The dry run and the
 start event count the decisions (`make_plan`), the feed hands their work to the pool
-(`pending_work`), and `status` counts them against a ledger.
+(`pending_work`), and `status` counts them against a ledger. Batches of plain rows of a Parquet
+manifest are decided a whole batch at a time (`columnar.py`), to the same decisions.
 
 A run plans twice over one read of the manifest each: the first pass counts and notes which rows
 have work, the second builds only those rows again and decides them again, with the run's own
@@ -28,12 +29,13 @@ from .budget import Prices, Spending, Verdict
 from .chunking import limit_for
 from .columnar import Lane
 from .config import Job
-from .dedup import Firsts
+from .dedup import Firsts, Repeats
 from .ledger import LOOKUP_BATCH, Entry, Ledger, LedgerSet
 from .listing import Listing
 from .manifest import Row
 from .markup import MarkupError
 from .names import OutputChecks, owned_files
+from .rownumbers import RowNumbers
 from .script import Script, prepare, split_script
 from .speakers import assign
 from .storage import OutputFolder
@@ -79,7 +81,7 @@ class Planner:
 
     def __init__(self, job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
                  owns: Callable[[str], bool] | None = None, spending: Spending | None = None,
-                 firsts: Firsts | None = None) -> None:
+                 firsts: Firsts | Repeats | None = None) -> None:
         self.job = job
         self.ledger = ledger
         self.folder = folder
@@ -138,7 +140,7 @@ class Planner:
         else:
             requests = sum(1 for item in work if not isinstance(item, Assembly))
             sent = sum(map(characters, work))
-        source = self._source(row, redo) if self.firsts is not None else None
+        source = self._source(row, redo, requests, sent) if self.firsts is not None else None
         if source is not None:  # nothing is sent: free under any budget
             verdict = self.spending.admit(row, 0) if self.spending is not None else Verdict.TAKE
             self.taken += 1
@@ -148,7 +150,7 @@ class Planner:
         verdict = self.spending.admit(row, sent) if self.spending is not None else Verdict.TAKE
         if verdict is Verdict.OVER:  # not taken on, so not counted against --limit
             assert self.spending is not None and self.spending.last_over is not None
-            if self.firsts is not None:
+            if isinstance(self.firsts, Firsts):  # Repeats serves plans with no budget, which pass nothing over
                 self.firsts.drop(row)
             return Decision(row, State.OVER, (PassedOver(row, self.spending.last_over),), requests, sent, retry)
         self.taken += 1
@@ -159,7 +161,7 @@ class Planner:
             return self._entries[key]
         return self.ledger.lookup(key) if self.ledger is not None else None
 
-    def _source(self, row: Row, redo: bool) -> tuple[str, bool] | None:
+    def _source(self, row: Row, redo: bool, requests: int, sent: int) -> tuple[str, bool] | None:
         """The row whose file answers this row's request, and whether this run narrates it: a row
         the ledger has done with it (its file there as recorded; not for a row narrated again, whose
         file is to be replaced), else the first row this run takes on with it (this one, when none is)."""
@@ -169,7 +171,7 @@ class Planner:
                 if self.folder.has(path, size):
                     return key, False
         assert self.firsts is not None
-        earlier = self.firsts.take(row)
+        earlier = self.firsts.take(row, requests, sent) if isinstance(self.firsts, Repeats) else self.firsts.take(row)
         return None if earlier is None else (earlier, True)
 
     def _redo(self, row: Row, entry: Entry | None) -> bool:
@@ -217,39 +219,6 @@ class ModelPlan:
     requests_saved: int = 0  # the requests those would have needed, not in `requests`
 
 
-class RowNumbers:
-    """A set of row numbers, one bit each: the rows with work, for the feed, in 1.25 MB per 10^7 rows."""
-
-    def __init__(self) -> None:
-        self._bits = bytearray()
-        self.last = 0
-
-    def add(self, number: int) -> None:
-        self.last = max(self.last, number)
-        byte = number >> 3
-        if byte >= len(self._bits):
-            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
-        self._bits[byte] |= 1 << (number & 7)
-
-    def add_range(self, numbers: range) -> None:
-        """Every number of a run of them (step 1): whole bytes at once."""
-        if not numbers:
-            return
-        first, last = numbers[0], numbers[-1]
-        self.add(last)  # grows the bits to hold it
-        head = min(last + 1, (first + 7) & ~7)
-        for number in range(first, head):
-            self.add(number)
-        whole = (last + 1 - head) >> 3
-        self._bits[head >> 3:(head >> 3) + whole] = b"\xff" * whole
-        for number in range(head + 8 * whole, last + 1):
-            self.add(number)
-
-    def __contains__(self, number: int) -> bool:
-        byte = number >> 3
-        return byte < len(self._bits) and bool(self._bits[byte] >> (number & 7) & 1)
-
-
 @dataclass
 class Plan:
     """What the manifest asks for against what the ledger already has, per model; with a budget, also
@@ -260,7 +229,7 @@ class Plan:
     with_work: RowNumbers = field(default_factory=RowNumbers)
     speakers: Counter[str] = field(default_factory=Counter)  # rows by the voice they take: the voice mix
     pooled: int = 0  # rows whose voice was chosen from a list or a pool
-    firsts: Firsts | None = None  # a run's: for the feed to find the same copies
+    firsts: Firsts | Repeats | None = None  # a run's: for the feed to find the same copies
     keyed_by_content: int = 0  # rows without an id: identical ones share one ledger record
 
     def count(self, decision: Decision) -> None:
@@ -300,26 +269,33 @@ class Plan:
         self.speakers.update(voices)
         return sum(lengths)
 
-    def count_work(self, numbers: range, models: list[str], voices: list[str], lengths: list[int],
-                   copied: list[bool]) -> int:
+    def count_work(self, numbers: range, models: list[str], voices: list[str], lengths: list[int]) -> int:
         """`count` of a batch of rows with ids the lane decided (columnar.py): all work, one request
-        each or a copy of an earlier row's file; the characters of their texts."""
-        for name, length, copy in zip(models, lengths, copied, strict=True):
+        each (copies are told by `settle`); the characters of their texts."""
+        for name, length in zip(models, lengths, strict=True):
             plan = self.models.get(name)
             if plan is None:
                 plan = self.models[name] = ModelPlan()
             plan.rows += 1
             plan.characters += length
             plan.pending += 1
-            if copy:
-                plan.copies += 1
-                plan.requests_saved += 1
-            else:
-                plan.requests += 1
-                plan.pending_characters += length
+            plan.requests += 1
+            plan.pending_characters += length
         self.speakers.update(voices)
         self.with_work.add_range(numbers)
         return sum(lengths)
+
+    def settle(self) -> None:
+        """Once every row is counted: rows a plan without a budget counted as narrated that copy an
+        earlier row's file are counted as copies (`dedup.Repeats`)."""
+        if not isinstance(self.firsts, Repeats):
+            return
+        for name, (copies, saved, unsent) in self.firsts.settle().items():
+            model = self.models[name]
+            model.copies += copies
+            model.requests_saved += saved
+            model.requests -= saved
+            model.pending_characters -= unsent
 
     def close(self) -> None:
         """Let go of what the feed needed of the plan: a run's record of requests."""
@@ -377,7 +353,8 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     checks = _output_checks(job, folder) if for_run else None
     if owns is None and job.shard is not None:
         owns = job.shard.owns
-    plan = Plan(budget=budget, firsts=Firsts() if for_run else None)
+    # Without a budget no decision waits on which rows are copies: they are found once, after the pass.
+    plan = Plan(budget=budget, firsts=(Repeats() if columnar and budget is None else Firsts()) if for_run else None)
     planner = Planner(job, ledger, folder, owns, budget, plan.firsts)
 
     waiting: list[Row] = []
@@ -408,6 +385,7 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
         validate_manifest(job.manifest, job.defaults, on_row=count, cast=job.voices, on_batch=on_batch)
         count()
         checks.raise_problems(job.manifest)
+        plan.settle()
     except BaseException:
         plan.close()
         raise
