@@ -26,7 +26,7 @@ from .config import FORMATS, Job
 from .dedup import Firsts, Repeats, request_hash
 from .ledger import Entry
 from .listing import Listing
-from .manifest import Claimed, fingerprint
+from .manifest import Claimed, fingerprints
 from .names import MAX_NAME
 from .providers import is_local
 from .speakers import voices_for
@@ -58,6 +58,7 @@ class Lane:
         self.format = job.defaults.format.strip().lower()
         self._plain_pairs: dict[tuple[str, str], bool] = {}
         self._limits: dict[str, int] = {}
+        self._fingerprinters: dict[tuple[str, str], Callable[[str], str]] = {}
 
     @classmethod
     def for_plan(cls, job: Job, planner: Planner, plan: Plan, checks: OutputChecks | None,
@@ -137,11 +138,16 @@ class Lane:
         entries = [found[row_id] for row_id in ids]
         if any(entry.status != "done" or entry.path != relpath for entry, relpath in zip(entries, relpaths, strict=True)):
             return False
-        defaults = self.job.defaults
         for entry, model, voice, words in zip(entries, models, voices, texts, strict=True):
-            if entry.fingerprint != fingerprint(model, voice, words, self.format, defaults.speed, None, defaults.output):
+            if entry.fingerprint != self._fingerprints(model, voice)(words):
                 return False
         return all(files.have([(relpath, entry.bytes) for entry, relpath in zip(entries, relpaths, strict=True)]))
+
+    def _fingerprints(self, model: str, voice: str) -> Callable[[str], str]:
+        if (model, voice) not in self._fingerprinters:
+            defaults = self.job.defaults
+            self._fingerprinters[model, voice] = fingerprints(model, voice, self.format, defaults.speed, defaults.output)
+        return self._fingerprinters[model, voice]
 
     def _plain(self, models: list[str], voices: list[str], lengths: list[int]) -> bool:
         """Every (model, voice) of the batch is one voice, narratable if local, and every text fits

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from batchtts import Defaults, Job
 from batchtts import manifest as manifest_module
 from batchtts.budget import Prices, Spending
+from batchtts.config import Output
 from batchtts.errors import ManifestError, SpeechError
 from batchtts.ledger import Ledger, Stored
-from batchtts.manifest import Row
+from batchtts.manifest import Row, fingerprint, fingerprints
 from batchtts.plan import make_plan, pending_work
 from batchtts.storage import OutputFolder
 from batchtts.work import ChunkJob, Copy, WorkItem
@@ -177,3 +178,10 @@ def test_a_plain_manifest_is_planned_without_building_its_rows(tmp_path, monkeyp
     plan.close()
     total = plan.total
     assert (total.rows, total.pending, total.requests, total.copies) == (300, 300, 50, 250)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.sampled_from([None, 0.75, 1.0]), st.sampled_from([None, Output(), Output(sample_rate=16000, channels=1)]),
+       st.sampled_from(["wav", "mp3", "flac"]))
+def test_a_batch_hashes_the_fingerprints_a_row_does(text, speed, shape, fmt):
+    assert fingerprints(MODEL, "alloy", fmt, speed, shape)(text) == fingerprint(MODEL, "alloy", text, fmt, speed, None, shape)
