@@ -35,6 +35,7 @@ class Listing:
         self._root = os.path.join(root, "")
         self.verify = verify
         self._folders: dict[str, np.ndarray] = {}
+        self._subfolders: dict[str, frozenset[str]] = {}
         self._asked = 0
         self._expected: dict[tuple[str, int | None], bool] = {}
 
@@ -79,18 +80,29 @@ class Listing:
             self.verify = True  # something changed files behind the ledger's back: look at every one from here on
         return ok
 
+    def subfolders(self, folder: str) -> frozenset[str]:
+        """The folders (not links to folders) in one folder, from the same listing as its files."""
+        self._listed(folder)
+        return self._subfolders[folder]
+
     def _listed(self, folder: str) -> np.ndarray:
         """The sorted hashes of the regular files' names in one folder (empty when it is not there)."""
         import numpy as np
 
         if folder not in self._folders:
             hashes = array.array("Q")
+            folders: list[str] = []
             try:
                 with os.scandir(self._root + folder if folder else self._root) as entries:
-                    hashes.extend(hash64(e.name) for e in entries if e.is_file())
-            except OSError:  # not there, or not a folder: no file in it is there
+                    for entry in entries:
+                        if entry.is_file():
+                            hashes.append(hash64(entry.name))
+                        elif entry.is_dir(follow_symlinks=False):
+                            folders.append(entry.name)
+            except OSError:  # not there, or not a folder: no file or folder in it is there
                 pass
             listed = np.frombuffer(hashes, np.uint64) if hashes else np.zeros(0, np.uint64)
             listed.sort()  # in place: the array's memory, 8 bytes a file
             self._folders[folder] = listed
+            self._subfolders[folder] = frozenset(folders)
         return self._folders[folder]

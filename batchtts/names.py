@@ -21,6 +21,7 @@ from .errors import ManifestError, ManifestProblem
 from .repeats import Hashes
 
 if TYPE_CHECKING:
+    from .listing import Listing
     from .manifest import Row
 
 PARTIAL_DIR = ".batchtts-partial"
@@ -103,22 +104,20 @@ class OutputChecks:
 
     shown = ManifestError.shown
 
-    def __init__(self, root: Path | None, owned: dict[str, str]) -> None:
+    def __init__(self, root: Path | None, owned: dict[str, str], listing: Listing | None = None) -> None:
         self.root = root  # None for object-store output: only the names are checked
         self.owned = owned
+        self._listing = listing  # root's: the plan's listing of its files, which lists its folders too
         self.problems: list[ManifestProblem] = []
         self.total = 0
         self._files = Hashes()  # spilled to disk past a million rows (repeats.py)
         self._folders: dict[int, tuple[str, Row]] = {}  # hash -> (folder, first row writing into it)
         self._folder_verdicts: dict[str, str | None] = {}
-        self._listed: dict[str, frozenset[str]] = {}
         self._name_max = self._path_max = 0
         if root is not None:
             self._real_root = os.path.realpath(root)
             self._name_max, self._path_max = _limits(root)
-            # Strings, not Paths: a plan checks millions of names, and a Path costs microseconds each.
-            self._root = os.fspath(root) + os.sep
-            self._root_bytes = len(os.fsencode(self._root))
+            self._root_bytes = len(os.fsencode(os.fspath(root) + os.sep))
 
     def _problem(self, row: Row, message: str) -> None:
         self.total += 1
@@ -185,13 +184,8 @@ class OutputChecks:
     def _subfolders(self, folder: str) -> frozenset[str]:
         """The folders (not links to folders) in one folder of the output: one listing of it, not a
         look per row, whatever the number of rows writing there."""
-        if folder not in self._listed:
-            try:
-                with os.scandir(self._root + folder if folder else self._root) as entries:
-                    self._listed[folder] = frozenset(e.name for e in entries if e.is_dir(follow_symlinks=False))
-            except OSError:  # not there (yet), or not to be listed: as os.path.isdir would say, no folder
-                self._listed[folder] = frozenset()
-        return self._listed[folder]
+        assert self._listing is not None
+        return self._listing.subfolders(folder)
 
     def _folder_problem(self, folder: str) -> str | None:
         assert self.root is not None

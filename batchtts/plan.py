@@ -350,12 +350,12 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     feed plays it. For a run, every row's file name is checked against the others and the disk, and
     local rows no run could narrate are refused. Once `cancelled()` says so, PlanCancelled.
     `columnar`: batches of plain rows are decided at once (columnar.py); False decides every row alone."""
-    checks = _output_checks(job, folder) if for_run else None
     if owns is None and job.shard is not None:
         owns = job.shard.owns
     # Without a budget no decision waits on which rows are copies: they are found once, after the pass.
     plan = Plan(budget=budget, firsts=(Repeats() if columnar and budget is None else Firsts()) if for_run else None)
     planner = Planner(job, ledger, folder, owns, budget, plan.firsts)
+    checks = _output_checks(job, folder, planner.files) if for_run else None
 
     waiting: list[Row] = []
 
@@ -392,10 +392,11 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     return plan
 
 
-def _output_checks(job: Job, folder: OutputFolder) -> OutputChecks:
+def _output_checks(job: Job, folder: OutputFolder, files: OutputFolder | Listing) -> OutputChecks:
     if isinstance(job.out, str):
         return OutputChecks(None, {})  # an object store: names are checked as text alone
-    return OutputChecks(job.out, owned_files(job.out, job.ledger_path, folder.lock_path))
+    listing = files if isinstance(files, Listing) else None  # one pass over a folder of millions of files
+    return OutputChecks(job.out, owned_files(job.out, job.ledger_path, folder.lock_path), listing)
 
 
 def pending_work(job: Job, plan: Plan, ledger: Ledger, folder: OutputFolder, spending: Spending,
