@@ -135,7 +135,7 @@ class Firsts:
 
 
 _SPILL_AT = 1 << 16  # records of `Repeats` held in memory before they go to disk
-_PARTS = 64  # files they are split over, by the top 6 bits of the request's hash
+_PARTS = 16  # files they are split over, by the top 4 bits of the request's hash
 _RECORD = [("request", "<i8"), ("number", "<i8"), ("key", "<i8"), ("model", "<u4"), ("requests", "<u4"),
            ("characters", "<i8")]
 
@@ -143,12 +143,13 @@ _RECORD = [("request", "<i8"), ("number", "<i8"), ("key", "<i8"), ("model", "<u4
 class Repeats:
     """The same answers as `Firsts` for a plan with no budget, where no decision waits on whether a
     row is a copy: the plan's first pass only notes each row taken on (its request's and its key's
-    hashes, its number, and what it would send), 36 bytes a row spilled to disk in 64 parts by
+    hashes, its number, and what it would send), 36 bytes a row spilled to disk in 16 parts by
     request; `settle` then sorts each part once, finds the rows that repeat an earlier row's request
     (a copy, unless it has that row's key) and says what the plan counted for them that a copy does
     not send. The feed's second pass asks `take` again and gets the source's key for each copy: the
     copies are kept by row number, and the sources' keys as the feed meets them, in a temporary
-    SQLite file. Memory stays at one batch of records however long the manifest."""
+    SQLite file. Memory holds a batch of notes while planning and one part's (a sixteenth) while
+    settling; a request repeated by millions of rows puts all of them in one part."""
 
     def __init__(self, spill_at: int = _SPILL_AT) -> None:
         self._spill_at = spill_at
@@ -195,7 +196,7 @@ class Repeats:
         if self._parts is None:
             self._parts = [tempfile.TemporaryFile(prefix="batchtts-repeats-") for _ in range(_PARTS)]
         records = self._records()
-        part_of = (records["request"] >> 58) & (_PARTS - 1)
+        part_of = (records["request"] >> 60) & (_PARTS - 1)
         for index, part in enumerate(self._parts):
             part.write(records[part_of == index].tobytes())
 
@@ -220,7 +221,11 @@ class Repeats:
 
         names = list(self._models)
         saved = np.zeros((len(names), 3), dtype=np.int64)
-        found: list[np.ndarray] = []
+        self._db = db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("CREATE TABLE copies (number INTEGER PRIMARY KEY, source INTEGER NOT NULL, request INTEGER NOT NULL)")
+        db.execute("CREATE TABLE sources (number INTEGER PRIMARY KEY, key TEXT NOT NULL)")
+        db.execute("BEGIN")  # never committed: one transaction spares a write per part
         for records in self._chunks():
             if not len(records):
                 continue
@@ -231,28 +236,12 @@ class Repeats:
             copies = records[copy]
             np.add.at(saved, copies["model"], np.stack([np.ones(len(copies), np.int64), copies["requests"],
                                                         copies["characters"]], axis=1))
-            pairs = np.empty(len(copies), dtype=[("number", "<i8"), ("source", "<i8"), ("request", "<i8")])
-            pairs["number"], pairs["source"], pairs["request"] = copies["number"], records["number"][first[copy]], \
-                copies["request"]
-            found.append(pairs)
-        self._settle_feed(found)
+            sources = records["number"][first[copy]]
+            db.executemany("INSERT INTO copies VALUES (?, ?, ?)",
+                           zip(copies["number"].tolist(), sources.tolist(), copies["request"].tolist(), strict=True))
+            for source in np.unique(sources).tolist():
+                self._sources.add(source)
         return {name: (int(n), int(r), int(c)) for name, (n, r, c) in zip(names, saved.tolist(), strict=True) if n}
-
-    def _settle_feed(self, found: list[np.ndarray]) -> None:
-        import numpy as np
-
-        self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = OFF")
-        self._db.execute("CREATE TABLE copies (number INTEGER PRIMARY KEY, source INTEGER NOT NULL, request INTEGER NOT NULL)")
-        self._db.execute("CREATE TABLE sources (number INTEGER PRIMARY KEY, key TEXT NOT NULL)")
-        self._db.execute("BEGIN")
-        if not found:
-            return
-        copies = np.concatenate(found)
-        copies = copies[np.argsort(copies["number"], kind="stable")]  # written in key order: appended
-        self._db.executemany("INSERT INTO copies VALUES (?, ?, ?)", copies.tolist())
-        for source in np.unique(copies["source"]).tolist():
-            self._sources.add(source)
 
     def _source(self, row: Row) -> str | None:
         assert self._db is not None

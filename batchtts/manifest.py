@@ -167,13 +167,25 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
     A record that cannot be read is {"__error__": reason}, so it keeps its row number. A fault that
     stops the reading is a ManifestError whatever raised it: no manifest ends in a traceback.
     """
+    rows = 0
     for batch in read_batches(path):
-        yield batch if isinstance(batch, list) else _batch_records(batch)
+        records = batch if isinstance(batch, list) else records_of(path, rows, batch)
+        yield records
+        rows += len(records)
+
+
+def records_of(path: Path, rows: int, batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A batch `read_batches` gave as Arrow's, after `rows` rows, as records; a fault no value
+    explains is the manifest's, from that row on."""
+    try:
+        return _batch_records(batch)
+    except Exception as exc:
+        raise ManifestError(str(path), [_cannot_read(rows, exc)]) from exc
 
 
 def read_batches(path: Path) -> Iterator[list[dict[str, Any]] | pa.RecordBatch]:
     """`read_records`, with a Parquet manifest's batches as Arrow gives them, for a reader that
-    takes whole columns (columnar.py); `_batch_records` makes them records."""
+    takes whole columns (columnar.py); `records_of` makes them records."""
     kind = detect_format(path)
     rows = 0
     try:
@@ -732,7 +744,7 @@ def validate(path: Path, defaults: Defaults, on_row: Callable[[Row], None] | Non
                     ids.extend(map(hash64, claimed.ids))
                     paths.extend(map(hash64, claimed.folded))
                     continue
-                batch = _batch_records(batch)
+                batch = records_of(path, rows, batch)
             if columns is None:
                 columns = next((list(record) for record in batch if "__error__" not in record), None)
                 if columns is not None and "text" not in columns:

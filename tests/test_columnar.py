@@ -185,3 +185,13 @@ def test_a_plain_manifest_is_planned_without_building_its_rows(tmp_path, monkeyp
        st.sampled_from(["wav", "mp3", "flac"]))
 def test_a_batch_hashes_the_fingerprints_a_row_does(text, speed, shape, fmt):
     assert fingerprints(MODEL, "alloy", fmt, speed, shape)(text) == fingerprint(MODEL, "alloy", text, fmt, speed, None, shape)
+
+
+def test_text_that_is_not_utf8_is_left_to_the_rows_which_name_it(tmp_path):
+    valid = pa.array([b"fine words", b"caf\xe9 au lait"], pa.binary())
+    text = pa.Array.from_buffers(pa.string(), 2, valid.buffers())
+    pq.write_table(pa.table({"id": ["a", "b"], "text": text}), tmp_path / "m.parquet")
+    job = Job(manifest=tmp_path / "m.parquet", out=tmp_path / "out", defaults=Defaults(model=MODEL, voice="alloy"))
+    for for_run in (False, True):
+        assert _plan(job, None, True, for_run) == _plan(job, None, False, for_run) == \
+            ("refused", 1, [(2, "text is not valid UTF-8", None)])
