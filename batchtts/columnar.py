@@ -12,7 +12,7 @@ columns.
 
 `Lane.claim` takes a batch only when it can answer for every row of it exactly as `Planner.decide`,
 `manifest.make_row` and `names.OutputChecks.see` would, and otherwise leaves the whole batch to
-them: declining is always safe, so every test below errs that way. Manifests of other formats,
+them: declining is always safe, so every check here errs that way. Manifests of other formats,
 columns or rows are planned row by row as before; tests hold both ways to the same plan.
 """
 
@@ -49,7 +49,8 @@ _WORDS = r"[\p{L}\p{N}]"
 
 class Lane:
     """Claims the batches of plain rows a plan can decide at once; None from `for_plan` when the job
-    itself rules it out (a lexicon, a limit, a budget, a shard, a format the [output] refuses)."""
+    itself rules it out (a lexicon, --limit, a budget, a shard, --redo-flagged, a format the [output]
+    refuses, or a plan that must know each copy as it goes: `dedup.Firsts`)."""
 
     def __init__(self, job: Job, planner: Planner, plan: Plan, checks: OutputChecks | None,
                  flush: Callable[[], None]) -> None:
@@ -65,7 +66,8 @@ class Lane:
                  flush: Callable[[], None]) -> Lane | None:
         fmt = job.defaults.format.strip().lower()
         if (job.lexicon or job.limit is not None or planner.spending is not None or planner.owns is not None
-                or isinstance(planner.firsts, Firsts) or job.redo_flagged or fmt not in FORMATS or job.defaults.output.refused(fmt) is not None):
+                or job.redo_flagged or isinstance(planner.firsts, Firsts)
+                or fmt not in FORMATS or job.defaults.output.refused(fmt) is not None):
             return None
         return cls(job, planner, plan, checks, flush)
 
