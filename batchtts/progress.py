@@ -8,11 +8,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, NoReturn
 
-from tqdm import tqdm
-
 from .log import log
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from .throttle import Throttle
 
 
@@ -35,6 +35,8 @@ class Progress:
         self.bar: tqdm[NoReturn] | None = None
         self._ticker: asyncio.Task[None] | None = None
         if interactive:
+            from tqdm import tqdm  # the bar's, on a terminal only: a run off one (cron, a pipe) does without
+
             # A terminal that reports no size (a bare pseudo-terminal) would get no bar: take it as 100 by 24.
             try:
                 sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
