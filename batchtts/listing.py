@@ -3,8 +3,8 @@
 A rerun of a finished job asks, for every row the ledger records as done, whether its file is still
 there as recorded. Asked with a `stat` per row, a job of ten million rows pays ten million system
 calls. `Listing` lists each folder rows write into once (`os.scandir`: names and types, from the
-directory entries alone on Linux) and keeps an 8-byte hash of each regular file's name in a sorted
-array, so a folder of ten million files costs 80 MB for the length of the plan.
+directory entries alone on Linux) and keeps an 8-byte hash of each regular file's name in sorted
+arrays of a million, so a folder of ten million files costs 80 MB for the length of the plan.
 
 A name in the listing says the file is there and is a file (a folder or a socket of that name is
 not). Its size is the ledger's record, trusted: one file in SAMPLE_EVERY has its size looked at too,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 SAMPLE_EVERY = 64  # files, of those listed, whose size is looked at without --verify-files
+_RUN = 1 << 20  # file names hashed into one sorted array (8 MB); a folder of more has several
 
 
 class Listing:
@@ -34,7 +35,7 @@ class Listing:
     def __init__(self, root: os.PathLike[str] | str, verify: bool = False) -> None:
         self._root = os.path.join(root, "")
         self.verify = verify
-        self._folders: dict[str, np.ndarray] = {}
+        self._folders: dict[str, list[np.ndarray]] = {}
         self._subfolders: dict[str, frozenset[str]] = {}
         self._asked = 0
         self._expected: dict[tuple[str, int | None], bool] = {}
@@ -57,11 +58,11 @@ class Listing:
             by_folder.setdefault(relpath.rpartition("/")[0], []).append(i)
         found = [False] * len(files)
         for folder, indices in by_folder.items():
-            names = self._listed(folder)
             wanted = np.fromiter((hash64(files[i][0].rpartition("/")[2]) for i in indices), np.uint64, len(indices))
-            at = np.searchsorted(names, wanted)
-            listed = (at < len(names)) & (names[np.minimum(at, len(names) - 1)] == wanted) if len(names) else \
-                np.zeros(len(indices), bool)
+            listed = np.zeros(len(indices), bool)
+            for names in self._listed(folder):
+                at = np.minimum(np.searchsorted(names, wanted), len(names) - 1)
+                listed |= names[at] == wanted
             for i, there in zip(indices, listed.tolist(), strict=True):
                 found[i] = there and self._size_ok(*files[i])
         return found
@@ -85,11 +86,12 @@ class Listing:
         self._listed(folder)
         return self._subfolders[folder]
 
-    def _listed(self, folder: str) -> np.ndarray:
-        """The sorted hashes of the regular files' names in one folder (empty when it is not there)."""
-        import numpy as np
+    def _listed(self, folder: str) -> list[np.ndarray]:
+        """The hashes of the regular files' names in one folder, in sorted runs of up to _RUN (none
+        when it is not there): an array grown to ten million would need twice its size as it grows."""
 
         if folder not in self._folders:
+            runs: list[np.ndarray] = []
             hashes = array.array("Q")
             folders: list[str] = []
             try:
@@ -97,12 +99,23 @@ class Listing:
                     for entry in entries:
                         if entry.is_file():
                             hashes.append(hash64(entry.name))
+                            if len(hashes) == _RUN:
+                                runs.append(_sorted(hashes))
+                                hashes = array.array("Q")
                         elif entry.is_dir(follow_symlinks=False):
                             folders.append(entry.name)
             except OSError:  # not there, or not a folder: no file or folder in it is there
                 pass
-            listed = np.frombuffer(hashes, np.uint64) if hashes else np.zeros(0, np.uint64)
-            listed.sort()  # in place: the array's memory, 8 bytes a file
-            self._folders[folder] = listed
+            if hashes:
+                runs.append(_sorted(hashes))
+            self._folders[folder] = runs
             self._subfolders[folder] = frozenset(folders)
         return self._folders[folder]
+
+
+def _sorted(hashes: array.array[int]) -> np.ndarray:
+    import numpy as np
+
+    run = np.frombuffer(hashes, np.uint64)
+    run.sort()  # in place: the array's memory, 8 bytes a file
+    return run
