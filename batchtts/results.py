@@ -418,6 +418,10 @@ def _umask() -> int:
     return mask
 
 
+_ROW_GROUP = 1 << 14  # rows of the results table written together: one Parquet row group
+_UNFILTERED = frozenset({"text", "path", "error", "copy_of", "mastered_path", "flag_reasons"})
+
+
 def _write_export(ctx: JobContext, to: BinaryIO, kind: str) -> int:
     if kind == "jsonl":
         return _write_jsonl(ctx, to)
@@ -428,6 +432,7 @@ def _write_export(ctx: JobContext, to: BinaryIO, kind: str) -> int:
     schema: pa.Schema | None = None
 
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
+    held: list[pa.Table] = []
     rows = 0
     try:
         for records in _export_records(ctx):
@@ -441,11 +446,20 @@ def _write_export(ctx: JobContext, to: BinaryIO, kind: str) -> int:
                              else pa.string() if pa.types.is_null(f.type) else f.type)
                     for f in inferred
                 ])
-            table = pa.Table.from_pylist(records, schema=schema)
             if writer is None:
-                writer = pq.ParquetWriter(to, schema) if kind == "parquet" else pacsv.CSVWriter(to, schema)
-            writer.write_table(table)
+                # A Parquet file keeps every row group's metadata until it closes: row groups of
+                # _ROW_GROUP rows, and min/max statistics only for columns a reader filters on (not
+                # texts, paths and messages), hold that to megabytes at ten million rows.
+                stats = [f.name for f in schema if f.name not in _UNFILTERED]
+                writer = pq.ParquetWriter(to, schema, write_statistics=stats) if kind == "parquet" else \
+                    pacsv.CSVWriter(to, schema)
+            held.append(pa.Table.from_pylist(records, schema=schema))
             rows += len(records)
+            if sum(map(len, held)) >= _ROW_GROUP:
+                writer.write_table(pa.concat_tables(held))
+                held.clear()
+        if held and writer is not None:
+            writer.write_table(pa.concat_tables(held))
     finally:
         if writer is not None:
             writer.close()
