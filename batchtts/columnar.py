@@ -118,7 +118,7 @@ class Lane:
             self._flush()
             if self.checks is not None:
                 self.checks.see_named(folded)
-            return Claimed(ids, folded, self.plan.count_done(models, voices, lengths))
+            return Claimed(ids, folded, self.plan.count_batch(models, voices, lengths, work=None))
         if self.planner._copyable:  # a row done before may answer a request: `Planner._source` asks the ledger
             return None
 
@@ -132,7 +132,7 @@ class Lane:
         self.planner.taken += batch.num_rows
         if self.checks is not None:
             self.checks.see_named(folded)
-        return Claimed(ids, folded, self.plan.count_work(numbers, models, voices, lengths))
+        return Claimed(ids, folded, self.plan.count_batch(models, voices, lengths, work=numbers))
 
     def _done(self, ids: list[str], relpaths: list[str], models: list[str], voices: list[str], texts: list[str],
               found: dict[str, Entry]) -> bool:

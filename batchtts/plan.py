@@ -257,32 +257,24 @@ class Plan:
             model.requests_saved += decision.saved
             self.with_work.add(row.number)
 
-    def count_done(self, models: list[str], voices: list[str], lengths: list[int]) -> int:
-        """`count` of a batch of rows the lane found done (columnar.py); the characters of their texts."""
+    def count_batch(self, models: list[str], voices: list[str], lengths: list[int], work: range | None) -> int:
+        """`count` of a batch of rows with ids the lane decided (columnar.py): all done, or all work
+        (rows `work`), one request each, copies being told by `settle`; the characters of their texts."""
         for name, length in zip(models, lengths, strict=True):
             plan = self.models.get(name)
             if plan is None:
                 plan = self.models[name] = ModelPlan()
             plan.rows += 1
             plan.characters += length
-            plan.done += 1
+            if work is None:
+                plan.done += 1
+            else:
+                plan.pending += 1
+                plan.requests += 1
+                plan.pending_characters += length
         self.speakers.update(voices)
-        return sum(lengths)
-
-    def count_work(self, numbers: range, models: list[str], voices: list[str], lengths: list[int]) -> int:
-        """`count` of a batch of rows with ids the lane decided (columnar.py): all work, one request
-        each (copies are told by `settle`); the characters of their texts."""
-        for name, length in zip(models, lengths, strict=True):
-            plan = self.models.get(name)
-            if plan is None:
-                plan = self.models[name] = ModelPlan()
-            plan.rows += 1
-            plan.characters += length
-            plan.pending += 1
-            plan.requests += 1
-            plan.pending_characters += length
-        self.speakers.update(voices)
-        self.with_work.add_range(numbers)
+        if work is not None:
+            self.with_work.add_range(work)
         return sum(lengths)
 
     def settle(self) -> None:
