@@ -18,6 +18,9 @@ between is met by the second decision, which checks each row afresh.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -30,6 +33,7 @@ from .chunking import limit_for
 from .columnar import Lane
 from .config import Job
 from .dedup import Firsts, Repeats
+from .errors import UsageError
 from .ledger import LOOKUP_BATCH, Entry, Ledger, LedgerSet
 from .listing import Listing
 from .manifest import Row
@@ -368,20 +372,35 @@ def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
     lane = Lane.for_plan(job, planner, plan, checks, flush=count) if columnar else None
     on_batch = lane.claim if lane is not None else None
     if checks is None:  # counting what a ledger holds (status): rows are counted as they are
-        manifest.validate(job.manifest, job.defaults, on_row=count, on_batch=on_batch)
+        with _scratch_room():
+            manifest.validate(job.manifest, job.defaults, on_row=count, on_batch=on_batch)
         count()
         return plan
     from .local import validate_manifest  # the embedded engine, to check local voices: a run's check only
 
     try:
-        validate_manifest(job.manifest, job.defaults, on_row=count, cast=job.voices, on_batch=on_batch)
-        count()
-        checks.raise_problems(job.manifest)
-        plan.settle()
+        with _scratch_room():
+            validate_manifest(job.manifest, job.defaults, on_row=count, cast=job.voices, on_batch=on_batch)
+            count()
+            checks.raise_problems(job.manifest)
+            plan.settle()
     except BaseException:
         plan.close()
         raise
     return plan
+
+
+@contextlib.contextmanager
+def _scratch_room() -> Iterator[None]:
+    """Planning millions of rows spills its hashes and notes to temporary files: a disk too full for
+    them is the user's to free, not a fault of ours."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UsageError(f"planning needs room for its temporary files in {tempfile.gettempdir()}: {exc.strerror}; "
+                         "free some space there, or point TMPDIR at a disk that has it") from exc
 
 
 def _output_checks(job: Job, folder: OutputFolder, files: OutputFolder | Listing) -> OutputChecks:

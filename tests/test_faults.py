@@ -539,3 +539,22 @@ def test_status_and_export_call_a_damaged_ledger_damaged_and_an_empty_one_empty(
             assert expected in error_message(result), (offset, command, error_message(result))
     assert server.stats()["requests"] == requests
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_temporary_disk_too_full_for_planning_is_a_message_not_a_fault(tmp_path):
+    """Planning 200,000 rows spills its notes to TMPDIR: on a full one the dry run says so, exit 2."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [f"r-{i:06d}" for i in range(200_000)], "text": ["A line."] * 200_000}),
+                   tmp_path / "m.parquet")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = _in_a_mount_namespace(f"""
+        mount -t tmpfs -o size=256k tmpfs {scratch} || exit 90
+        TMPDIR={scratch} {sys.executable} -m batchtts run {tmp_path / 'm.parquet'} --out {tmp_path / 'out'} \\
+            --model {MODEL} --voice alloy --dry-run --log-format json
+    """)
+    assert result.returncode == 2, result.stderr
+    assert "planning needs room for its temporary files" in result.stderr
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
