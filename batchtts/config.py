@@ -40,6 +40,8 @@ SPEEDS = (0.25, 4.0)  # the speech API's range of speed multipliers
 DEFAULT_RETRY_STATUSES = (429, 502, 503, 524, 529)
 MAX_CONCURRENCY = 4096
 
+LEDGER_NAME = "ledger.sqlite"  # a job's ledger, in its output folder, unless --ledger names another
+
 
 @dataclass(frozen=True)
 class Bounds:
@@ -301,7 +303,7 @@ class Job:
             return self.ledger
         if isinstance(self.out, str):
             raise UsageError(f"output to {redact_uri(self.out)} needs a local ledger: pass --ledger PATH")
-        return self.out / "ledger.sqlite"
+        return self.out / LEDGER_NAME
 
     @property
     def ledger_path(self) -> Path:

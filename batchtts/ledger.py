@@ -51,6 +51,8 @@ class Table:
     columns: tuple[Column, ...]
     since: int = 1
     index: tuple[str, str] | None = None  # an index's name and column
+    constraint: str = ""  # a table constraint after the columns, such as a composite primary key
+    triggers: tuple[tuple[str, str], ...] = ()  # (name, SQL) of the triggers that keep it, made with it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -61,9 +63,11 @@ class Table:
         if version < self.since:
             return ""
         if version == self.since:
-            body = ",\n    ".join(f"{c.name} {c.sql}" for c in self.columns if c.since <= version)
+            body = ",\n    ".join([*(f"{c.name} {c.sql}" for c in self.columns if c.since <= version),
+                                       *([self.constraint] if self.constraint else [])])
             index = f"CREATE INDEX {self.index[0]} ON {self.name} ({self.index[1]});" if self.index else ""
-            return f"CREATE TABLE {self.name} (\n    {body}\n);\n{index}\n"
+            triggers = "".join(f"CREATE TRIGGER {name} {sql};\n" for name, sql in self.triggers)
+            return f"CREATE TABLE {self.name} (\n    {body}\n);\n{index}\n{triggers}"
         return "".join(f"ALTER TABLE {self.name} ADD COLUMN {c.name} {c.sql};\n"
                        + (f"CREATE INDEX {c.index} ON {self.name} ({c.name});\n" if c.index else "")
                        for c in self.columns if c.since == version)
@@ -150,11 +154,33 @@ CHECKS = Table("checks", "key", (
     Column("flagged", "INTEGER NOT NULL DEFAULT 0"), Column("flag_reasons", "TEXT"),
     Column("redos", "INTEGER NOT NULL DEFAULT 0"), *_STAMPS,
 ), since=8, index=("checks_file", "sha256"))
-TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED, CHECKS)
+# The rows' counts and sums by status, kept by triggers as rows are recorded: `status` of ten million
+# rows reads these few records, not every row. Durations are summed in whole microseconds, so that
+# adding and taking away never drifts.
+_TALLIED = ("NEW.status, NEW.retryable, NEW.copy_of IS NOT NULL, 1, COALESCE(NEW.bytes, 0), "
+            "CAST(ROUND(COALESCE(NEW.duration_s, 0) * 1e6) AS INTEGER), COALESCE(NEW.chunks, 1)")
+_ADD = (f"INSERT INTO tallies VALUES ({_TALLIED}) ON CONFLICT DO UPDATE SET rows = rows + 1, "
+        "bytes = bytes + excluded.bytes, audio_us = audio_us + excluded.audio_us, requests = requests + excluded.requests;")
+_TAKE = ("UPDATE tallies SET rows = rows - 1, bytes = bytes - COALESCE(OLD.bytes, 0), "
+         "audio_us = audio_us - CAST(ROUND(COALESCE(OLD.duration_s, 0) * 1e6) AS INTEGER), "
+         "requests = requests - COALESCE(OLD.chunks, 1) "
+         "WHERE status = OLD.status AND retryable = OLD.retryable AND copied = (OLD.copy_of IS NOT NULL);")
+TALLIES = Table("tallies", "status", (
+    Column("status", "TEXT NOT NULL"), Column("retryable", "INTEGER NOT NULL"),
+    Column("copied", "INTEGER NOT NULL"),  # done as a copy of an identical request's file
+    Column("rows", "INTEGER NOT NULL"), Column("bytes", "INTEGER NOT NULL"), Column("audio_us", "INTEGER NOT NULL"),
+    Column("requests", "INTEGER NOT NULL"),  # a copy's: the requests it saved (a long row's chunks)
+), since=11, constraint="PRIMARY KEY (status, retryable, copied)", triggers=(
+    ("rows_tally_insert", f"AFTER INSERT ON rows BEGIN {_ADD} END"),
+    ("rows_tally_update", "AFTER UPDATE OF status, retryable, copy_of, bytes, duration_s, chunks ON rows "
+                          f"BEGIN {_TAKE} {_ADD} END"),
+    ("rows_tally_delete", f"AFTER DELETE ON rows BEGIN {_TAKE} END"),
+))
+TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED, CHECKS, TALLIES)
 # The checks record that speaks for a row `r`'s file: its own, else any of the same file.
 _VERDICT = ("COALESCE((SELECT c.rowid FROM checks c WHERE c.key = r.key AND c.sha256 = r.sha256), "
             "(SELECT c.rowid FROM checks c WHERE c.sha256 = r.sha256 LIMIT 1))")
-VERSION = 10  # PRAGMA user_version records how far a file is
+VERSION = 11  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
 _LOGGED_SETTINGS = {
@@ -172,6 +198,9 @@ _BACKFILL = {  # data each upgrade carries over, after its DDL
     # Before speaker pools a row's voice was its speaker. Its request is left unknown (the tags its
     # file holds were not recorded): rows done before schema 7 are not copied from.
     7: "UPDATE rows SET speaker = voice;",
+    # The rows recorded before, counted once (a full pass, at the first run to open the ledger).
+    11: "INSERT INTO tallies SELECT status, retryable, copy_of IS NOT NULL, COUNT(*), SUM(COALESCE(bytes, 0)), "
+        "SUM(CAST(ROUND(COALESCE(duration_s, 0) * 1e6) AS INTEGER)), SUM(COALESCE(chunks, 1)) FROM rows GROUP BY 1, 2, 3;",
 }
 
 
@@ -504,9 +533,10 @@ class Ledger:
         """Rows done as copies of an identical row's file, and the requests that saved (a long row's chunks)."""
         if self.version < 7:
             return 0, 0
-        rows, saved = self.db.execute(
-            "SELECT COUNT(*), SUM(COALESCE(chunks, 1)) FROM rows WHERE status = 'done' AND copy_of IS NOT NULL").fetchone()
-        return rows, saved or 0
+        counted = "SUM(rows), SUM(requests) FROM tallies WHERE status = 'done' AND copied" if self.tallied else \
+            "COUNT(*), SUM(COALESCE(chunks, 1)) FROM rows WHERE status = 'done' AND copy_of IS NOT NULL"
+        rows, saved = self.db.execute(f"SELECT {counted}").fetchone()
+        return rows or 0, saved or 0
 
     @_guarded
     def done_rows(self) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
@@ -575,8 +605,8 @@ class Ledger:
     @_guarded
     def flags(self, limit: int | None = None) -> tuple[int, int, list[dict[str, Any]]]:
         """Rows done whose file was checked, those flagged, and the first `limit` of these with why."""
-        if self.version < CHECKS.since:
-            return 0, 0, []
+        if self.version < CHECKS.since or not self.db.execute("SELECT EXISTS (SELECT 1 FROM checks)").fetchone()[0]:
+            return 0, 0, []  # no file checked: no row of millions to join to a verdict
         joined = f"FROM rows r JOIN checks v ON v.rowid = {_VERDICT} WHERE r.status = 'done'"
         checked, flagged = self.db.execute(f"SELECT COUNT(*), COALESCE(SUM(v.flagged), 0) {joined}").fetchone()
         cur = self.db.execute(f"SELECT r.key, r.row_number, v.flag_reasons, v.redos {joined} AND v.flagged = 1 "
@@ -618,6 +648,11 @@ class Ledger:
         """The schema version of the file: the latest once a run opened it, earlier if only read."""
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
+    @property
+    def tallied(self) -> bool:
+        """Whether the rows' counts and sums are kept in the tallies table (schema 11 on)."""
+        return self.version >= TALLIES.since
+
     @_guarded
     def start_run(self, settings: RunSettings, config: dict[str, Any]) -> int:
         self.commit()
@@ -656,9 +691,15 @@ class Ledger:
     @_guarded
     def counts(self) -> tuple[int, int, int]:
         """Rows done, failed, and of those failed, retried by the next run: counted on the status index."""
-        done, failed = (int(self.db.execute("SELECT COUNT(*) FROM rows WHERE status = ?", (status,)).fetchone()[0])
-                        for status in ("done", "failed"))
-        retried = self.db.execute("SELECT COUNT(*) FROM rows WHERE status = 'failed' AND retryable").fetchone()[0]
+        if self.tallied:
+            done, failed, retried = self.db.execute(
+                "SELECT TOTAL(rows) FILTER (WHERE status = 'done'), TOTAL(rows) FILTER (WHERE status = 'failed'), "
+                "TOTAL(rows) FILTER (WHERE status = 'failed' AND retryable) FROM tallies").fetchone()
+            done, failed, retried = int(done), int(failed), int(retried)
+        else:
+            done, failed = (int(self.db.execute("SELECT COUNT(*) FROM rows WHERE status = ?", (status,)).fetchone()[0])
+                            for status in ("done", "failed"))
+            retried = self.db.execute("SELECT COUNT(*) FROM rows WHERE status = 'failed' AND retryable").fetchone()[0]
         # Read through the key index too, as planning every row would: the two agree, or the file is damaged.
         keyed = int(self.db.execute("SELECT COUNT(*) FROM rows WHERE key >= ''").fetchone()[0])
         if keyed != done + failed:
@@ -708,12 +749,10 @@ class Ledger:
 
     @_guarded
     def totals(self) -> dict[str, dict[str, float]]:
-        return {
-            status: {"rows": n, "bytes": b or 0, "duration_s": d or 0.0}
-            for status, n, b, d in self.db.execute(
-                "SELECT status, COUNT(*), SUM(bytes), SUM(duration_s) FROM rows GROUP BY status"
-            )
-        }
+        summed = "SUM(rows), SUM(bytes), SUM(audio_us) / 1e6 FROM tallies GROUP BY status HAVING SUM(rows)" \
+            if self.tallied else "COUNT(*), SUM(bytes), SUM(duration_s) FROM rows GROUP BY status"
+        return {status: {"rows": n, "bytes": b or 0, "duration_s": d or 0.0}
+                for status, n, b, d in self.db.execute(f"SELECT status, {summed}")}
 
     @_guarded
     def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
@@ -868,6 +907,12 @@ def _beside(folder: Path, prefix: str, suffix: str) -> list[Path]:
         return []
 
 
+def holds_rows(named: Path) -> bool:
+    """Whether a job's own ledger holds rows: then it is the job's only ledger that does (a run
+    refuses shards beside it, check_layout), and readers need not list its folder for shards'."""
+    return named.is_file() and (used := usage(named)) is not None and used.rows
+
+
 def ledger_family(named: Path, listed: Sequence[Path] | None = None) -> dict[Path, Shard | None]:
     """The ledgers of one job in use: the one named, and its shards' beside it (among `listed`, the
     folder's ledger files, when the caller has listed them)."""
@@ -879,12 +924,13 @@ def _layout(shard: Shard | None) -> int | None:
     return None if shard is None else shard.count
 
 
-def check_layout(named: Path, shard: Shard | None) -> None:
+def check_layout(named: Path, shard: Shard | None, listed: Sequence[Path] | None = None) -> None:
     """Refuse a run whose shard layout differs from the ledgers its job already has: the rows they
-    hold would be looked up in another ledger, not found, and narrated (and paid for) again."""
+    hold would be looked up in another ledger, not found, and narrated (and paid for) again.
+    `listed`: the ledger files of the folder, when the caller has listed it."""
     clash = {
         f"{theirs.count} shards" if theirs is not None else "no shards"
-        for theirs, used in _in_use(named).values()
+        for theirs, used in _in_use(named, listed).values()
         if _layout(theirs) != _layout(shard) and used.rows
     }
     if clash:

@@ -32,11 +32,13 @@ _RUN = 1 << 20  # file names hashed into one sorted array (8 MB); a folder of mo
 class Listing:
     """The regular files of a local output folder, listed once per folder as they are asked for."""
 
-    def __init__(self, root: os.PathLike[str] | str, verify: bool = False) -> None:
+    def __init__(self, root: os.PathLike[str] | str, verify: bool = False, keep: tuple[str, ...] = ()) -> None:
         self._root = os.path.join(root, "")
         self.verify = verify
+        self._keep = keep  # endings of the files whose names are kept as they are (`kept`)
         self._folders: dict[str, list[np.ndarray]] = {}
         self._subfolders: dict[str, frozenset[str]] = {}
+        self._kept: dict[str, list[str]] = {}
         self._asked = 0
         self._expected: dict[tuple[str, int | None], bool] = {}
 
@@ -86,6 +88,12 @@ class Listing:
         self._listed(folder)
         return self._subfolders[folder]
 
+    def kept(self, folder: str = "") -> list[str]:
+        """The names of the files in one folder that end as `keep` says, from the same listing: a
+        run's ledgers beside its audio, found without listing ten million files again."""
+        self._listed(folder)
+        return self._kept[folder]
+
     def _listed(self, folder: str) -> list[np.ndarray]:
         """The hashes of the regular files' names in one folder, in sorted runs of up to _RUN (none
         when it is not there): an array grown to ten million would need twice its size as it grows."""
@@ -94,11 +102,14 @@ class Listing:
             runs: list[np.ndarray] = []
             hashes = array.array("Q")
             folders: list[str] = []
+            kept: list[str] = []
             try:
                 with os.scandir(self._root + folder if folder else self._root) as entries:
                     for entry in entries:
                         if entry.is_file():
                             hashes.append(hash64(entry.name))
+                            if self._keep and entry.name.endswith(self._keep):
+                                kept.append(entry.name)
                             if len(hashes) == _RUN:
                                 runs.append(_sorted(hashes))
                                 hashes = array.array("Q")
@@ -110,6 +121,7 @@ class Listing:
                 runs.append(_sorted(hashes))
             self._folders[folder] = runs
             self._subfolders[folder] = frozenset(folders)
+            self._kept[folder] = kept
         return self._folders[folder]
 
 

@@ -85,7 +85,7 @@ class Planner:
 
     def __init__(self, job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
                  owns: Callable[[str], bool] | None = None, spending: Spending | None = None,
-                 firsts: Firsts | Repeats | None = None) -> None:
+                 firsts: Firsts | Repeats | None = None, listing: Listing | None = None) -> None:
         self.job = job
         self.ledger = ledger
         self.folder = folder
@@ -97,7 +97,8 @@ class Planner:
         self.taken = 0
         self._limits: dict[str, int] = {}
         # A local folder's files are checked against one listing of each folder (listing.py).
-        self.files: OutputFolder | Listing = folder if isinstance(job.out, str) else Listing(folder.root, job.verify_files)
+        self.files: OutputFolder | Listing = folder if isinstance(job.out, str) else \
+            listing if listing is not None else Listing(folder.root, job.verify_files)
         self._entries: dict[str, Entry | None] = {}  # decide_many's records, looked up together
 
     def decide_many(self, rows: Sequence[Row]) -> list[Decision]:
@@ -340,17 +341,19 @@ class Plan:
 
 def make_plan(job: Job, ledger: Ledger | LedgerSet | None, folder: OutputFolder,
               owns: Callable[[str], bool] | None = None, budget: Spending | None = None,
-              for_run: bool = False, cancelled: Callable[[], bool] | None = None, columnar: bool = True) -> Plan:
+              for_run: bool = False, cancelled: Callable[[], bool] | None = None, columnar: bool = True,
+              listing: Listing | None = None) -> Plan:
     """Validate the manifest (raises ManifestError) and count what is done and what is left, for the
     rows `owns` accepts (default: the job's shard, or every row); `budget` is played through as the
     feed plays it. For a run, every row's file name is checked against the others and the disk, and
     local rows no run could narrate are refused. Once `cancelled()` says so, PlanCancelled.
-    `columnar`: batches of plain rows are decided at once (columnar.py); False decides every row alone."""
+    `columnar`: batches of plain rows are decided at once (columnar.py); False decides every row alone.
+    `listing`: the local output folder's, when the caller listed it already."""
     if owns is None and job.shard is not None:
         owns = job.shard.owns
     # Without a budget no decision waits on which rows are copies: they are found once, after the pass.
     plan = Plan(budget=budget, firsts=(Repeats() if columnar and budget is None else Firsts()) if for_run else None)
-    planner = Planner(job, ledger, folder, owns, budget, plan.firsts)
+    planner = Planner(job, ledger, folder, owns, budget, plan.firsts, listing)
     checks = _output_checks(job, folder, planner.files) if for_run else None
 
     waiting: list[Row] = []

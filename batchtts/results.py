@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import manifest
-from .config import Defaults, Job, is_uri
+from .config import LEDGER_NAME, Defaults, Job, is_uri
 from .errors import UsageError
-from .ledger import Ledger, LedgerSet, RunSettings, ledger_family, usage
+from .ledger import Ledger, LedgerSet, RunSettings, holds_rows, ledger_family, usage
 from .lock import holder
 from .manifest import KNOWN_COLUMNS, Row
 from .plan import Decision, Planner, State, make_plan
@@ -70,7 +70,12 @@ _TYPES.update(flagged="bool_", flag_reasons="string", redos="int64")
 
 
 def ledger_files(folder: Path) -> list[Path]:
-    """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`)."""
+    """The ledgers of the one job a folder holds: its ledger and its shards' (`ledger-shard-I-of-N.sqlite`).
+    A folder whose `ledger.sqlite` holds rows is that job's, found without listing the folder (it may
+    hold millions of files): a run refuses to add shards' ledgers beside one holding rows (check_layout)."""
+    default = folder / LEDGER_NAME
+    if holds_rows(default):
+        return [default]
     jobs: dict[Path, dict[Path, Shard | None]] = {}
     with os.scandir(folder) as entries:  # names from the listing alone: the folder may hold millions of files
         found = sorted(folder / e.name for e in entries if e.name.endswith(_LEDGER_SUFFIXES) and e.is_file())
@@ -156,7 +161,8 @@ def open_context(targets: list[str], manifest_path: Path | None, job: Job | None
     if not targets:
         if job is None:
             raise UsageError("name an output folder or ledger files (or a job file that names its ledger)")
-        files = list(ledger_family(job.named_ledger))
+        named = job.named_ledger
+        files = [named] if holds_rows(named) else list(ledger_family(named))
         if not files:
             raise UsageError(f"no ledger at {job.named_ledger} (nor its shards'): run the job first")
     unique = list(dict.fromkeys(f.resolve() for f in files))

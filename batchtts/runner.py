@@ -38,6 +38,7 @@ from .errors import (
 )
 from .execution import Ending, halted, narrate
 from .ledger import Ledger, Planned, RunSettings, check_layout
+from .listing import Listing
 from .log import log
 from .models import check_models
 from .narrator import Counters
@@ -192,11 +193,23 @@ class _Setup:
     planned: Planned | None = None  # for status to count the ledger's rows instead of planning them again
 
 
+def _check_layout(job: Job, folder: OutputFolder) -> Listing | None:
+    """Refuse a run of another shard layout than its job's ledgers (check_layout). A local output
+    folder is listed here once, for the plan too: the ledgers beside the audio are found in the
+    same listing as the audio files, not by a second pass over a folder of millions."""
+    named = job.named_ledger
+    if isinstance(job.out, str) or not named.suffix or named.parent.resolve() != folder.root.resolve():
+        check_layout(named, job.shard)
+        return None
+    listing = Listing(folder.root, job.verify_files, keep=(named.suffix,))
+    check_layout(named, job.shard, [named.parent / name for name in listing.kept()])
+    return listing
+
+
 def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStack, started: float,
             cancelled: threading.Event) -> RunResult | _Setup:
     """Everything before the first request, blocking: the dry run's whole answer, or for a run the
     lock, the ledger and the plan (`held` releases them)."""
-    check_layout(job.named_ledger, job.shard)
     if job.mastering.preset != "none" and isinstance(job.out, str):
         raise UsageError(f"--master {job.mastering.preset} needs the audio on local disk, not in {redact_uri(job.out)}: "
                          "narrate to a local --out folder to master, or run without --master (preset none)")
@@ -204,9 +217,11 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     prices = prices_for(job, listed=provider is None)
     budget = Spending(job.budget, prices) if job.budget.capped else None
     if job.dry_run:
+        listing = _check_layout(job, folder)
         ledger = Ledger.open_existing(job.ledger_path) if job.ledger_path.exists() else None
         try:
-            plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set)
+            plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set,
+                             listing=listing)
             plan.close()  # no feed follows
         finally:
             if ledger is not None:
@@ -222,9 +237,10 @@ def _set_up(job: Job, provider: SpeechProvider | None, held: contextlib.ExitStac
     fresh = not job.ledger_path.exists()
     ledger = Ledger(job.ledger_path)
     try:
+        listing = _check_layout(job, folder)  # listed under the lock: no run adds files to it from here
         ledger.check_place(job)
         before = _planned_before(job, ledger)
-        plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set)
+        plan = make_plan(job, ledger, folder, budget=budget, for_run=True, cancelled=cancelled.is_set, listing=listing)
         held.callback(plan.close)
         planned = _planned_after(before, plan)
         spending = Spending(job.budget, prices)

@@ -11,13 +11,15 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+import pytest
 from conftest import FAST_RETRY, cli, ledger_rows, write_csv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import batchtts
 from batchtts import Defaults, Job, results
 from batchtts import ledger as ledger_module
-from batchtts.errors import SpeechError
+from batchtts.errors import EXIT_OK, SpeechError, UsageError
 from batchtts.ledger import Ledger, Stored
 from batchtts.listing import Listing
 from batchtts.manifest import Row, _duplicates
@@ -227,3 +229,32 @@ def test_spilled_hashes_find_the_repeats_memory_finds(values, spill_at):
         assert hashes.among([*values[:3], 31]) == ({*values[:3], 31} & set(values))
     finally:
         hashes.close()
+
+
+def test_a_rerun_lists_its_folder_once_and_status_finds_the_job_without_listing_it(tmp_path, monkeypatch):
+    """A folder of ten million files costs seconds to list: a rerun lists it once, for its files and
+    the shards' ledgers beside its own alike, and status, given the folder, reads its ledger.sqlite."""
+    manifest = write_csv(tmp_path / "m.csv", rows(6))
+    out = tmp_path / "out"
+    job = Job(manifest=manifest, out=out, defaults=Defaults(model="local/espeak-ng", voice="alloy", format="wav"))
+    assert batchtts.run(job).counters.done == 6
+    (out / "ledger-shard-0000-of-0002.sqlite").write_bytes((out / "ledger.sqlite").read_bytes())
+    listed: list[str] = []
+    scandir = os.scandir
+
+    def counted(path: str | os.PathLike[str] = ".") -> os.ScandirIterator[str]:
+        listed.append(os.path.realpath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    with pytest.raises(UsageError, match="holds ledgers of this job run with 2 shards"):  # found in the listing
+        batchtts.run(job)
+    assert listed.count(os.path.realpath(out)) == 1
+    (out / "ledger-shard-0000-of-0002.sqlite").unlink()
+    listed.clear()
+    again = batchtts.run(job)
+    assert again.exit_code == EXIT_OK and again.counters.done == 0 and again.plan.total.done == 6
+    assert listed.count(os.path.realpath(out)) == 1
+    listed.clear()
+    assert results.status([out])["done"] == 6
+    assert os.path.realpath(out) not in listed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import os
+import sqlite3
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -392,3 +393,87 @@ def test_repeats_are_counted_alike_by_the_set_and_by_sorting(values):
     assert _duplicates(hashes, sort_from=0) == (repeats, expected)
     few, count = _duplicates(hashes, keep=1, sort_from=len(values) + 1)
     assert count == expected and len(few) == min(1, len(repeats)) and few <= repeats
+
+
+def _scanned(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[int, int, int], tuple[int, int]]:
+    """What the rows table holds, summed over every row: what the tallies must say without the pass."""
+    db = ledger.db
+    totals = {s: (n, b or 0, d or 0.0) for s, n, b, d in
+              db.execute("SELECT status, COUNT(*), SUM(bytes), SUM(duration_s) FROM rows GROUP BY status")}
+    counts = db.execute("SELECT COUNT(*) FILTER (WHERE status = 'done'), COUNT(*) FILTER (WHERE status = 'failed'), "
+                        "COUNT(*) FILTER (WHERE status = 'failed' AND retryable) FROM rows").fetchone()
+    copies = db.execute("SELECT COUNT(*), TOTAL(COALESCE(chunks, 1)) FROM rows "
+                        "WHERE status = 'done' AND copy_of IS NOT NULL").fetchone()
+    return totals, tuple(counts), (copies[0], int(copies[1]))
+
+
+def _tallied(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[int, int, int], tuple[int, int]]:
+    totals = {s: (int(t["rows"]), int(t["bytes"]), t["duration_s"]) for s, t in ledger.totals().items()}
+    return totals, ledger.counts(), ledger.copies()
+
+
+def _same(tallied: tuple, scanned: tuple) -> None:
+    (totals, counts, copies), (want_totals, want_counts, want_copies) = tallied, scanned
+    assert counts == want_counts and copies == want_copies
+    assert totals.keys() == want_totals.keys()
+    for status, (rows, size, seconds) in want_totals.items():
+        assert totals[status][:2] == (rows, size)
+        assert totals[status][2] == pytest.approx(seconds, abs=1e-6 * rows + 1e-9)
+
+
+_RECORDS = st.lists(st.tuples(
+    st.sampled_from(["done", "copy", "failed", "delete", "resize"]), st.integers(0, 5),  # what, and which key
+    st.integers(0, 10**9), st.floats(0, 3600, allow_nan=False), st.booleans(), st.none() | st.integers(1, 9),
+), max_size=40)
+
+
+@given(_RECORDS)
+def test_the_tallies_say_what_a_pass_over_every_row_says(tmp_path_factory, records):
+    """Status reads counts and sums from the tallies the triggers keep; whatever is recorded, updated
+    or deleted, and in whatever order, they are what summing every row gives."""
+    ledger = Ledger(tmp_path_factory.mktemp("tallies") / "l.sqlite")
+    try:
+        for what, key, size, seconds, retryable, chunks in records:
+            row = Row(key + 1, f"k{key}", f"text {key}", "m", "v", "mp3", None, None, None, {})
+            audio = Stored(f"k{key}.mp3", size, "ab" * 32, 24000, 1, seconds)
+            if what == "done":
+                ledger.record_done(row, audio, attempts=1, latency_s=0.1, generation_id=None, chunks=chunks)
+            elif what == "copy":
+                ledger.record_copy(row, audio, source="k0", chunks=chunks)
+            elif what == "failed":
+                ledger.record_failed(row, TransportError("cut"), attempts=1, retryable=retryable, chunks=chunks)
+            elif what == "delete":
+                ledger.db.execute("DELETE FROM rows WHERE key = ?", (row.key,))
+            else:
+                ledger.db.execute("UPDATE rows SET bytes = ?, duration_s = ? WHERE key = ?", (size, seconds, row.key))
+            _same(_tallied(ledger), _scanned(ledger))
+    finally:
+        ledger.close()
+
+
+def test_a_ledger_of_schema_10_is_tallied_once_by_the_run_that_upgrades_it(tmp_path):
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    for key in range(30):
+        row = Row(key + 1, f"k{key}", f"text {key}", "m", "v", "mp3", None, None, None, {})
+        if key % 3:
+            ledger.record_done(row, Stored(f"k{key}.mp3", 1000 + key, "ab" * 32, 24000, 1, key / 7), attempts=1,
+                               latency_s=0.1, generation_id=None, chunks=key % 4 or None)
+        else:
+            ledger.record_failed(row, TransportError("cut"), attempts=1, retryable=key % 2 == 0)
+    ledger.record_copy(Row(40, "k40", "text 1", "m", "v", "mp3", None, None, None, {}),
+                       Stored("k40.mp3", 1001, "ab" * 32, 24000, 1, 1 / 7), source="k1", chunks=3)
+    want = _scanned(ledger)
+    ledger.close()
+    db = sqlite3.connect(path)  # the ledger as schema 10 left it: no tallies
+    db.executescript("DROP TRIGGER rows_tally_insert; DROP TRIGGER rows_tally_update; "
+                     "DROP TRIGGER rows_tally_delete; DROP TABLE tallies; PRAGMA user_version = 10;")
+    db.close()
+    older = Ledger.open_existing(path)
+    assert older.version == 10
+    _same(_tallied(older), want)  # read as it is, by a pass over the rows
+    older.close()
+    upgraded = Ledger(path)
+    assert upgraded.version == VERSION
+    _same(_tallied(upgraded), want)  # counted once by the upgrade, then read from the tallies
+    upgraded.close()
