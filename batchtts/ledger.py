@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -219,12 +220,16 @@ class Entry(NamedTuple):
 
     fingerprint: str
     status: str
-    retryable: bool
+    retryable: int  # 1: a failure the next run tries again
     path: str | None
     bytes: int | None
+    key: str
 
 
 _ENTRY = ", ".join(Entry._fields)
+_entry = functools.partial(tuple.__new__, Entry)  # a record as SQLite returns it, made an Entry without a Python call
+_key = operator.itemgetter(len(Entry._fields) - 1)
+_RANGES_AFTER = 64  # batches looked up key by key after a range of the key index held too many others
 LOOKUP_BATCH = 1000  # keys a query asks for: within SQLite's limit of 32,766 parameters
 
 
@@ -391,6 +396,7 @@ class Ledger:
         self._in_transaction = False
         self.run_id: int | None = None  # the run this connection records, once started
         self._attempts: list[tuple[Any, ...]] = []
+        self._ranges_after = 0  # lookups to go before keys are read as a range again (_entries)
 
     @classmethod
     def open_existing(cls, path: Path) -> Ledger:
@@ -408,7 +414,7 @@ class Ledger:
     @_guarded
     def lookup(self, key: str) -> Entry | None:
         found = self.db.execute(f"SELECT {_ENTRY} FROM rows WHERE key = ?", (key,)).fetchone()
-        return Entry(found[0], found[1], bool(found[2]), found[3], found[4]) if found else None
+        return _entry(found) if found else None
 
     @_guarded
     def lookup_many(self, keys: Sequence[str]) -> dict[str, Entry]:
@@ -416,11 +422,26 @@ class Ledger:
         asks the ledger thousands of times, not millions."""
         found: dict[str, Entry] = {}
         for start in range(0, len(keys), LOOKUP_BATCH):
-            batch = keys[start:start + LOOKUP_BATCH]
-            query = f"SELECT key, {_ENTRY} FROM rows WHERE key IN ({', '.join('?' * len(batch))})"
-            for key, fingerprint, status, retryable, path, size in self.db.execute(query, batch):
-                found[key] = Entry(fingerprint, status, retryable == 1, path, size)
+            entries = list(map(_entry, self._entries(keys[start:start + LOOKUP_BATCH])))
+            found.update(zip(map(_key, entries), entries, strict=True))
         return found
+
+    def _entries(self, keys: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The records of some keys. Keys close together in the key index (a manifest in key order,
+        as datasets' ids mostly are) are read as one range of it, a third cheaper than a search for
+        each; keys spread over it are searched for, and ranges not tried again for a while."""
+        if self._ranges_after or len(keys) < 2:
+            self._ranges_after = max(0, self._ranges_after - 1)
+        else:
+            most = 2 * len(keys)
+            ranged = self.db.execute(f"SELECT {_ENTRY} FROM rows WHERE key BETWEEN ? AND ? LIMIT ?",
+                                     (min(keys), max(keys), most)).fetchall()
+            if len(ranged) < most:
+                wanted = set(keys)
+                return [entry for entry in ranged if entry[-1] in wanted]
+            self._ranges_after = _RANGES_AFTER
+        return self.db.execute(f"SELECT {_ENTRY} FROM rows WHERE key IN ({', '.join('?' * len(keys))})",
+                               keys).fetchall()
 
     def record_done(self, row: Row, audio: Stored, attempts: int, latency_s: float | None,
                     generation_id: str | None, chunks: int | None = None) -> None:

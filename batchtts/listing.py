@@ -3,8 +3,10 @@
 A rerun of a finished job asks, for every row the ledger records as done, whether its file is still
 there as recorded. Asked with a `stat` per row, a job of ten million rows pays ten million system
 calls. `Listing` lists each folder rows write into once (`os.scandir`: names and types, from the
-directory entries alone on Linux) and keeps an 8-byte hash of each regular file's name in sorted
-arrays of a million, so a folder of ten million files costs 80 MB for the length of the plan.
+directory entries alone on Linux) and keeps an 8-byte hash of each regular file's name, in 16
+arrays by the hash's first bits, each sorted once listed: a folder of ten million files costs 80 MB
+for the length of the plan (no array grows past a sixteenth of it, so growing one never needs twice
+the whole), and a name is looked for in one array, however many there are.
 
 A name in the listing says the file is there and is a file (a folder or a socket of that name is
 not). Its size is the ledger's record, trusted: one file in SAMPLE_EVERY has its size looked at too,
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 SAMPLE_EVERY = 64  # files, of those listed, whose size is looked at without --verify-files
-_RUN = 1 << 20  # file names hashed into one sorted array (8 MB); a folder of more has several
+_SHIFT = 64 - 4  # a hash's first 4 bits say which of 16 arrays holds it
 
 
 class Listing:
@@ -53,21 +55,47 @@ class Listing:
 
     def have(self, files: Sequence[tuple[str, int | None]]) -> list[bool]:
         """`has` for many files at once: one search of each folder's listing per call."""
-        import numpy as np  # loaded when files are looked for: `status` and a dry run into a new folder do without
-
         by_folder: dict[str, list[int]] = {}
         for i, (relpath, _) in enumerate(files):
             by_folder.setdefault(relpath.rpartition("/")[0], []).append(i)
         found = [False] * len(files)
         for folder, indices in by_folder.items():
-            wanted = np.fromiter((hash64(files[i][0].rpartition("/")[2]) for i in indices), np.uint64, len(indices))
-            listed = np.zeros(len(indices), bool)
-            for names in self._listed(folder):
-                at = np.minimum(np.searchsorted(names, wanted), len(names) - 1)
-                listed |= names[at] == wanted
+            listed = self._find(folder, [files[i][0].rpartition("/")[2] for i in indices])
             for i, there in zip(indices, listed.tolist(), strict=True):
                 found[i] = there and self._size_ok(*files[i])
         return found
+
+    def have_all(self, names: Sequence[str], sizes: Sequence[int | None]) -> bool:
+        """Whether every one of these files of the top folder is there (as `have` says of each): a
+        rerun's batch of a thousand rows done, asked in one go."""
+        if not names:
+            return True
+        if None in sizes or not bool(self._find("", names).all()):
+            return False
+        first = self._asked + 1
+        self._asked += len(names)
+        if self.verify:
+            looked = range(len(names))
+        else:  # the files whose turn it is, one in SAMPLE_EVERY counted over every file asked about
+            looked = range(-first % SAMPLE_EVERY, len(names), SAMPLE_EVERY)
+        return all(self._size_right(names[i], sizes[i]) for i in looked)
+
+    def _find(self, folder: str, names: Sequence[str]) -> np.ndarray:
+        """Which of these names of files of one folder are in its listing."""
+        import numpy as np  # loaded when files are looked for: `status` and a dry run into a new folder do without
+
+        wanted = np.fromiter(map(hash64, names), np.uint64, len(names))
+        listed = np.zeros(len(names), bool)
+        part_of = wanted >> np.uint64(_SHIFT)
+        for index, hashes in enumerate(self._listed(folder)):
+            if not len(hashes):
+                continue
+            mine = part_of == index
+            if mine.any():
+                asked = wanted[mine]
+                at = np.minimum(np.searchsorted(hashes, asked), len(hashes) - 1)
+                listed[mine] = hashes[at] == asked
+        return listed
 
     def _size_ok(self, relpath: str, size: int | None) -> bool:
         if size is None:
@@ -75,6 +103,9 @@ class Listing:
         self._asked += 1
         if not self.verify and self._asked % SAMPLE_EVERY:
             return True
+        return self._size_right(relpath, size)
+
+    def _size_right(self, relpath: str, size: int | None) -> bool:
         try:
             ok = os.stat(self._root + relpath).st_size == size
         except OSError:
@@ -95,39 +126,31 @@ class Listing:
         return self._kept[folder]
 
     def _listed(self, folder: str) -> list[np.ndarray]:
-        """The hashes of the regular files' names in one folder, in sorted runs of up to _RUN (none
-        when it is not there): an array grown to ten million would need twice its size as it grows."""
+        """The hashes of the regular files' names in one folder, in 16 sorted arrays by their first
+        bits (all empty when it is not there)."""
+        import numpy as np
 
         if folder not in self._folders:
-            runs: list[np.ndarray] = []
-            hashes = array.array("Q")
+            parts = [array.array("Q") for _ in range(1 << (64 - _SHIFT))]
             folders: list[str] = []
             kept: list[str] = []
             try:
                 with os.scandir(self._root + folder if folder else self._root) as entries:
                     for entry in entries:
                         if entry.is_file():
-                            hashes.append(hash64(entry.name))
-                            if self._keep and entry.name.endswith(self._keep):
-                                kept.append(entry.name)
-                            if len(hashes) == _RUN:
-                                runs.append(_sorted(hashes))
-                                hashes = array.array("Q")
+                            name = entry.name
+                            value = hash64(name)
+                            parts[value >> _SHIFT].append(value)
+                            if self._keep and name.endswith(self._keep):
+                                kept.append(name)
                         elif entry.is_dir(follow_symlinks=False):
                             folders.append(entry.name)
             except OSError:  # not there, or not a folder: no file or folder in it is there
                 pass
-            if hashes:
-                runs.append(_sorted(hashes))
-            self._folders[folder] = runs
+            hashes = [np.frombuffer(part, np.uint64) for part in parts]
+            for part in hashes:
+                part.sort()  # in place: the array's own memory, 8 bytes a file
+            self._folders[folder] = hashes
             self._subfolders[folder] = frozenset(folders)
             self._kept[folder] = kept
         return self._folders[folder]
-
-
-def _sorted(hashes: array.array[int]) -> np.ndarray:
-    import numpy as np
-
-    run = np.frombuffer(hashes, np.uint64)
-    run.sort()  # in place: the array's memory, 8 bytes a file
-    return run

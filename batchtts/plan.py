@@ -77,7 +77,7 @@ def needs_work(row: Row, entry: Entry | None, folder: OutputFolder | Listing, re
         return True
     if entry.status == "done":
         return entry.path != row.relpath or not folder.has(entry.path, entry.bytes)
-    return entry.retryable or retry_failed
+    return bool(entry.retryable) or retry_failed
 
 
 class Planner:
