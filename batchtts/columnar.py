@@ -95,9 +95,10 @@ class Lane:
         named: dict[str, list[str]] = {}
         for name, default in (("model", self.job.defaults.model), ("voice", self.job.defaults.voice)):
             if name in names:
-                if not _all(pc.match_substring_regex(batch.column(name), _PLAIN_NAME)):
+                given = _names(batch.column(name))
+                if given is None:
                     return None
-                named[name] = _strings(batch.column(name))
+                named[name] = given
             elif default is None:
                 return None
             else:
@@ -196,6 +197,17 @@ class Lane:
 def _strings(column: Any) -> list[str]:
     """A column of strings without nulls as Python strings."""
     return cast("list[str]", column.to_pylist())
+
+
+def _names(column: Any) -> list[str] | None:
+    """A column of model or voice names as strings, None unless every one is plain: each name
+    checked once, and a column of one name (as most are) made into strings without reading it."""
+    import pyarrow.compute as pc
+
+    distinct = pc.unique(column)
+    if not _all(pc.match_substring_regex(distinct, _PLAIN_NAME)):
+        return None
+    return [distinct[0].as_py()] * len(column) if len(distinct) == 1 else _strings(column)
 
 
 def _all(mask: Any) -> bool:

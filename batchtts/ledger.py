@@ -53,7 +53,8 @@ class Table:
     since: int = 1
     index: tuple[str, str] | None = None  # an index's name and column
     constraint: str = ""  # a table constraint after the columns, such as a composite primary key
-    triggers: tuple[tuple[str, str], ...] = ()  # (name, SQL) of the triggers that keep it, made with it
+    # (kind, name, SQL) of what is made with it: the triggers that keep it, indexes they need
+    derived: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -67,8 +68,8 @@ class Table:
             body = ",\n    ".join([*(f"{c.name} {c.sql}" for c in self.columns if c.since <= version),
                                        *([self.constraint] if self.constraint else [])])
             index = f"CREATE INDEX {self.index[0]} ON {self.name} ({self.index[1]});" if self.index else ""
-            triggers = "".join(f"CREATE TRIGGER {name} {sql};\n" for name, sql in self.triggers)
-            return f"CREATE TABLE {self.name} (\n    {body}\n);\n{index}\n{triggers}"
+            derived = "".join(f"CREATE {kind} {name} {sql};\n" for kind, name, sql in self.derived)
+            return f"CREATE TABLE {self.name} (\n    {body}\n);\n{index}\n{derived}"
         return "".join(f"ALTER TABLE {self.name} ADD COLUMN {c.name} {c.sql};\n"
                        + (f"CREATE INDEX {c.index} ON {self.name} ({c.name});\n" if c.index else "")
                        for c in self.columns if c.since == version)
@@ -155,32 +156,56 @@ CHECKS = Table("checks", "key", (
     Column("flagged", "INTEGER NOT NULL DEFAULT 0"), Column("flag_reasons", "TEXT"),
     Column("redos", "INTEGER NOT NULL DEFAULT 0"), *_STAMPS,
 ), since=8, index=("checks_file", "sha256"))
-# The rows' counts and sums by status, kept by triggers as rows are recorded: `status` of ten million
-# rows reads these few records, not every row. Durations are summed in whole microseconds, so that
-# adding and taking away never drifts.
-_TALLIED = ("NEW.status, NEW.retryable, NEW.copy_of IS NOT NULL, 1, COALESCE(NEW.bytes, 0), "
-            "CAST(ROUND(COALESCE(NEW.duration_s, 0) * 1e6) AS INTEGER), COALESCE(NEW.chunks, 1)")
-_ADD = (f"INSERT INTO tallies VALUES ({_TALLIED}) ON CONFLICT DO UPDATE SET rows = rows + 1, "
-        "bytes = bytes + excluded.bytes, audio_us = audio_us + excluded.audio_us, requests = requests + excluded.requests;")
-_TAKE = ("UPDATE tallies SET rows = rows - 1, bytes = bytes - COALESCE(OLD.bytes, 0), "
-         "audio_us = audio_us - CAST(ROUND(COALESCE(OLD.duration_s, 0) * 1e6) AS INTEGER), "
-         "requests = requests - COALESCE(OLD.chunks, 1) "
-         "WHERE status = OLD.status AND retryable = OLD.retryable AND copied = (OLD.copy_of IS NOT NULL);")
+
+
+def _check_of(r: str) -> str:
+    """The checks record that speaks for the file of row `r` (an alias, or NEW or OLD in a trigger),
+    done: its own record of that file; for a copy, the first record of the file it copies."""
+    return (f"COALESCE((SELECT c.rowid FROM checks c WHERE c.key = {r}.key AND c.sha256 = {r}.sha256), "
+            f"CASE WHEN {r}.copy_of IS NOT NULL THEN (SELECT MIN(c.rowid) FROM checks c WHERE c.sha256 = {r}.sha256) END)")
+
+
+def _verdict_of(r: str) -> str:
+    """What the checks say of the file of row `r`: 1 flagged, 0 passed, -1 not checked (or not done)."""
+    return (f"CASE WHEN {r}.status = 'done' THEN COALESCE((SELECT c.flagged FROM checks c WHERE c.rowid = "
+            f"{_check_of(r)}), -1) ELSE -1 END")
+
+
+def _tally(r: str, sign: str = "") -> str:
+    """What row `r` adds to its tally (`sign` "-": takes away): the tallies' key, then the sums."""
+    key = (f"{r}.status AS status, {r}.retryable AS retryable, {r}.copy_of IS NOT NULL AS copied, "
+           f"{_verdict_of(r)} AS verdict")
+    return (f"{key}, {sign}1 AS rows, {sign}COALESCE({r}.bytes, 0) AS bytes, "
+            f"{sign}CAST(ROUND(COALESCE({r}.duration_s, 0) * 1e6) AS INTEGER) AS audio_us, "
+            f"{sign}COALESCE({r}.chunks, 1) AS requests")
+
+
+_GROUP = "status, retryable, copied, verdict"
+_SUMS = ("rows", "bytes", "audio_us", "requests")
+_TALLY_INTO = f"INSERT INTO tallies ({_GROUP}, {', '.join(_SUMS)})"
+_ADDED = f"ON CONFLICT DO UPDATE SET {', '.join(f'{c} = {c} + excluded.{c}' for c in _SUMS)}"
+# The rows' counts and sums by status and by what the audio checks said of their files, kept by
+# triggers as rows are recorded (and by `record_check` as a check lands): `status` of ten million
+# rows reads these few records, not every row. A row taken away is added negated; durations are
+# summed in whole microseconds, so that adding and taking away never drifts.
+_ADD = f"{_TALLY_INTO} SELECT {_tally('NEW')} WHERE true {_ADDED};"  # WHERE: as SQLite asks of an upsert's SELECT
+_TAKE = f"{_TALLY_INTO} SELECT {_tally('OLD', '-')} WHERE true {_ADDED};"
 TALLIES = Table("tallies", "status", (
     Column("status", "TEXT NOT NULL"), Column("retryable", "INTEGER NOT NULL"),
     Column("copied", "INTEGER NOT NULL"),  # done as a copy of an identical request's file
+    Column("verdict", "INTEGER NOT NULL"),  # _verdict_of the rows
     Column("rows", "INTEGER NOT NULL"), Column("bytes", "INTEGER NOT NULL"), Column("audio_us", "INTEGER NOT NULL"),
     Column("requests", "INTEGER NOT NULL"),  # a copy's: the requests it saved (a long row's chunks)
-), since=11, constraint="PRIMARY KEY (status, retryable, copied)", triggers=(
-    ("rows_tally_insert", f"AFTER INSERT ON rows BEGIN {_ADD} END"),
-    ("rows_tally_update", "AFTER UPDATE OF status, retryable, copy_of, bytes, duration_s, chunks ON rows "
-                          f"BEGIN {_TAKE} {_ADD} END"),
-    ("rows_tally_delete", f"AFTER DELETE ON rows BEGIN {_TAKE} END"),
+), since=11, constraint=f"PRIMARY KEY ({_GROUP})", derived=(
+    ("TRIGGER", "rows_tally_insert", f"AFTER INSERT ON rows BEGIN {_ADD} END"),
+    ("TRIGGER", "rows_tally_update", "AFTER UPDATE OF status, retryable, copy_of, bytes, duration_s, chunks, sha256 "
+                                     f"ON rows BEGIN {_TAKE} {_ADD} END"),
+    ("TRIGGER", "rows_tally_delete", f"AFTER DELETE ON rows BEGIN {_TAKE} END"),
+    # The copies of a file, whose verdict a check of it gives; the flagged files, for status to name.
+    ("INDEX", "rows_copied_file", "ON rows (sha256) WHERE copy_of IS NOT NULL"),
+    ("INDEX", "checks_flagged", "ON checks (sha256) WHERE flagged"),
 ))
 TABLES = (ROWS, RUNS, CHUNKS, ATTEMPTS, MASTERED, CHECKS, TALLIES)
-# The checks record that speaks for a row `r`'s file: its own, else any of the same file.
-_VERDICT = ("COALESCE((SELECT c.rowid FROM checks c WHERE c.key = r.key AND c.sha256 = r.sha256), "
-            "(SELECT c.rowid FROM checks c WHERE c.sha256 = r.sha256 LIMIT 1))")
 VERSION = 11  # PRAGMA user_version records how far a file is
 # The run settings schema 3 keeps in columns, as earlier schemas logged them in the config column:
 # the upgrade copies them over, and a ledger read as it is (status, export) is read through them.
@@ -200,8 +225,8 @@ _BACKFILL = {  # data each upgrade carries over, after its DDL
     # file holds were not recorded): rows done before schema 7 are not copied from.
     7: "UPDATE rows SET speaker = voice;",
     # The rows recorded before, counted once (a full pass, at the first run to open the ledger).
-    11: "INSERT INTO tallies SELECT status, retryable, copy_of IS NOT NULL, COUNT(*), SUM(COALESCE(bytes, 0)), "
-        "SUM(CAST(ROUND(COALESCE(duration_s, 0) * 1e6) AS INTEGER)), SUM(COALESCE(chunks, 1)) FROM rows GROUP BY 1, 2, 3;",
+    11: f"{_TALLY_INTO} SELECT {_GROUP}, {', '.join(f'SUM({c})' for c in _SUMS)} "
+        f"FROM (SELECT {_tally('r')} FROM rows r) GROUP BY {_GROUP};",
 }
 
 
@@ -594,17 +619,28 @@ class Ledger:
                   "sha256": sha256, "redos": int(redo), "created_at": stamp, "updated_at": stamp}
         names = CHECKS.names
         updates = ", ".join(f"{c} = excluded.{c}" for c in names if c not in ("key", "created_at", "redos"))
+        # The rows whose verdict this record may change, the row's own and the copies of its file (as
+        # it was and as it is), move from their tally to the one of their verdict now.
+        before = self.db.execute("SELECT sha256 FROM checks WHERE key = ?", (row.key,)).fetchone()
+        spoken = ("FROM rows r WHERE r.key IN (SELECT ? UNION SELECT key FROM rows WHERE copy_of IS NOT NULL "
+                  "AND sha256 IN (?, ?))")
+        moved = (row.key, sha256, before[0] if before else sha256)
+        if self.tallied:
+            self.db.execute(f"{_TALLY_INTO} SELECT {_tally('r', '-')} {spoken} {_ADDED}", moved)
         self.db.execute(
             f"INSERT INTO checks ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
             f"ON CONFLICT(key) DO UPDATE SET {updates}, redos = CASE WHEN checks.fingerprint = excluded.fingerprint "
             "THEN checks.redos + excluded.redos ELSE excluded.redos END",
             [record[c] for c in names],
         )
+        if self.tallied:
+            self.db.execute(f"{_TALLY_INTO} SELECT {_tally('r')} {spoken} {_ADDED}", moved)
 
     @_guarded
     def checked(self, key: str) -> dict[str, Any] | None:
-        """The checks' verdict on the row's file as it is now: the row's own, else one on an identical
-        file (a copy of another row's); None when the row is not done, or its file was not checked."""
+        """The checks' verdict on the row's file as it is now: the row's own record of that file, or for
+        a copy the first record of the file it copies; None when the row is not done, or its file was
+        not checked."""
         return self.checked_many([key]).get(key)
 
     @_guarded
@@ -616,7 +652,7 @@ class Ledger:
         for start in range(0, len(keys), LOOKUP_BATCH):
             batch = keys[start:start + LOOKUP_BATCH]
             # `+r.status`: the keys' index finds the rows; by the status index, SQLite would read every row done.
-            cur = self.db.execute(f"SELECT r.key AS row_key, v.* FROM rows r JOIN checks v ON v.rowid = {_VERDICT} "
+            cur = self.db.execute(f"SELECT r.key AS row_key, v.* FROM rows r JOIN checks v ON v.rowid = {_check_of('r')} "
                                   f"WHERE r.key IN ({', '.join('?' * len(batch))}) AND +r.status = 'done'", batch)
             names = [d[0] for d in cur.description][1:]
             for row_key, *values in cur:
@@ -626,14 +662,26 @@ class Ledger:
     @_guarded
     def flags(self, limit: int | None = None) -> tuple[int, int, list[dict[str, Any]]]:
         """Rows done whose file was checked, those flagged, and the first `limit` of these with why."""
-        if self.version < CHECKS.since or not self.db.execute("SELECT EXISTS (SELECT 1 FROM checks)").fetchone()[0]:
-            return 0, 0, []  # no file checked: no row of millions to join to a verdict
-        joined = f"FROM rows r JOIN checks v ON v.rowid = {_VERDICT} WHERE r.status = 'done'"
-        checked, flagged = self.db.execute(f"SELECT COUNT(*), COALESCE(SUM(v.flagged), 0) {joined}").fetchone()
-        cur = self.db.execute(f"SELECT r.key, r.row_number, v.flag_reasons, v.redos {joined} AND v.flagged = 1 "
+        if self.version < CHECKS.since:
+            return 0, 0, []
+        if self.tallied:
+            checked, flagged = self.db.execute("SELECT TOTAL(rows) FILTER (WHERE verdict >= 0), TOTAL(rows) "
+                                               "FILTER (WHERE verdict = 1) FROM tallies WHERE status = 'done'").fetchone()
+            # The rows of the flagged files only: the own rows of flagged records, and the copies of their files.
+            among = ("AND r.key IN (SELECT key FROM checks WHERE flagged UNION SELECT key FROM rows "
+                     "WHERE copy_of IS NOT NULL AND sha256 IN (SELECT sha256 FROM checks WHERE flagged))")
+        else:
+            checked, flagged = self.db.execute(
+                f"SELECT COUNT(*), TOTAL(v.flagged) FROM rows r JOIN checks v ON v.rowid = {_check_of('r')} "
+                "WHERE r.status = 'done'").fetchone()
+            among = ""
+        if not flagged:
+            return int(checked), 0, []
+        cur = self.db.execute(f"SELECT r.key, r.row_number, v.flag_reasons, v.redos FROM rows r JOIN checks v "
+                              f"ON v.rowid = {_check_of('r')} WHERE r.status = 'done' AND v.flagged = 1 {among} "
                               "ORDER BY r.row_number" + (f" LIMIT {int(limit)}" if limit else ""))
         names = [d[0] for d in cur.description]
-        return checked, flagged, [dict(zip(names, r, strict=True)) for r in cur]
+        return int(checked), int(flagged), [dict(zip(names, r, strict=True)) for r in cur]
 
     def _get(self, table: Table, key: str) -> dict[str, Any] | None:
         """One record; from a ledger of an earlier schema (read as it is), the columns it has."""

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 SAMPLE_EVERY = 64  # files, of those listed, whose size is looked at without --verify-files
 _SHIFT = 64 - 4  # a hash's first 4 bits say which of 16 arrays holds it
+_PARTS = 1 << (64 - _SHIFT)
 
 
 class Listing:
@@ -85,16 +86,17 @@ class Listing:
         import numpy as np  # loaded when files are looked for: `status` and a dry run into a new folder do without
 
         wanted = np.fromiter(map(hash64, names), np.uint64, len(names))
-        listed = np.zeros(len(names), bool)
-        part_of = wanted >> np.uint64(_SHIFT)
+        order = np.argsort(wanted)  # in order, each array is searched once, and each search starts where the last ended
+        ordered = wanted[order]
+        bounds = np.searchsorted(ordered >> np.uint64(_SHIFT), np.arange(_PARTS + 1, dtype=np.uint64)).tolist()
+        found = np.zeros(len(names), bool)
         for index, hashes in enumerate(self._listed(folder)):
-            if not len(hashes):
-                continue
-            mine = part_of == index
-            if mine.any():
-                asked = wanted[mine]
-                at = np.minimum(np.searchsorted(hashes, asked), len(hashes) - 1)
-                listed[mine] = hashes[at] == asked
+            low, high = bounds[index], bounds[index + 1]
+            if low < high and len(hashes):
+                asked = ordered[low:high]
+                found[low:high] = hashes[np.minimum(np.searchsorted(hashes, asked), len(hashes) - 1)] == asked
+        listed = np.empty(len(names), bool)
+        listed[order] = found
         return listed
 
     def _size_ok(self, relpath: str, size: int | None) -> bool:
@@ -131,7 +133,7 @@ class Listing:
         import numpy as np
 
         if folder not in self._folders:
-            parts = [array.array("Q") for _ in range(1 << (64 - _SHIFT))]
+            parts = [array.array("Q") for _ in range(_PARTS)]
             folders: list[str] = []
             kept: list[str] = []
             try:

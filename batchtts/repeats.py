@@ -46,11 +46,11 @@ class Hashes:
 
         if self._parts is None:
             self._parts = [tempfile.TemporaryFile(prefix="batchtts-hashes-") for _ in range(PARTS)]
-        values = np.frombuffer(self._memory, np.uint64)
-        part_of = values >> np.uint64(_SHIFT)
+        values = np.sort(np.frombuffer(self._memory, np.uint64))  # sorted, each part's values lie together
+        bounds = np.searchsorted(values >> np.uint64(_SHIFT), np.arange(PARTS + 1, dtype=np.uint64)).tolist()
         for index, part in enumerate(self._parts):
-            part.write(values[part_of == index].tobytes())
-        del values, part_of
+            part.write(values[bounds[index]:bounds[index + 1]].tobytes())
+        del values
         self._memory = array.array("Q")
 
     def _chunks(self) -> Iterator[array.array[int]]:

@@ -143,7 +143,8 @@ def finished_job(manifest: Path, out: Path, rows: int, server: Server, work: Pat
 
 
 def seed(manifest: Path, out: Path, rows: int, server: Server, work: Path) -> None:
-    """Record every row done, as a run would, its file a hard link to one of a few real audio files."""
+    """Record every row done and its file checked, as a run would, its file a hard link to one of a few
+    real audio files (and its check the sample's)."""
     sample = work / "sample"
     if not (sample / "ledger.sqlite").exists():
         small = write_manifest(work / "sample.parquet", 1)
@@ -152,11 +153,13 @@ def seed(manifest: Path, out: Path, rows: int, server: Server, work: Path) -> No
     audio = next(p for p in sample.iterdir() if p.suffix == f".{FORMAT}")
     info = Ledger.open_existing(sample / "ledger.sqlite")
     try:
-        recorded = info.get("r-00000000")
+        recorded, checked = info.get("r-00000000"), info.checked("r-00000000")
     finally:
         info.close()
-    assert recorded is not None
+    assert recorded is not None and checked is not None
+    verdict = {name: value for name, value in checked.items() if name not in ("key", "fingerprint", "sha256")}
     data = audio.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     sources = out / ".bench-sources"
     sources.mkdir(parents=True)
     job = Job(manifest=manifest, out=out, defaults=Defaults(format=FORMAT))
@@ -170,9 +173,9 @@ def seed(manifest: Path, out: Path, rows: int, server: Server, work: Path) -> No
             source = sources / str(number // LINKS_PER_FILE)
             source.write_bytes(data)
         os.link(source, out / row.relpath)
-        ledger.record_done(row, Stored(row.relpath, len(data), hashlib.sha256(data).hexdigest(),
-                                       recorded["sample_rate"], recorded["channels"], recorded["duration_s"]),
-                           attempts=1, latency_s=0.0, generation_id=None)
+        ledger.record_done(row, Stored(row.relpath, len(data), digest, recorded["sample_rate"], recorded["channels"],
+                                       recorded["duration_s"]), attempts=1, latency_s=0.0, generation_id=None)
+        ledger.record_check(row, digest, verdict)  # as the audio checks record each file a run narrates
         if number % WRITE_BATCH == WRITE_BATCH - 1:
             ledger.commit()
     ledger.finish_run(run_id, 0, {"seeded": rows})

@@ -157,9 +157,9 @@ def test_a_ledger_of_the_schema_before_is_read_as_it_is_and_upgraded_by_the_next
     ledger = out / "ledger.sqlite"
     db = sqlite3.connect(ledger, isolation_level=None)
     try:  # the ledger as schema 5 wrote it, before the run settings: what later schemas added, taken away
-        for table in TABLES:  # first the triggers of later tables, on the tables they keep count of
-            for trigger, _ in table.triggers if table.since > BEFORE else ():
-                db.execute(f"DROP TRIGGER {trigger}")
+        for table in TABLES:  # first what later tables made on the tables they keep count of
+            for kind, name, _ in table.derived if table.since > BEFORE else ():
+                db.execute(f"DROP {kind} {name}")
         for table in TABLES:
             if table.since > BEFORE:
                 db.execute(f"DROP TABLE {table.name}")

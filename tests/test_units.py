@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from batchtts.client import HTTPSpeechClient, error_message, rate_hint
@@ -24,7 +24,7 @@ from batchtts.errors import (
     TransportError,
     UsageError,
 )
-from batchtts.ledger import VERSION, Ledger, Stored
+from batchtts.ledger import TALLIES, VERSION, Ledger, Stored
 from batchtts.manifest import Row
 from batchtts.names import MAX_NAME, safe_name, unsafe_reason
 from batchtts.providers import SpeechRequest
@@ -395,8 +395,11 @@ def test_repeats_are_counted_alike_by_the_set_and_by_sorting(values):
     assert count == expected and len(few) == min(1, len(repeats)) and few <= repeats
 
 
-def _scanned(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[int, int, int], tuple[int, int]]:
-    """What the rows table holds, summed over every row: what the tallies must say without the pass."""
+def _scanned(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[int, int, int], tuple[int, int],
+                                      tuple[int, int]]:
+    """What the rows and checks tables hold, summed over every row: what the tallies must say without
+    the pass. A done row's file is checked by its own record of that file, or for a copy by the first
+    record of the file it copies."""
     db = ledger.db
     totals = {s: (n, b or 0, d or 0.0) for s, n, b, d in
               db.execute("SELECT status, COUNT(*), SUM(bytes), SUM(duration_s) FROM rows GROUP BY status")}
@@ -404,17 +407,26 @@ def _scanned(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[i
                         "COUNT(*) FILTER (WHERE status = 'failed' AND retryable) FROM rows").fetchone()
     copies = db.execute("SELECT COUNT(*), TOTAL(COALESCE(chunks, 1)) FROM rows "
                         "WHERE status = 'done' AND copy_of IS NOT NULL").fetchone()
-    return totals, tuple(counts), (copies[0], int(copies[1]))
+    checks = db.execute("SELECT rowid, key, sha256, flagged FROM checks ORDER BY rowid").fetchall()
+    verdicts = []
+    for key, sha, copy_of in db.execute("SELECT key, sha256, copy_of FROM rows WHERE status = 'done'"):
+        own = [flagged for _, of, file, flagged in checks if of == key and file == sha]
+        first = [flagged for _, _, file, flagged in checks if file == sha][:1] if copy_of is not None else []
+        verdicts += (own or first)[:1]
+    return totals, tuple(counts), (copies[0], int(copies[1])), (len(verdicts), sum(verdicts))
 
 
-def _tallied(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[int, int, int], tuple[int, int]]:
+def _tallied(ledger: Ledger) -> tuple[dict[str, tuple[int, int, float]], tuple[int, int, int], tuple[int, int],
+                                      tuple[int, int]]:
     totals = {s: (int(t["rows"]), int(t["bytes"]), t["duration_s"]) for s, t in ledger.totals().items()}
-    return totals, ledger.counts(), ledger.copies()
+    checked, flagged, rows = ledger.flags()
+    assert len(rows) == flagged
+    return totals, ledger.counts(), ledger.copies(), (checked, flagged)
 
 
 def _same(tallied: tuple, scanned: tuple) -> None:
-    (totals, counts, copies), (want_totals, want_counts, want_copies) = tallied, scanned
-    assert counts == want_counts and copies == want_copies
+    (totals, *rest), (want_totals, *want_rest) = tallied, scanned
+    assert rest == want_rest
     assert totals.keys() == want_totals.keys()
     for status, (rows, size, seconds) in want_totals.items():
         assert totals[status][:2] == (rows, size)
@@ -422,30 +434,37 @@ def _same(tallied: tuple, scanned: tuple) -> None:
 
 
 _RECORDS = st.lists(st.tuples(
-    st.sampled_from(["done", "copy", "failed", "delete", "resize"]), st.integers(0, 5),  # what, and which key
-    st.integers(0, 10**9), st.floats(0, 3600, allow_nan=False), st.booleans(), st.none() | st.integers(1, 9),
+    st.sampled_from(["done", "copy", "failed", "check", "delete", "resize", "refile"]), st.integers(0, 3),  # what, key
+    st.integers(0, 2), st.floats(0, 3600, allow_nan=False), st.booleans(), st.none() | st.integers(1, 9),
 ), max_size=40)
 
 
 @given(_RECORDS)
+@example([("copy", 1, 0, 1.0, False, None), ("check", 0, 0, 0.0, True, None), ("check", 0, 1, 0.0, False, None)])
+@example([("done", 0, 0, 1.0, False, None), ("check", 0, 0, 0.0, True, None), ("refile", 0, 1, 0.0, False, None)])
 def test_the_tallies_say_what_a_pass_over_every_row_says(tmp_path_factory, records):
-    """Status reads counts and sums from the tallies the triggers keep; whatever is recorded, updated
-    or deleted, and in whatever order, they are what summing every row gives."""
+    """Status reads counts, sums and the checks' verdicts from the tallies kept as rows and checks are
+    recorded; whatever is recorded, updated or deleted, in whatever order, they are what going over
+    every row gives. Keys are one of four and files one of three, so that copies, checks and files meet."""
     ledger = Ledger(tmp_path_factory.mktemp("tallies") / "l.sqlite")
     try:
-        for what, key, size, seconds, retryable, chunks in records:
+        for what, key, file, seconds, yes, chunks in records:
             row = Row(key + 1, f"k{key}", f"text {key}", "m", "v", "mp3", None, None, None, {})
-            audio = Stored(f"k{key}.mp3", size, "ab" * 32, 24000, 1, seconds)
+            audio = Stored(f"k{key}.mp3", 1000 + file, f"{file:064d}", 24000, 1, seconds)
             if what == "done":
                 ledger.record_done(row, audio, attempts=1, latency_s=0.1, generation_id=None, chunks=chunks)
             elif what == "copy":
                 ledger.record_copy(row, audio, source="k0", chunks=chunks)
             elif what == "failed":
-                ledger.record_failed(row, TransportError("cut"), attempts=1, retryable=retryable, chunks=chunks)
+                ledger.record_failed(row, TransportError("cut"), attempts=1, retryable=yes, chunks=chunks)
+            elif what == "check":
+                ledger.record_check(row, f"{file:064d}", {"flagged": int(yes), "flag_reasons": "too fast" if yes else None})
             elif what == "delete":
                 ledger.db.execute("DELETE FROM rows WHERE key = ?", (row.key,))
+            elif what == "resize":
+                ledger.db.execute("UPDATE rows SET bytes = ?, duration_s = ? WHERE key = ?", (file, seconds, row.key))
             else:
-                ledger.db.execute("UPDATE rows SET bytes = ?, duration_s = ? WHERE key = ?", (size, seconds, row.key))
+                ledger.db.execute("UPDATE rows SET sha256 = ? WHERE key = ?", (f"{file:064d}", row.key))
             _same(_tallied(ledger), _scanned(ledger))
     finally:
         ledger.close()
@@ -457,17 +476,19 @@ def test_a_ledger_of_schema_10_is_tallied_once_by_the_run_that_upgrades_it(tmp_p
     for key in range(30):
         row = Row(key + 1, f"k{key}", f"text {key}", "m", "v", "mp3", None, None, None, {})
         if key % 3:
-            ledger.record_done(row, Stored(f"k{key}.mp3", 1000 + key, "ab" * 32, 24000, 1, key / 7), attempts=1,
+            ledger.record_done(row, Stored(f"k{key}.mp3", 1000 + key, f"{key:064d}", 24000, 1, key / 7), attempts=1,
                                latency_s=0.1, generation_id=None, chunks=key % 4 or None)
+            if key % 5:
+                ledger.record_check(row, f"{key:064d}", {"flagged": int(key % 2)})
         else:
             ledger.record_failed(row, TransportError("cut"), attempts=1, retryable=key % 2 == 0)
     ledger.record_copy(Row(40, "k40", "text 1", "m", "v", "mp3", None, None, None, {}),
-                       Stored("k40.mp3", 1001, "ab" * 32, 24000, 1, 1 / 7), source="k1", chunks=3)
+                       Stored("k40.mp3", 1001, f"{1:064d}", 24000, 1, 1 / 7), source="k1", chunks=3)
     want = _scanned(ledger)
     ledger.close()
     db = sqlite3.connect(path)  # the ledger as schema 10 left it: no tallies
-    db.executescript("DROP TRIGGER rows_tally_insert; DROP TRIGGER rows_tally_update; "
-                     "DROP TRIGGER rows_tally_delete; DROP TABLE tallies; PRAGMA user_version = 10;")
+    db.executescript("".join(f"DROP {kind} {name};" for kind, name, _ in TALLIES.derived)
+                     + "DROP TABLE tallies; PRAGMA user_version = 10;")
     db.close()
     older = Ledger.open_existing(path)
     assert older.version == 10
