@@ -159,8 +159,8 @@ CHECKS = Table("checks", "key", (
 
 
 def _check_of(r: str) -> str:
-    """The checks record that speaks for the file of row `r` (an alias, or NEW or OLD in a trigger),
-    done: its own record of that file; for a copy, the first record of the file it copies."""
+    """The checks record that speaks for the file of row `r` (an alias, or NEW or OLD in a trigger):
+    its own record of that file; for a copy, the first record of the file it copies."""
     return (f"COALESCE((SELECT c.rowid FROM checks c WHERE c.key = {r}.key AND c.sha256 = {r}.sha256), "
             f"CASE WHEN {r}.copy_of IS NOT NULL THEN (SELECT MIN(c.rowid) FROM checks c WHERE c.sha256 = {r}.sha256) END)")
 
@@ -759,7 +759,8 @@ class Ledger:
 
     @_guarded
     def counts(self) -> tuple[int, int, int]:
-        """Rows done, failed, and of those failed, retried by the next run: counted on the status index."""
+        """Rows done, failed, and of those failed, retried by the next run: from the tallies (before
+        schema 11, counted on the status index)."""
         if self.tallied:
             done, failed, retried = self.db.execute(
                 "SELECT TOTAL(rows) FILTER (WHERE status = 'done'), TOTAL(rows) FILTER (WHERE status = 'failed'), "
