@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import platformdirs
 
 from .config import Job, Provider, Timeouts, check_settings
@@ -129,6 +128,8 @@ def fetch(provider: Provider, timeouts: Timeouts) -> ModelList:
 
 
 def _ask(provider: Provider, timeouts: Timeouts) -> ModelList:
+    import httpx  # loaded to ask: a local run, or one the cache answers, starts without it
+
     url = provider.base_url.rstrip("/") + "/models"
     try:
         response = httpx.get(url, params={"output_modalities": "speech"},
