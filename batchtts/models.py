@@ -21,6 +21,7 @@ from typing import Any
 
 import platformdirs
 
+from . import tls
 from .config import Job, Provider, Timeouts, check_settings
 from .errors import UsageError
 from .log import log
@@ -132,7 +133,7 @@ def _ask(provider: Provider, timeouts: Timeouts) -> ModelList:
 
     url = provider.base_url.rstrip("/") + "/models"
     try:
-        response = httpx.get(url, params={"output_modalities": "speech"},
+        response = httpx.get(url, params={"output_modalities": "speech"}, verify=tls.context(),
                              timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect))
         response.raise_for_status()
         models = parse(response.json())
