@@ -11,10 +11,6 @@ import wave
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import lameenc
-import mutagen
-import mutagen.mp3
-
 from .errors import RejectedError, TransportError
 
 DEFAULT_RATE = 24000
@@ -24,6 +20,8 @@ SAMPLE_WIDTH = 2
 
 def encode_mp3(pcm: bytes, rate: int, channels: int = 1, kbps: int = 48) -> bytes:
     """16-bit PCM to mp3; 48 kbps is plenty for speech at 22.05 or 24 kHz."""
+    import lameenc  # loaded by what encodes: `batchtts serve` and the local engine, not every command
+
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(kbps)
     encoder.set_in_sample_rate(rate)
@@ -105,6 +103,8 @@ class AudioWriter:
         if self.received == 0:
             raise TransportError("the provider answered 200 with an empty body")
         if self.fmt == "mp3":
+            import mutagen.mp3  # loaded by a run that writes mp3, not by `batchtts serve`
+
             self.f.flush()
             self.f.seek(0)
             try:

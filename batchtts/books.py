@@ -9,14 +9,12 @@ dedication, a preface) is one row, track 0, so "Chapter 1" is track 1 whatever p
 
 from __future__ import annotations
 
+import csv
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from .errors import UsageError
 
@@ -161,7 +159,8 @@ def numbered(book: Book, front_matter: bool = True, untitled: str = FRONT_MATTER
 
 def write_manifest(chapters: list[Chapter], out: Path, prefix: str = "chapter", **extra: str | None) -> None:
     """id, title, track and text, then a column for each of `extra` that has a value (album, artist,
-    cover), the same in every row."""
+    cover), the same in every row. Every field quoted, as Arrow's CSV writer quotes text: written
+    with the standard library, so that making a manifest loads neither Arrow nor numpy."""
     width = max(2, len(str(max((c.track for c in chapters), default=0))))
     columns: dict[str, list[str]] = {
         "id": [f"{prefix}-{c.track:0{width}d}" for c in chapters],
@@ -171,7 +170,10 @@ def write_manifest(chapters: list[Chapter], out: Path, prefix: str = "chapter", 
     }
     columns.update({name: [value] * len(chapters) for name, value in extra.items() if value})
     out.parent.mkdir(parents=True, exist_ok=True)
-    pacsv.write_csv(pa.table(columns), out)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values(), strict=True))
 
 
 def read_text_book(book: Path, pattern: str | None = None) -> Book:

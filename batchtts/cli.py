@@ -90,11 +90,11 @@ def _examples(*lines: str) -> str:
 def _load_env_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """Read KEY=VALUE lines into the environment before anything reads them. A variable already set
     wins, as with the systemd recipe's EnvironmentFile; nothing is expanded, as there."""
-    from dotenv.parser import parse_stream
-
     path = value if value is not None else Path(".env")
     try:
         with path.open(encoding="utf-8-sig") as f:
+            from dotenv.parser import parse_stream  # loaded when there is a file: most commands have none
+
             bindings = list(parse_stream(f))
     except FileNotFoundError:
         if value is None:

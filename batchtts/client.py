@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from . import __version__
+from . import __version__, tls
 from .audio import is_audio
 from .config import Provider, Timeouts
 from .errors import HTTPStatusError, NoAnswerError, ProviderStopError, RateHint, TransportError
@@ -135,7 +135,7 @@ class HTTPSpeechClient:
             headers=headers,
             timeout=httpx.Timeout(connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=None),
             limits=limits,
-            transport=transport or AiohttpTransport(limits=limits, trust_env=True),
+            transport=transport or AiohttpTransport(verify=tls.context(), limits=limits, trust_env=True),
         )
 
     @asynccontextmanager

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import platformdirs
 
+from . import tls
 from .config import Job, Provider, Timeouts, check_settings
 from .errors import UsageError
 from .log import log
@@ -129,9 +129,11 @@ def fetch(provider: Provider, timeouts: Timeouts) -> ModelList:
 
 
 def _ask(provider: Provider, timeouts: Timeouts) -> ModelList:
+    import httpx  # loaded to ask: a local run, or one the cache answers, starts without it
+
     url = provider.base_url.rstrip("/") + "/models"
     try:
-        response = httpx.get(url, params={"output_modalities": "speech"},
+        response = httpx.get(url, params={"output_modalities": "speech"}, verify=tls.context(),
                              timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect))
         response.raise_for_status()
         models = parse(response.json())

@@ -349,6 +349,20 @@ def ledger_rows(path: Path, table: str = "rows") -> dict[str, dict[str, Any]]:
         db.close()
 
 
+def ledger_count(path: Path, table: str = "rows") -> int:
+    """How many records a ledger table holds (none before a starting run has created it): what a
+    test polling a run's progress needs, without reading every record as `ledger_rows` does."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone() is None:
+            return 0
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        db.close()
+
+
 def wait_for(predicate, timeout: float = 20, every: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import FAST_RETRY, cli_env, write_csv
+from conftest import FAST_RETRY, cli, cli_env, write_csv
 
 MODEL = "openai/gpt-4o-mini-tts"
 
@@ -38,10 +38,9 @@ def test_a_run_on_a_terminal_shows_one_start_line_the_bar_and_how_to_resume(serv
     manifest = write_csv(tmp_path / "m.csv", [{"id": f"r{i}", "text": f"Row number {i}.",
                                                "voice": "zz-nope" if i == 5 else "alloy"} for i in range(40)])
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "batchtts", "run", str(manifest), "-o", str(out), "-m", MODEL,
-            "--base-url", server.url, "-c", "2", *FAST_RETRY]
-    first = subprocess.run([*args, "--limit", "4"], capture_output=True, env=cli_env(), timeout=60)
-    assert first.returncode == 0
+    run = ["run", str(manifest), "-o", str(out), "-m", MODEL, "--base-url", server.url, "-c", "2", *FAST_RETRY]
+    assert cli(*run, "--limit", "4").returncode == 0
+    args = [sys.executable, "-m", "batchtts", *run]
     master, slave = pty.openpty()
     env = {**cli_env(), "COLUMNS": "160", "TERM": "xterm"}
     proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)

@@ -6,6 +6,10 @@ Runnable examples. Every fenced block of the README and of docs/*.md whose info 
     ```sh              run with bash -e; must exit 0
     ```sh exit=2       run; must exit 2 (a refused manifest, a budget reached, ...)
     ```sh no-run       shown only: needs what a test cannot have (a real key, a cluster, a bucket, root)
+    ```sh same-as=P    not run here: the same block, byte for byte and with the same exit code, runs on
+                       page P (its path from the root of the clone, e.g. docs/long-form.md), and no
+                       later block of this page uses a folder it writes to (--out, -o, --to): an
+                       example shown on two pages costs its run once
 
 The blocks of one page run in order, in one fresh folder holding copies of sample_manifests/ and
 jobs/ (so the commands work as written from the root of a clone, and a block may use what an
@@ -14,12 +18,14 @@ which BATCHTTS_BASE_URL and a dummy OPENROUTER_API_KEY point the CLI at. One tes
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from conftest import ROOT, cli_env
@@ -67,7 +73,11 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        return self.language in RUN_LANGUAGES and "no-run" not in self.words
+        return self.language in RUN_LANGUAGES and "no-run" not in self.words and self.same_as is None
+
+    @property
+    def same_as(self) -> str | None:
+        return next((w.split("=", 1)[1] for w in self.words if w.startswith("same-as=")), None)
 
     @property
     def expected_exit(self) -> int:
@@ -101,8 +111,10 @@ def test_every_example_is_marked_as_the_runner_reads_it():
                 problems.append(f"{block.where}: write shell examples as `sh` (or `sh no-run`), not `{block.language}`")
             if block.language in RUN_LANGUAGES:
                 for word in block.words:
-                    if word != "no-run" and not re.fullmatch(r"exit=\d+", word):
-                        problems.append(f"{block.where}: unknown marker {word!r} (known: no-run, exit=N)")
+                    if word != "no-run" and not re.fullmatch(r"exit=\d+|same-as=\S+", word):
+                        problems.append(f"{block.where}: unknown marker {word!r} (known: no-run, exit=N, same-as=PAGE)")
+                if block.same_as is not None and ROOT / block.same_as not in PAGES:
+                    problems.append(f"{block.where}: same-as={block.same_as} names no page of the documentation")
     assert not problems, "\n".join(problems)
     assert sum(b.runs for page in PAGES for b in blocks(page)) >= 20, "the runnable examples went missing"
 
@@ -116,7 +128,10 @@ def test_examples_run(page: Path, tmp_path: Path, serve):
     env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url)
     env.pop("BATCHTTS_SERVE_KEY", None)
     env["PATH"] = bin_dir + ":" + env.get("PATH", "")
-    for block in blocks(page):
+    found = blocks(page)
+    for i, block in enumerate(found):
+        if block.same_as is not None:
+            _check_runs_elsewhere(block, found[i + 1:])
         if not block.runs:
             continue
         argv = ["bash", "-e", "-c", block.code] if block.language == "sh" else [sys.executable, "-c", PYTHON_PRELUDE + block.code]
@@ -129,6 +144,21 @@ def test_examples_run(page: Path, tmp_path: Path, serve):
             f"{block.where}: exit {result.returncode}, expected {block.expected_exit}\n{block.code}\n"
             f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         )
+
+
+def _check_runs_elsewhere(block: Block, later: list[Block]) -> None:
+    """A block left to another page: that page runs the very same block, and nothing later on this
+    page needs a folder it writes to, which this page's run never made."""
+    twin = ROOT / block.same_as
+    assert twin != block.page and any(
+        other.runs and (other.language, other.code, other.expected_exit) == (block.language, block.code, block.expected_exit)
+        for other in blocks(twin)
+    ), f"{block.where}: no block of {block.same_as} that runs is this one, byte for byte"
+    words = shlex.split(block.code, comments=True)
+    written = {PurePosixPath(value).parts[0] for flag, value in itertools.pairwise(words) if flag in ("--out", "-o", "--to")}
+    for other in later:
+        used = [folder for folder in written if re.search(rf"(?<![\w./-]){re.escape(folder)}/", other.code)]
+        assert not (other.runs and used), f"{other.where} uses {used}, which {block.where} leaves to {block.same_as}"
 
 
 def test_docs_build_with_warnings_as_errors(tmp_path: Path):

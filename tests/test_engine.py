@@ -7,7 +7,7 @@ import hashlib
 import wave
 from pathlib import Path
 
-from conftest import ROOT, batchtts, cli, error_message, http, ledger_rows, write_csv
+from conftest import ROOT, cli, error_message, http, ledger_rows, write_csv
 
 LOCAL = "local/espeak-ng"
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it rests beside the river for a while."
@@ -116,7 +116,7 @@ def test_a_mixed_manifest_runs_local_and_remote_rows_in_one_run(serve, tmp_path)
 
 
 def test_the_demo_job_narrates_offline(tmp_path):
-    result = batchtts("run", ROOT / "jobs" / "demo.toml", "--out", tmp_path / "demo", key=None)
+    result = cli("run", ROOT / "jobs" / "demo.toml", "--out", tmp_path / "demo", key=None)
     assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in (tmp_path / "demo").iterdir() if p.suffix in (".mp3", ".wav"))
     assert len(files) == 6 and any(f.endswith(".wav") for f in files) and any(f.endswith(".mp3") for f in files)

@@ -26,6 +26,7 @@ from conftest import (
     cli,
     cli_env,
     error_message,
+    ledger_count,
     ledger_rows,
     start_batchtts,
     wait_for,
@@ -143,7 +144,7 @@ def test_kill_9_pays_again_only_for_rows_in_flight(serve, tmp_path):
         proc = start_batchtts(*args)
         try:
             at_least = (kill + 1) * 120
-            wait_for(lambda n=at_least: len(ledger_rows(out / "ledger.sqlite")) >= n, timeout=60, every=0.01)
+            wait_for(lambda n=at_least: ledger_count(out / "ledger.sqlite") >= n, timeout=60, every=0.01)
         finally:
             proc.kill()
             proc.communicate(timeout=20)

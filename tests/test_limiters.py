@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Server, batchtts, wait_for
+from conftest import Server, cli, wait_for
 
 from batchtts.limiters import QUOTA_SPENT, FixedWindow, InFlightCap, Quota, SlidingWindow, TokenBucket
 from batchtts.server import INJECTED_429_WAIT
@@ -304,6 +304,6 @@ def test_limiters_change_at_runtime_and_bad_settings_are_refused(serve):
     (["--rate-limit-headers", "some"], "'--rate-limit-headers'"),
 ])
 def test_bad_limiter_options_are_usage_errors(args, says):
-    result = batchtts("serve", "--port", "0", "--engine", "tone", *args, timeout=20)
+    result = cli("serve", "--port", "0", "--engine", "tone", *args, timeout=20)
     assert result.returncode == 2
     assert says in result.stderr and "Traceback" not in result.stderr

@@ -8,7 +8,7 @@ import re
 import sqlite3
 import wave
 
-from conftest import FAST_RETRY, batchtts, ledger_rows, write_csv
+from conftest import FAST_RETRY, cli, ledger_rows, write_csv
 from test_engine import mpeg_frames
 
 from batchtts.chunking import DEFAULT_LIMIT, KNOWN_LIMITS, limit_for, split_text
@@ -77,7 +77,7 @@ def test_chunks_are_requested_concurrently_and_stitched_into_one_clean_mp3(serve
     manifest = write_csv(tmp_path / "m.csv", [{"id": "ch01", "text": chapter(12, repeat=2), "voice": "alloy",
                                                "title": "Chapter One", "artist": "The Narrator", "track": "1"}])
     out = tmp_path / "out"
-    result = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--concurrency", "8",
+    result = cli("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--concurrency", "8",
                       "--chunk-chars", "600")
     assert result.returncode == 0, result.stderr
     stats = server.stats()
@@ -103,7 +103,7 @@ def test_the_stitched_wav_is_the_chunks_plus_the_gaps(serve, tmp_path):
     job.write_text(f'manifest = "m.csv"\nout = "out"\n[defaults]\nmodel = "{MODEL}"\nvoice = "nova"\nformat = "wav"\n'
                    '[stitching]\nsentence_gap = 0.1\nparagraph_gap = 0.5\n')
     write_csv(tmp_path / "m.csv", [{"id": "ch", "text": chapter(5), "title": "A Title"}])
-    result = batchtts("run", job, "--base-url", server.url)
+    result = cli("run", job, "--base-url", server.url)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     chunk_bytes = sum((out / c["path"]).stat().st_size for c in chunk_rows(out))
@@ -118,7 +118,7 @@ def test_a_failing_chunk_fails_the_row_and_a_rerun_asks_only_for_it(serve, tmp_p
     text = chapter(6).replace("Part 3.", "Part 3 [[bad]].")
     manifest = write_csv(tmp_path / "m.csv", [{"id": "ch", "text": text, "voice": "alloy"}])
     out = tmp_path / "out"
-    first = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--format", "pcm")
+    first = cli("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--format", "pcm")
     assert first.returncode == 1
     entry = ledger_rows(out / "ledger.sqlite")["ch"]
     assert entry["status"] == "failed" and entry["error"].startswith("chunk 4 of 6: ")
@@ -126,7 +126,7 @@ def test_a_failing_chunk_fails_the_row_and_a_rerun_asks_only_for_it(serve, tmp_p
     assert server.stats()["requests"] == 6
 
     server.faults(reject_marker=None)
-    second = batchtts("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--format", "pcm",
+    second = cli("run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--format", "pcm",
                       "--retry-failed")
     assert second.returncode == 0, second.stderr
     assert server.stats()["requests"] == 7
@@ -138,7 +138,7 @@ def test_a_failing_chunk_fails_the_row_and_a_rerun_asks_only_for_it(serve, tmp_p
 def test_a_retried_chunk_is_named_in_the_log(serve, tmp_path):
     server = serve("--fail-first", "1")
     manifest = write_csv(tmp_path / "m.csv", [{"id": "ch", "text": chapter(3), "voice": "alloy"}])
-    result = batchtts("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--base-url", server.url,
+    result = cli("run", manifest, "--out", tmp_path / "out", "--model", MODEL, "--base-url", server.url,
                       "--format", "pcm", *FAST_RETRY)
     assert result.returncode == 0, result.stderr
     retries = [e for e in map(json.loads, result.stderr.splitlines()) if e["event"] == "retry"]
@@ -151,11 +151,11 @@ def test_chunk_chars_splits_short_rows_too_and_an_edit_reasks_only_changed_chunk
     manifest = write_csv(tmp_path / "m.csv", [{"id": "r", "text": "\n\n".join(paragraphs), "voice": "alloy"}])
     out = tmp_path / "out"
     args = ["run", manifest, "--out", out, "--model", MODEL, "--base-url", server.url, "--chunk-chars", "40"]
-    assert batchtts(*args).returncode == 0
+    assert cli(*args).returncode == 0
     assert server.stats()["requests"] == 6
     paragraphs[2] = "Paragraph two was rewritten."
     write_csv(manifest, [{"id": "r", "text": "\n\n".join(paragraphs), "voice": "alloy"}])
-    assert batchtts(*args).returncode == 0
+    assert cli(*args).returncode == 0
     assert server.stats()["requests"] == 7
 
 
@@ -166,7 +166,7 @@ def test_manifest_from_markdown_book_gives_one_row_per_chapter(tmp_path):
         "## Chapter 1: Fog\n\nThe fog came in at *dusk*. See [the map](http://x.invalid).\n\n### Aside\n\nMr. Hale wrote.\n\n"
         "## Chapter 2: Bells\n\nThe bell rang.\n\n```\ncode is not read\n```\n\n## Chapter 3: Home\n\nThey went home.\n"
     )
-    result = batchtts("manifest", "from-text", book, "--out", tmp_path / "chapters.csv", key=None)
+    result = cli("manifest", "from-text", book, "--out", tmp_path / "chapters.csv", key=None)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "chapters.csv", encoding="utf-8")))
     assert [r["title"] for r in rows] == ["Front matter", "Chapter 1: Fog", "Chapter 2: Bells", "Chapter 3: Home"]
@@ -176,7 +176,7 @@ def test_manifest_from_markdown_book_gives_one_row_per_chapter(tmp_path):
 
     text_book = tmp_path / "book.txt"
     text_book.write_text("CHAPTER I\nIt began.\n\nCHAPTER II\nIt went on.\n")
-    batchtts("manifest", "from-text", text_book, "--out", tmp_path / "t.csv", key=None)
+    cli("manifest", "from-text", text_book, "--out", tmp_path / "t.csv", key=None)
     assert [r["title"] for r in csv.DictReader(open(tmp_path / "t.csv"))] == ["CHAPTER I", "CHAPTER II"]
-    batchtts("manifest", "from-text", text_book, "--out", tmp_path / "p.csv", "--chapter-pattern", "^It ", key=None)
+    cli("manifest", "from-text", text_book, "--out", tmp_path / "p.csv", "--chapter-pattern", "^It ", key=None)
     assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 3

@@ -19,10 +19,8 @@ from pathlib import Path
 import av
 import mutagen.mp3
 import numpy as np
-import pyloudnorm
 import pytest
 from conftest import FAST_RETRY, cli, error_message, ledger_rows, start_batchtts, write_csv
-from scipy.signal import resample_poly
 
 from batchtts import mastering
 from batchtts.captions import Cue, render
@@ -70,7 +68,18 @@ def db(power: float) -> float:
 
 
 def true_peak_db(samples: np.ndarray) -> float:
+    """The peak of a 4x oversampling. scipy.signal (which pyloudnorm loads too) takes a second to
+    import: it is loaded by the tests that measure, not by every process that collects this file."""
+    from scipy.signal import resample_poly
+
     return 20 * np.log10(np.abs(resample_poly(samples, 4, 1, axis=0)).max())
+
+
+def loudness_lufs(samples: np.ndarray, rate: int) -> float:
+    """Integrated loudness by pyloudnorm (BS.1770)."""
+    import pyloudnorm
+
+    return pyloudnorm.Meter(rate).integrated_loudness(samples)
 
 
 def room_tone(samples: np.ndarray, rate: int) -> tuple[float, float, float]:
@@ -258,7 +267,7 @@ def test_a_file_that_misses_its_level_is_made_once_more_and_no_more(tmp_path, mo
     measured = master(src, tmp_path / "tone.mp3", PRESETS["podcast"])
     assert len(renders) == 2  # the miss measured, one pass corrected by it, and never a third
     samples, rate = decode(tmp_path / "tone.mp3")
-    loudness = pyloudnorm.Meter(rate).integrated_loudness(samples)
+    loudness = loudness_lufs(samples, rate)
     assert measured.loudness_lufs == pytest.approx(loudness, abs=0.05)
     assert check(measured, PRESETS["podcast"]).passed is passes and bool(-17 <= loudness <= -15) is passes
 
@@ -326,7 +335,7 @@ def test_podcast_masters_are_at_minus_16_lufs_under_minus_1_dbtp_at_44_1_khz(tmp
         assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         samples, rate = decode(path)
         assert rate == 44100
-        loudness = pyloudnorm.Meter(rate).integrated_loudness(samples)
+        loudness = loudness_lufs(samples, rate)
         assert -17 <= loudness <= -15, (key, loudness)
         assert true_peak_db(samples) <= -1, key
         assert record["loudness_lufs"] == pytest.approx(loudness, abs=0.05)

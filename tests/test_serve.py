@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import FAST_RETRY, Server, batchtts, cli, ledger_rows, wait_for, write_csv
+from conftest import FAST_RETRY, Server, cli, ledger_rows, wait_for, write_csv
 
 from batchtts import models
 from batchtts.config import Provider, Timeouts
@@ -237,7 +237,7 @@ def test_a_port_in_use_is_a_one_line_usage_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = batchtts("serve", "--port", str(port), "--engine", "tone", timeout=20)
+        result = cli("serve", "--port", str(port), "--engine", "tone", timeout=20)
     assert result.returncode == 2
     assert result.stderr == f"batchtts: cannot listen on 127.0.0.1:{port}: address already in use\n"
     assert result.stdout == ""
@@ -252,8 +252,8 @@ def test_a_port_in_use_is_a_one_line_usage_error():
 ])
 def test_bad_serve_options_are_usage_errors(args, says):
     try:
-        result = batchtts("serve", "--port", "0", "--engine", "tone", *args, timeout=20)
-    except subprocess.TimeoutExpired:
+        result = cli("serve", "--port", "0", "--engine", "tone", *args, timeout=20)
+    except TimeoutError:
         pytest.fail(f"batchtts serve started despite {args}")
     assert result.returncode == 2
     assert says in result.stderr and "Traceback" not in result.stderr

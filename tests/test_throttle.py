@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import batchtts, start_batchtts, wait_for, write_csv
+from conftest import cli, start_batchtts, wait_for, write_csv
 from test_run import rows, run_args
 
 
@@ -30,8 +30,8 @@ def test_a_rate_limit_is_learned_and_lifted_limits_are_found_again(serve, tmp_pa
 
 def test_the_rate_cap_is_respected_at_the_server(serve, tmp_path):
     server = serve()
-    result = batchtts(*run_args(write_csv(tmp_path / "m.csv", rows(40)), tmp_path / "out", server,
-                                "--concurrency", "16", "--rpm", "3000"))
+    result = cli(*run_args(write_csv(tmp_path / "m.csv", rows(40)), tmp_path / "out", server,
+                           "--concurrency", "16", "--rpm", "3000"))
     assert result.returncode == 0, result.stderr
     times = sorted(e["t"] for e in server.stats()["log"])
     assert times[-1] - times[0] >= 39 / 50 * 0.9  # 50 requests a second, the first one free
