@@ -541,7 +541,8 @@ def _status_text(report: dict[str, Any]) -> str:
         http = f"HTTP {f['http_status']}: " if f["http_status"] is not None else ""
         lines.append(f"  row {f['row_number']} ({f['key']}): {where + ': ' if where else ''}{http}{error} [{again}]")
     if report.get("checked"):
-        lines.append(f"  audio checks: {report['checked']:,} files checked, {report['flagged']:,} flagged"
+        copies = " (a copy's by the file it copies)" if report.get("copied") else ""
+        lines.append(f"  audio checks: {report['checked']:,} rows checked{copies}, {report['flagged']:,} flagged"
                      + (" (narrate them again with run --redo-flagged)" if report["flagged"] else ""))
     for f in report.get("flags", ()):
         again = f" [narrated again {_count(f['redos'], 'time')}]" if f["redos"] else ""

@@ -279,7 +279,8 @@ def _counted(ctx: JobContext) -> tuple[int, int, int, int] | None:
 
 
 def _flags(ledger: LedgerSet) -> dict[str, Any]:
-    """What the audio checks found of the rows done: files checked, rows flagged, and why (the first 50)."""
+    """What the audio checks found of the rows done: rows whose file was checked (a copy's by the
+    file it copies), rows flagged, and why (the first 50)."""
     checked, flagged, rows = ledger.flags(limit=50)
     return {"checked": checked, "flagged": flagged, "flags": rows}
 
