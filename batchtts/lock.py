@@ -68,7 +68,7 @@ def hold(path: Path, root: Path) -> Iterator[Held]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise UsageError(f"cannot use output folder {root}: {exc.strerror}") from exc
+        raise _unusable(root, exc) from exc
     try:
         if not _take(fd):
             holder = _pid_in(fd) or "unknown"
@@ -76,11 +76,18 @@ def hold(path: Path, root: Path) -> Iterator[Held]:
                 f"another batchtts run (pid {holder}) is using {path.parent} with the same ledger; "
                 "this run exits without doing anything"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:  # a disk too full for the few bytes of a pid
+            raise _unusable(root, exc) from exc
         yield Held(path, made)
     finally:
         os.close(fd)
+
+
+def _unusable(root: Path, exc: OSError) -> UsageError:
+    return UsageError(f"cannot use output folder {root}: {exc.strerror}")
 
 
 def _pid_in(fd: int) -> str:

@@ -559,3 +559,18 @@ def test_a_temporary_disk_too_full_for_planning_is_a_message_not_a_fault(tmp_pat
     assert result.returncode == 2, result.stderr
     assert "planning needs room for its temporary files" in result.stderr
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_into_a_folder_on_a_full_disk_is_refused_with_a_message(tmp_path):
+    """The disk fills before a run starts: the lock's few bytes find no room, and the run says so."""
+    write_csv(tmp_path / "m.csv", rows(3))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _in_a_mount_namespace(f"""
+        mount -t tmpfs -o size=256k tmpfs {out} || exit 90
+        dd if=/dev/zero of={out}/fill bs=4k 2>/dev/null
+        {sys.executable} -m batchtts run {tmp_path / 'm.csv'} --out {out} --model {MODEL} --voice alloy
+    """)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot use output folder {out}: No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
