@@ -56,7 +56,7 @@ class Table:
     # (kind, name, SQL) of what is made with it: the triggers that keep it, indexes they need
     derived: tuple[tuple[str, str, str], ...] = ()
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
@@ -692,14 +692,16 @@ class Ledger:
         version = self.version
         if table.since > version:
             return {}
-        names = [c.name for c in table.columns if c.since <= version]
+        names = tuple(c.name for c in table.columns if c.since <= version)
         at = names.index(table.key)
+        older = names != table.names  # a ledger of an earlier schema: the columns it lacks are None
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(keys), LOOKUP_BATCH):
             batch = keys[start:start + LOOKUP_BATCH]
             query = f"SELECT {', '.join(names)} FROM {table.name} WHERE {table.key} IN ({', '.join('?' * len(batch))})"
             for values in self.db.execute(query, batch):
-                found[values[at]] = {**dict.fromkeys(table.names), **dict(zip(names, values, strict=True))}
+                record = dict(zip(names, values, strict=True))
+                found[values[at]] = {**dict.fromkeys(table.names), **record} if older else record
         return found
 
     @_guarded

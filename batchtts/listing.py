@@ -3,10 +3,13 @@
 A rerun of a finished job asks, for every row the ledger records as done, whether its file is still
 there as recorded. Asked with a `stat` per row, a job of ten million rows pays ten million system
 calls. `Listing` lists each folder rows write into once (`os.scandir`: names and types, from the
-directory entries alone on Linux) and keeps an 8-byte hash of each regular file's name, in 16
-arrays by the hash's first bits, each sorted once listed: a folder of ten million files costs 80 MB
-for the length of the plan (no array grows past a sixteenth of it, so growing one never needs twice
-the whole), and a name is looked for in one array, however many there are.
+directory entries alone on Linux) and keeps 48 bits of a hash of each regular file's name in 4
+bytes: 16 bits say which of 65,536 runs holds it, and the run holds the next 32, sorted. A folder of
+ten million files costs 40 MB for the length of the plan (80 MB for the moment it is listed, as
+each of 16 parts of the full hashes is sorted and cut down in turn), and a name is looked for by a
+binary search of its run, a batch of names at once. A name not there is taken for one that is once
+in 2^48 / (files listed): once in 28 million at ten million files (`--verify-files` looks at every
+file, so it is not fooled).
 
 A name in the listing says the file is there and is a file (a folder or a socket of that name is
 not). Its size is the ledger's record, trusted: one file in SAMPLE_EVERY has its size looked at too,
@@ -28,8 +31,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 SAMPLE_EVERY = 64  # files, of those listed, whose size is looked at without --verify-files
-_SHIFT = 64 - 4  # a hash's first 4 bits say which of 16 arrays holds it
-_PARTS = 1 << (64 - _SHIFT)
+_RUN_BITS = 16  # a hash's first bits, which say the run that holds it
+_PART_BITS = 4  # of those, the first: the listing is sorted a sixteenth at a time
+_RUNS = 1 << _RUN_BITS
+_PARTS = 1 << _PART_BITS
 
 
 class Listing:
@@ -39,7 +44,7 @@ class Listing:
         self._root = os.path.join(root, "")
         self.verify = verify
         self._keep = keep  # endings of the files whose names are kept as they are (`kept`)
-        self._folders: dict[str, list[np.ndarray]] = {}
+        self._folders: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # (where each run starts, the runs)
         self._subfolders: dict[str, frozenset[str]] = {}
         self._kept: dict[str, list[str]] = {}
         self._asked = 0
@@ -82,22 +87,23 @@ class Listing:
         return all(self._size_right(names[i], sizes[i]) for i in looked)
 
     def _find(self, folder: str, names: Sequence[str]) -> np.ndarray:
-        """Which of these names of files of one folder are in its listing."""
+        """Which of these names of files of one folder are in its listing: a binary search of each
+        name's run, all the names' searches a step at a time."""
         import numpy as np  # loaded when files are looked for: `status` and a dry run into a new folder do without
 
+        starts, hashes = self._listed(folder)
         wanted = np.fromiter(map(hash64, names), np.uint64, len(names))
-        order = np.argsort(wanted)  # in order, each array is searched once, and each search starts where the last ended
-        ordered = wanted[order]
-        bounds = np.searchsorted(ordered >> np.uint64(_SHIFT), np.arange(_PARTS + 1, dtype=np.uint64)).tolist()
-        found = np.zeros(len(names), bool)
-        for index, hashes in enumerate(self._listed(folder)):
-            low, high = bounds[index], bounds[index + 1]
-            if low < high and len(hashes):
-                asked = ordered[low:high]
-                found[low:high] = hashes[np.minimum(np.searchsorted(hashes, asked), len(hashes) - 1)] == asked
-        listed = np.empty(len(names), bool)
-        listed[order] = found
-        return listed
+        run = (wanted >> np.uint64(64 - _RUN_BITS)).astype(np.intp)
+        value = (wanted >> np.uint64(64 - _RUN_BITS - 32)).astype(np.uint32)
+        low, end = starts[run], starts[run + 1]
+        high = end.copy()
+        last = max(len(hashes) - 1, 0)
+        while (searching := low < high).any():
+            middle = (low + high) >> 1
+            below = hashes[np.minimum(middle, last)] < value
+            low = np.where(searching & below, middle + 1, low)
+            high = np.where(searching & ~below, middle, high)
+        return (low < end) & (hashes[np.minimum(low, last)] == value) if len(hashes) else np.zeros(len(names), bool)
 
     def _size_ok(self, relpath: str, size: int | None) -> bool:
         if size is None:
@@ -127,9 +133,9 @@ class Listing:
         self._listed(folder)
         return self._kept[folder]
 
-    def _listed(self, folder: str) -> list[np.ndarray]:
-        """The hashes of the regular files' names in one folder, in 16 sorted arrays by their first
-        bits (all empty when it is not there)."""
+    def _listed(self, folder: str) -> tuple[np.ndarray, np.ndarray]:
+        """The listing of one folder's regular files: where each run starts (and the end), and the
+        runs (empty when the folder is not there)."""
         import numpy as np
 
         if folder not in self._folders:
@@ -142,17 +148,27 @@ class Listing:
                         if entry.is_file():
                             name = entry.name
                             value = hash64(name)
-                            parts[value >> _SHIFT].append(value)
+                            parts[value >> (64 - _PART_BITS)].append(value)
                             if self._keep and name.endswith(self._keep):
                                 kept.append(name)
                         elif entry.is_dir(follow_symlinks=False):
                             folders.append(entry.name)
             except OSError:  # not there, or not a folder: no file or folder in it is there
                 pass
-            hashes = [np.frombuffer(part, np.uint64) for part in parts]
-            for part in hashes:
-                part.sort()  # in place: the array's own memory, 8 bytes a file
-            self._folders[folder] = hashes
+            hashes = np.empty(sum(map(len, parts)), np.uint32)
+            counts = np.zeros(_RUNS, np.intp)
+            at = 0
+            for index, part in enumerate(parts):
+                full = np.frombuffer(part, np.uint64)
+                full.sort()  # in place: by run, then by the bits kept
+                hashes[at:at + len(full)] = full >> np.uint64(64 - _RUN_BITS - 32)  # the bits kept, in order
+                counts += np.bincount((full >> np.uint64(64 - _RUN_BITS)).astype(np.intp), minlength=_RUNS)
+                at += len(full)
+                del full
+                parts[index] = array.array("Q")  # its 8 bytes a file given back before the next part is sorted
+            starts = np.zeros(_RUNS + 1, np.intp)
+            np.cumsum(counts, out=starts[1:])
+            self._folders[folder] = (starts, hashes)
             self._subfolders[folder] = frozenset(folders)
             self._kept[folder] = kept
         return self._folders[folder]

@@ -81,6 +81,30 @@ def test_the_listing_says_what_a_stat_says(tmp_path):
     assert [by_names.has(*file) for file in asked] == by_names.have(asked)
 
 
+_RUN_EDGES = [0, 1, 0x7FFF, 0xFFFE, 0xFFFF]  # the first 16 bits: which run a hash is in
+_KEPT_EDGES = [0, 1, 2, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFE, 0xFFFF_FFFF]  # the 32 bits a run keeps
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_RUN_EDGES), st.sampled_from(_KEPT_EDGES), st.integers(0, 0xFFFF)),
+                max_size=40, unique=True),
+       st.lists(st.tuples(st.sampled_from(_RUN_EDGES), st.sampled_from(_KEPT_EDGES), st.integers(0, 0xFFFF)),
+                max_size=40))
+def test_the_listing_finds_a_name_when_a_listed_name_has_its_first_48_bits(listed, asked):
+    """Names whose hashes share runs and kept bits, at the edges of both: each is found exactly when
+    a name listed has the same run and kept bits (the last 16 bits are not kept)."""
+    def value(run: int, kept: int, rest: int) -> int:
+        return run << 48 | kept << 16 | rest
+
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as tmp:
+        patch.setattr("batchtts.listing.hash64", lambda name: int(name, 16))
+        for parts in listed:
+            (Path(tmp) / f"{value(*parts):016x}").touch()
+        names = [f"{value(*parts):016x}" for parts in asked]
+        kept = {(run, bits) for run, bits, _ in listed}
+        assert Listing(tmp)._find("", names).tolist() == [(run, bits) in kept for run, bits, _ in asked]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.sampled_from(["there", "resized", "gone", "folder", "unrecorded"]), min_size=1, max_size=150),
        st.booleans())
