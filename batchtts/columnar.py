@@ -73,6 +73,52 @@ class Lane:
 
     def claim(self, before: int, batch: pa.RecordBatch) -> Claimed | None:
         """Plan the batch whose first row is number `before + 1`, or None to leave it to the rows."""
+        columns = self._columns(batch)
+        if columns is None:
+            return None
+        ids, text, models, voices, lengths, relpaths = columns
+        folded = [relpath.lower() for relpath in relpaths]  # ASCII: as casefold
+        if not self._names_fit(relpaths, folded):
+            return None
+        found = self.planner.ledger.lookup_many(ids) if self.planner.ledger is not None else {}
+        if found:
+            if len(found) < len(ids) or not self._done(ids, relpaths, models, voices, _strings(text), found):
+                return None
+            self._flush()
+            if self.checks is not None:
+                self.checks.see_named(folded)
+            return Claimed(ids, folded, self.plan.count_batch(models, voices, lengths, work=None))
+        if self.planner._copyable:  # a row done before may answer a request: `Planner._source` asks the ledger
+            return None
+
+        self._flush()
+        numbers = range(before + 1, before + 1 + batch.num_rows)
+        if isinstance(self.planner.firsts, Repeats):  # a run's: which rows are copies is settled after the pass
+            defaults = self.job.defaults
+            hashes = [request_hash(model, voice, words, self.format, defaults.speed, None, defaults.output, ())
+                      for model, voice, words in zip(models, voices, _strings(text), strict=True)]
+            self.planner.firsts.take_many(hashes, numbers, ids, models, [1] * len(ids), lengths)
+        self.planner.taken += batch.num_rows
+        if self.checks is not None:
+            self.checks.see_named(folded)
+        return Claimed(ids, folded, self.plan.count_batch(models, voices, lengths, work=numbers))
+
+    def done(self, batch: pa.RecordBatch) -> tuple[list[str], list[str], list[str], list[str]] | None:
+        """The batch's ids, texts, models and voices when every row of it is done, as `claim` finds
+        them (export's rows, then, need no planning); None to leave the batch to the rows."""
+        columns = self._columns(batch)
+        if columns is None or self.planner.ledger is None:
+            return None
+        ids, text, models, voices, _, relpaths = columns
+        found = self.planner.ledger.lookup_many(ids)
+        texts = _strings(text)
+        if len(found) < len(ids) or not self._done(ids, relpaths, models, voices, texts, found):
+            return None
+        return ids, texts, models, voices
+
+    def _columns(self, batch: pa.RecordBatch) -> tuple[list[str], Any, list[str], list[str], list[int], list[str]] | None:
+        """A batch of plain rows as columns: ids, the text column, models, voices, the texts' lengths
+        and file names; None when any row is not plain."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -108,32 +154,7 @@ class Lane:
         if not self._plain(models, voices, lengths):
             return None
         ids = _strings(batch.column("id"))
-        relpaths = [f"{row_id}.{self.format}" for row_id in ids]
-        folded = [relpath.lower() for relpath in relpaths]  # ASCII: as casefold
-        if not self._names_fit(relpaths, folded):
-            return None
-        found = self.planner.ledger.lookup_many(ids) if self.planner.ledger is not None else {}
-        if found:
-            if len(found) < len(ids) or not self._done(ids, relpaths, models, voices, _strings(text), found):
-                return None
-            self._flush()
-            if self.checks is not None:
-                self.checks.see_named(folded)
-            return Claimed(ids, folded, self.plan.count_batch(models, voices, lengths, work=None))
-        if self.planner._copyable:  # a row done before may answer a request: `Planner._source` asks the ledger
-            return None
-
-        self._flush()
-        numbers = range(before + 1, before + 1 + batch.num_rows)
-        if isinstance(self.planner.firsts, Repeats):  # a run's: which rows are copies is settled after the pass
-            defaults = self.job.defaults
-            hashes = [request_hash(model, voice, words, self.format, defaults.speed, None, defaults.output, ())
-                      for model, voice, words in zip(models, voices, _strings(text), strict=True)]
-            self.planner.firsts.take_many(hashes, numbers, ids, models, [1] * len(ids), lengths)
-        self.planner.taken += batch.num_rows
-        if self.checks is not None:
-            self.checks.see_named(folded)
-        return Claimed(ids, folded, self.plan.count_batch(models, voices, lengths, work=numbers))
+        return ids, text, models, voices, lengths, [f"{row_id}.{self.format}" for row_id in ids]
 
     def _done(self, ids: list[str], relpaths: list[str], models: list[str], voices: list[str], texts: list[str],
               found: dict[str, Entry]) -> bool:

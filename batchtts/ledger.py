@@ -1046,6 +1046,12 @@ class LedgerSet:
             return []
         return [i for i in range(self.count) if i not in self._by_shard]
 
+    @property
+    def in_view(self) -> Callable[[str], bool] | None:
+        """`owns`, or None when every row is in view: for a planner, which then plans batches of
+        plain rows at once (columnar.py)."""
+        return None if self.count is None or self.whole_job else self.owns
+
     def owns(self, key: str) -> bool:
         """Whether the key's row is in view: every row of a whole job, else those of the shards named."""
         return self.count is None or self.whole_job or shard_of(key, self.count) in self._by_shard

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import manifest
+from .columnar import Lane
 from .config import LEDGER_NAME, Defaults, Job, is_uri
 from .errors import UsageError
 from .ledger import Ledger, LedgerSet, RunSettings, holds_rows, ledger_family, usage
 from .lock import holder
 from .manifest import KNOWN_COLUMNS, Row
-from .plan import Decision, Planner, State, make_plan
+from .plan import Decision, Plan, Planner, State, make_plan
 from .redact import redact_uri
 from .sharding import Shard, named_ledger
 from .storage import open_output
@@ -254,7 +255,7 @@ def _report(ctx: JobContext) -> dict[str, Any]:
             report.update(manifest=str(ctx.manifest), total=total, done=done_rows, failed=failed_rows,
                           retried_next_run=retried, pending=total - done_rows - failed_rows)
             return report
-        plan = make_plan(ctx.planning_job(), ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns).total
+        plan = make_plan(ctx.planning_job(), ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.in_view).total
         report.update(manifest=str(ctx.manifest), total=plan.rows, done=plan.done, failed=plan.failed + plan.retrying,
                       retried_next_run=plan.retrying, pending=plan.pending - plan.retrying)
     return report
@@ -285,12 +286,14 @@ def _flags(ledger: LedgerSet) -> dict[str, Any]:
     return {"checked": checked, "flagged": flagged, "flags": rows}
 
 
-def export_records(ctx: JobContext, fields: Sequence[str] = ()) -> Iterator[list[dict[str, Any]]]:
+def export_records(ctx: JobContext, fields: Sequence[str] = (), columnar: bool = True
+                   ) -> Iterator[list[dict[str, Any]]]:
     """The rows `export` writes, a batch at a time, for other layouts of them (the dataset exports):
     each with the results table's columns, the ledger's `fields` besides, and the manifest's other
-    columns (those not in `result_columns()`)."""
+    columns (those not in `result_columns()`). `columnar`: a Parquet manifest's batches of plain rows
+    all done are read as columns (columnar.py); False plans every row."""
     _need_manifest(ctx)
-    return _export_records(ctx, (*_LEDGER_FIELDS, *fields))
+    return _export_records(ctx, (*_LEDGER_FIELDS, *fields), columnar)
 
 
 def result_columns() -> frozenset[str]:
@@ -298,50 +301,83 @@ def result_columns() -> frozenset[str]:
     return frozenset(_TYPES)
 
 
-def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS) -> Iterator[list[dict[str, Any]]]:
+def _export_records(ctx: JobContext, fields: Sequence[str] = _LEDGER_FIELDS, columnar: bool = True
+                    ) -> Iterator[list[dict[str, Any]]]:
     """Each manifest row with its outcome as the planner decides it, so export says what status counts;
     `fields` are the ledger's columns each row carries."""
     assert ctx.manifest is not None
-    planner = Planner(ctx.planning_job(), ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.owns)
+    job = ctx.planning_job()
+    planner = Planner(job, ctx.ledger, open_output(ctx.out, ctx.ledger.path), owns=ctx.ledger.in_view)
+    lane = Lane.for_plan(job, planner, Plan(), None, flush=lambda: None) if columnar else None
     number = 0
-    for batch in manifest.read_records(ctx.manifest):
-        out: list[dict[str, Any]] = []
-        made = [manifest.make_row(number + i, record, ctx.defaults) for i, record in enumerate(batch, 1)]
-        decisions = planner.decide_many([row for row in made if isinstance(row, Row)])  # records looked up together
-        # A row's records, as narrated (the lexicon may change its key): for rows done or tried, not
-        # for a row with work (a record of its key may be another row's: an id repeated since the run).
-        tried = {d.row.key for d in decisions if _tried(d)}
-        asked = sorted(tried)
-        entries, mastered, checked = (ctx.ledger.get_many(asked), ctx.ledger.mastered_many(asked),
-                                      ctx.ledger.checked_many(asked))
-        settled = iter(decisions)
-        for record, row in zip(batch, made, strict=True):
-            number += 1
-            result: dict[str, Any] = {"row": number, "id": record.get("id"), "text": record.get("text"),
-                                      "voice": record.get("voice"), "speaker": manifest.text_of(record, "speaker"),
-                                      "model": record.get("model")}
-            entry: dict[str, Any] | None = None
-            if isinstance(row, Row):
-                decision = next(settled)
-                if decision.state is State.ELSEWHERE:
-                    continue
-                # The voice as written (a list or a pool, speakers.py), and the speaker: the voice the
-                # row takes, unless the manifest has a speaker column of its own.
-                result.update(id=row.id, voice=row.voice, speaker=result["speaker"] or decision.row.voice,
-                              model=row.model)
-                entry = entries.get(decision.row.key) if _tried(decision) else None
-            for name in fields:
-                result[name] = entry[name] if entry is not None else None
-            done = entry["key"] if entry is not None and entry["status"] == "done" else None
-            result.update(_mastered(planner, entry, mastered.get(done) if done else None))
-            result.update(_checked(checked.get(done) if done else None))
-            if entry is None:
-                result["status"] = "pending" if isinstance(row, Row) else "invalid"
-            for name, value in record.items():
-                if name not in KNOWN_COLUMNS and name not in result:
-                    result[name] = value
-            out.append(result)
-        yield out
+    for batch in manifest.read_batches(ctx.manifest):
+        done = lane.done(batch) if lane is not None and not isinstance(batch, list) else None
+        if done is not None:
+            yield _done_records(ctx.ledger, planner, number, *done, fields)
+            number += len(done[0])
+            continue
+        records = batch if isinstance(batch, list) else manifest.records_of(ctx.manifest, number, batch)
+        yield _planned_records(ctx, planner, number, records, fields)
+        number += len(records)
+
+
+def _done_records(ledger: LedgerSet, planner: Planner, before: int, ids: list[str], texts: list[str],
+                  models: list[str], voices: list[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+    """`_planned_records` of a batch of plain rows all done (`Lane.done`): each row as written is the
+    row as narrated, keyed by its id, its voice its speaker."""
+    entries, mastered, checked = ledger.get_many(ids), ledger.mastered_many(ids), ledger.checked_many(ids)
+    out: list[dict[str, Any]] = []
+    for number, (row_id, text, model, voice) in enumerate(zip(ids, texts, models, voices, strict=True), before + 1):
+        entry = entries[row_id]
+        result: dict[str, Any] = {"row": number, "id": row_id, "text": text, "voice": voice, "speaker": voice,
+                                  "model": model}
+        for name in fields:
+            result[name] = entry[name]
+        result.update(_mastered(planner, entry, mastered.get(row_id)))
+        result.update(_checked(checked.get(row_id)))
+        out.append(result)
+    return out
+
+
+def _planned_records(ctx: JobContext, planner: Planner, before: int, batch: list[dict[str, Any]],
+                     fields: Sequence[str]) -> list[dict[str, Any]]:
+    """A batch of manifest records, each planned, with what the ledger holds of it."""
+    out: list[dict[str, Any]] = []
+    made = [manifest.make_row(before + i, record, ctx.defaults) for i, record in enumerate(batch, 1)]
+    decisions = planner.decide_many([row for row in made if isinstance(row, Row)])  # records looked up together
+    # A row's records, as narrated (the lexicon may change its key): for rows done or tried, not
+    # for a row with work (a record of its key may be another row's: an id repeated since the run).
+    tried = {d.row.key for d in decisions if _tried(d)}
+    asked = sorted(tried)
+    entries, mastered, checked = (ctx.ledger.get_many(asked), ctx.ledger.mastered_many(asked),
+                                  ctx.ledger.checked_many(asked))
+    settled = iter(decisions)
+    for number, (record, row) in enumerate(zip(batch, made, strict=True), before + 1):
+        result: dict[str, Any] = {"row": number, "id": record.get("id"), "text": record.get("text"),
+                                  "voice": record.get("voice"), "speaker": manifest.text_of(record, "speaker"),
+                                  "model": record.get("model")}
+        entry: dict[str, Any] | None = None
+        if isinstance(row, Row):
+            decision = next(settled)
+            if decision.state is State.ELSEWHERE:
+                continue
+            # The voice as written (a list or a pool, speakers.py), and the speaker: the voice the
+            # row takes, unless the manifest has a speaker column of its own.
+            result.update(id=row.id, voice=row.voice, speaker=result["speaker"] or decision.row.voice,
+                          model=row.model)
+            entry = entries.get(decision.row.key) if _tried(decision) else None
+        for name in fields:
+            result[name] = entry[name] if entry is not None else None
+        done = entry["key"] if entry is not None and entry["status"] == "done" else None
+        result.update(_mastered(planner, entry, mastered.get(done) if done else None))
+        result.update(_checked(checked.get(done) if done else None))
+        if entry is None:
+            result["status"] = "pending" if isinstance(row, Row) else "invalid"
+        for name, value in record.items():
+            if name not in KNOWN_COLUMNS and name not in result:
+                result[name] = value
+        out.append(result)
+    return out
 
 
 def _tried(decision: Decision) -> bool:

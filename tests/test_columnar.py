@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchtts import Defaults, Job
+from batchtts import Defaults, Job, results
 from batchtts import manifest as manifest_module
 from batchtts.budget import Prices, Spending
 from batchtts.config import Output
@@ -138,6 +138,40 @@ def _both_ways(rows: list[dict[str, str | None]], columns: list[str], ledger_sta
                 if ledger is not None:
                     ledger.close()
         return answers
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(plain, min_size=1, max_size=30) | st.lists(records, min_size=1, max_size=30), st.integers(1, 8),
+       st.sampled_from(["all done", *LEDGERS[1:]]), st.sampled_from(["wav", "mp3"]), st.booleans())
+def test_export_reads_the_lane_s_batches_done_as_it_reads_each_row_planned(rows, batch_rows, ledger_state, fmt,
+                                                                          checked):
+    """`export` of a manifest of plain rows and others, against ledgers with all, some or none of
+    them done (their files checked, or not): the same records whether batches all done are read as
+    columns or every row is planned."""
+    original = manifest_module.BATCH_ROWS
+    manifest_module.BATCH_ROWS = batch_rows
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            _write(Path(tmp) / "m.parquet", rows, ["id", "text", "voice", "model"])
+            job = Job(manifest=Path(tmp) / "m.parquet", out=out, defaults=Defaults(format=fmt))
+            ledger = Ledger(job.ledger_path)
+            if _plannable(job) and ledger_state != "fresh":
+                _finish(job, ledger, ledger_state)
+                for i, row in enumerate(_rows(job)[::2] if checked else []):
+                    ledger.record_check(row, "0" * 64, {"flagged": i % 2, "flag_reasons": "too fast" * (i % 2)})
+            ledger.commit()
+            ledger.close()
+            context = results.open_context([str(job.ledger_path)], job.manifest, job)
+            try:
+                both = [list(results.export_records(context, ("attempts", "sha256"), columnar=columnar))
+                        for columnar in (True, False)]
+            finally:
+                context.ledger.close()
+    finally:
+        manifest_module.BATCH_ROWS = original
+    assert both[0] == both[1]
 
 
 def _plannable(job: Job) -> bool:
