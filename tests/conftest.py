@@ -1,9 +1,13 @@
-"""Fixtures: a real `batchtts serve` on loopback, and the real CLI, in a subprocess (`batchtts()`,
-`start_batchtts()`) or in this process (`cli()`, for commands that need no process of their own)."""
+"""Fixtures: a real `batchtts serve` on loopback, and the real CLI, in a process of its own (`batchtts()`,
+`start_batchtts()`) or in this process (`cli()`, for commands that need no process of their own).
+Servers and processes of the CLI are forked from this worker's fork server (forkserver.py), which has
+imported the package once: each starts without the second a new interpreter and its imports take."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import httpx
 import hypothesis
 import pytest
@@ -54,7 +59,7 @@ def sha(text: str) -> str:
 
 @dataclass
 class Server:
-    process: subprocess.Popen[str]
+    process: forkserver.Forked
     url: str
     key: str | None = None  # the server's --api-key, which its admin endpoints take too
     initial: dict[str, Any] | None = None  # the settings a reusable server started with
@@ -87,8 +92,9 @@ REUSABLE = (("--engine", "tone"), ("--engine", "espeak"))
 
 
 def _die_with_parent() -> None:
-    """In the child before exec (Linux): a server dies with the test process that started it, even
-    one ended without its teardown (a per-test timeout ends a worker with os._exit)."""
+    """In the child before exec (Linux): the fork server dies with the test process that started it
+    (and the servers and commands it forked with it), even one ended without its teardown (a per-test
+    timeout ends a worker with os._exit)."""
     if _prctl is not None:
         _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -99,11 +105,17 @@ except (OSError, AttributeError):
     _prctl = None
 
 
+@functools.cache
+def warm() -> forkserver.ForkServer:
+    """This worker's fork server: started for the first server or process of the CLI a test needs,
+    stopped as the worker ends (and killed with it, and its children with it, if it does not)."""
+    server = forkserver.ForkServer(cli_env(key=None), _die_with_parent)
+    atexit.register(server.stop)
+    return server
+
+
 def _start_server(argv: tuple[str, ...]) -> Server:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchtts", "serve", "--port", "0", *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
-    )
+    proc = warm().spawn(["serve", "--port", "0", *argv], dict(os.environ))
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         line = proc.stdout.readline() if ready else ""
@@ -134,7 +146,7 @@ def _accepts(host: str, port: int) -> bool:
     return True
 
 
-def _stop_server(proc: subprocess.Popen[str]) -> None:
+def _stop_server(proc: forkserver.Forked) -> None:
     """Stop a server at once: it has nothing to save, and a graceful shutdown would wait out any
     answer still held back (a --latency of 30 s, a stalled body) for a client long gone."""
     proc.kill()
@@ -253,11 +265,15 @@ def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
 
 
 def batchtts(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "batchtts", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=cli_env(key, **env),
-    )
+    """Run the real CLI to completion, in a process of its own."""
+    proc = start_batchtts(*args, key=key, **env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @dataclass
@@ -318,11 +334,9 @@ def cli(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: st
     return CliResult(argv, result.exit_code, result.stdout, result.stderr)
 
 
-def start_batchtts(*args: str | Path, key: str | None = KEY) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchtts", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(key),
-    )
+def start_batchtts(*args: str | Path, key: str | None = KEY, **env: str) -> forkserver.Forked:
+    """Start the real CLI in a process of its own: signals sent to it reach the CLI itself."""
+    return warm().spawn(list(map(str, args)), cli_env(key, **env))
 
 
 def error_message(result: subprocess.CompletedProcess[str]) -> str:

@@ -1,15 +1,18 @@
-"""`batchtts` started warm, for the documentation's examples: one process imports the package and the
-libraries its commands load, then forks a child for each `batchtts` command an example runs, which
-runs the console script as a new process would, with the command's arguments, environment, working
-folder and standard streams (passed over a Unix socket). The command exits with the child's status,
-or dies of its signal. Each command is still a process of its own that the shell waits for; what it
-no longer pays is the interpreter's start and the imports, most of a second a command.
+"""`batchtts` processes started warm: one process (the fork server) imports the package and the
+libraries its commands load, then forks a child for each command, which runs the console script as
+a new process would, with the command's arguments, environment, working folder and standard streams
+(passed over a Unix socket). Each child is a process of its own, signalled by its own pid and reaped
+by the server, which passes its exit status on (minus the signal that killed it). What a command no
+longer pays is the interpreter's start and the imports, most of a second.
+
+The tests start commands with `ForkServer.spawn` (a `Forked`, which does what the tests ask of a
+subprocess.Popen); a shell, such as the documentation's examples, finds `command()` as the
+`batchtts` in the server's `bindir`.
 
     python forkserver.py SOCKET SCRIPT   the server: SCRIPT is the console script each child runs
-    command()                            the client, which `serving()` makes the `batchtts` on a PATH
 
-The client starts for every command, so this module imports no more at its top than the client
-needs; the server's functions import the rest.
+The shell's `batchtts` starts for every command, so this module imports no more at its top than
+`command()` needs; what only the tests or the server use is imported where it is used.
 """
 
 from __future__ import annotations
@@ -20,33 +23,32 @@ import signal
 import socket
 import struct
 import sys
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import selectors
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
+    import threading
+    from collections.abc import Callable, Sequence
 
-ADDRESS = "BATCHTTS_FORKSERVER"  # the variable that gives the command the server's socket
+ADDRESS = "BATCHTTS_FORKSERVER"  # the variable that gives the shell's `batchtts` the server's socket
 _INT = struct.Struct("!i")
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# Loaded on first use by the commands the examples run (mastering, qc, logs): loaded once here too.
-_LAZY = ("scipy.signal", "pyloudnorm", "structlog")
+# Loaded on first use by commands (mastering, logs, `serve`): loaded once here too.
+_LAZY = ("scipy.signal", "pyloudnorm", "structlog", "uvloop", "uvicorn.loops.uvloop", "uvicorn.lifespan.on",
+         "uvicorn.protocols.http.httptools_impl")
 
 
 def command() -> None:
-    """The `batchtts` an example runs: hand the command to the server, pass on the signals a shell
-    would send it, and end as the child ended."""
+    """The shell's `batchtts`: hand the command to the server, pass on the signals a shell would send
+    it, and end as the child ended."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
         conn.connect(os.environ[ADDRESS])
-        socket.send_fds(conn, [marshal.dumps((sys.argv, os.getcwd(), dict(os.environ)))], [0, 1, 2])
-        (pid,) = _INT.unpack(conn.recv(_INT.size))
+        pid = _ask(conn, sys.argv, os.getcwd(), dict(os.environ), [0, 1, 2])
         for sig in _FORWARDED:
             signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
-        reply = conn.recv(_INT.size)
-    if not reply:
+        status = _status(conn)
+    if status is None:
         sys.exit(f"batchtts: the fork server ended before the command (pid {pid}) did")
-    (status,) = _INT.unpack(reply)
     if status < 0:  # killed by a signal: die of it too, as the shell expects of the process it ran
         if -status != signal.SIGKILL:  # whose action is fixed
             signal.signal(-status, signal.SIG_DFL)
@@ -54,34 +56,149 @@ def command() -> None:
     sys.exit(status)
 
 
-def serving(folder: Path, env: dict[str, str], preexec_fn: Callable[[], None]) -> Iterator[tuple[Path, str]]:
-    """Start a server (its socket in `folder`, its environment `env`) and write the command as
-    `folder/bin/batchtts`; yields that bin folder and the socket, for the PATH and ADDRESS, and stops
-    the server when resumed."""
-    import select
-    import subprocess
-    from pathlib import Path
+def _ask(conn: socket.socket, argv: Sequence[str], cwd: str, env: dict[str, str], fds: list[int]) -> int:
+    """Send a command to the server; the pid of the child that runs it."""
+    socket.send_fds(conn, [marshal.dumps((list(argv), cwd, env))], fds)
+    (pid,) = _INT.unpack(conn.recv(_INT.size))
+    return int(pid)
 
-    address, bindir = str(folder / "socket"), folder / "bin"
-    script = Path(sys.executable).parent / "batchtts"  # the console script of the environment under test
-    server = subprocess.Popen([sys.executable, __file__, address, str(script)], env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
-    try:
-        ready, _, _ = select.select([server.stdout], [], [], 60)
-        if not ready or server.stdout.readline() != "ready\n":
-            server.kill()
-            raise RuntimeError(f"the fork server did not start: {server.stderr.read()}")
-        bindir.mkdir()
-        shim = bindir / "batchtts"
+
+def _status(conn: socket.socket) -> int | None:
+    """The child's exit status (minus its signal) once it is reaped; None if the server went first."""
+    reply = conn.recv(_INT.size)
+    return int(_INT.unpack(reply)[0]) if reply else None
+
+
+class ForkServer:
+    """A fork server of this test process, started with the environment `env`; it dies with the
+    process that started it (`preexec_fn`), and its children with it."""
+
+    def __init__(self, env: dict[str, str], preexec_fn: Callable[[], None]) -> None:
+        import select
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        self.folder = Path(tempfile.mkdtemp(prefix="batchtts-forkserver-"))
+        self.address = str(self.folder / "socket")
+        script = Path(sys.executable).parent / "batchtts"  # the console script of the environment under test
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, self.address, str(script)], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+        )
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        if not ready or self.process.stdout.readline() != "ready\n":
+            self.process.kill()
+            problem = self.process.stderr.read()
+            self.stop()
+            raise RuntimeError(f"the fork server did not start: {problem}")
+        # The shell's `batchtts`, for a PATH; the shell needs ADDRESS set to `address` too.
+        self.bindir = self.folder / "bin"
+        self.bindir.mkdir()
+        shim = self.bindir / "batchtts"
         shim.write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
                         "import forkserver\nforkserver.command()\n")
         shim.chmod(0o755)
-        yield bindir, address
-    finally:
-        server.kill()
-        server.wait(10)
-        server.stdout.close()
-        server.stderr.close()
+
+    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> Forked:
+        """Start `batchtts ARGV...` with the environment `env`, in this process's folder, its stdin
+        this process's, its output in pipes."""
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            conn.connect(self.address)
+            pid = _ask(conn, ["batchtts", *argv], os.getcwd(), env, [0, out_write, err_write])
+        except BaseException:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            conn.close()
+            raise
+        finally:
+            os.close(out_write)
+            os.close(err_write)
+        return Forked(list(argv), pid, conn, open(out_read), open(err_read))
+
+    def stop(self) -> None:
+        import shutil
+
+        self.process.kill()
+        self.process.wait(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Forked:
+    """A command the server forked, as much of a subprocess.Popen as the tests use: signals go to its
+    own pid, its output comes through pipes (text, as `text=True` reads it), and its return code
+    is known once the server has reaped it, so a process waited for is gone."""
+
+    def __init__(self, args: list[str], pid: int, conn: socket.socket, stdout: IO[str], stderr: IO[str]) -> None:
+        self.args, self.pid, self.stdout, self.stderr = args, pid, stdout, stderr
+        self.returncode: int | None = None
+        self._conn = conn
+        self._readers: list[threading.Thread] = []  # communicate()'s, which read the pipes to their end
+        self._read: dict[int, str] = {}
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._conn.setblocking(False)
+            try:
+                self._ended(_status(self._conn))
+            except BlockingIOError:
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        if self.returncode is None:
+            self._conn.settimeout(timeout)
+            try:
+                self._ended(_status(self._conn))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+        assert self.returncode is not None
+        return self.returncode
+
+    def _ended(self, status: int | None) -> None:
+        if status is None:
+            raise RuntimeError(f"the fork server ended before batchtts {self.args} (pid {self.pid}) did")
+        self.returncode = status
+        self._conn.close()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not to a pid that may have been given to another process since
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Read the output to its end and wait for the exit, as Popen.communicate does; after a
+        timeout, a second call goes on reading where the first left off."""
+        import subprocess
+        import threading
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._readers:
+            self._readers = [threading.Thread(target=lambda i=i, s=s: self._read.__setitem__(i, s.read()), daemon=True)
+                             for i, s in enumerate((self.stdout, self.stderr))]
+            for reader in self._readers:
+                reader.start()
+        for reader in self._readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.stdout.close()
+        self.stderr.close()
+        return self._read[0], self._read[1]
 
 
 def _serve(address: str) -> tuple[list[str], str, dict[str, str], list[int]]:
@@ -171,7 +288,12 @@ def _preload() -> None:
 
 
 def _become(argv: list[str], cwd: str, env: dict[str, str], fds: list[int], script: str) -> None:
-    """Make this child the command's process: its standard streams, folder, environment and argv."""
+    """Make this child the command's process: its standard streams, folder, environment and argv,
+    and a death of its own when the server dies (Linux)."""
+    import ctypes
+
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)

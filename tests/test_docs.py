@@ -15,9 +15,9 @@ The blocks of one page run in order, in one fresh folder holding copies of sampl
 jobs/ (so the commands work as written from the root of a clone, and a block may use what an
 earlier one made), each in a process of its own, offline: against a `batchtts serve` on 127.0.0.1,
 which BATCHTTS_BASE_URL and a dummy OPENROUTER_API_KEY point the CLI at. One test a page. Each
-`batchtts` a block runs is a process of its own too, the environment's console script, forked from
-one that has imported the package (forkserver.py): it starts without the second an interpreter and
-its imports take."""
+`batchtts` a block runs is a process of its own too, the environment's console script, forked by
+the worker's fork server (forkserver.py): it starts without the second an interpreter and its
+imports take."""
 
 from __future__ import annotations
 
@@ -27,13 +27,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import forkserver
 import pytest
-from conftest import ROOT, _die_with_parent, cli_env
+from conftest import ROOT, cli_env, warm
 
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -124,23 +123,15 @@ def test_every_example_is_marked_as_the_runner_reads_it():
     assert sum(b.runs for page in PAGES for b in blocks(page)) >= 20, "the runnable examples went missing"
 
 
-@pytest.fixture(scope="session")
-def warm_batchtts(tmp_path_factory) -> Iterator[tuple[Path, str]]:
-    """The `batchtts` the examples run: the environment's CLI, forked from a process that has
-    imported it (forkserver.py); its bin folder, and the socket it reaches the server by."""
-    yield from forkserver.serving(tmp_path_factory.mktemp("forkserver"), cli_env(key=None), _die_with_parent)
-
-
 @pytest.mark.parametrize("page", runnable_pages(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_examples_run(page: Path, tmp_path: Path, serve, warm_batchtts):
+def test_examples_run(page: Path, tmp_path: Path, serve):
     server = serve()
     for folder in ("sample_manifests", "jobs"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
-    warm_bin, address = warm_batchtts
     bin_dir = str(Path(sys.executable).parent)  # the environment under test, its `python` too
-    env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url, **{forkserver.ADDRESS: address})
+    env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url, **{forkserver.ADDRESS: warm().address})
     env.pop("BATCHTTS_SERVE_KEY", None)
-    env["PATH"] = f"{warm_bin}:{bin_dir}:{env.get('PATH', '')}"
+    env["PATH"] = f"{warm().bindir}:{bin_dir}:{env.get('PATH', '')}"  # its `batchtts` first
     found = blocks(page)
     for i, block in enumerate(found):
         if block.same_as is not None:
