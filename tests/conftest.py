@@ -1,7 +1,8 @@
 """Fixtures: a real `batchtts serve` on loopback, and the real CLI, in a process of its own (`batchtts()`,
 `start_batchtts()`) or in this process (`cli()`, for commands that need no process of their own).
-Servers and processes of the CLI are forked from this worker's fork server (forkserver.py), which has
-imported the package once: each starts without the second a new interpreter and its imports take."""
+Servers and processes of the CLI are forked from a fork server (forkserver.py, one for all the
+workers), which has imported the package once: each starts without the second a new interpreter and
+its imports take."""
 
 from __future__ import annotations
 
@@ -155,11 +156,22 @@ except (OSError, AttributeError):
 
 @functools.cache
 def warm() -> forkserver.ForkServer:
-    """This worker's fork server: started for the first server or process of the CLI a test needs,
-    stopped as the worker ends (and killed with it, and its children with it, if it does not)."""
-    server = forkserver.ForkServer(cli_env(key=None), _die_with_parent)
+    """The fork server: the one the controller of the workers started for them all (its address in
+    their environment), or else one of this process's, started for the first server or process of
+    the CLI a test needs. Stopped as the process that started it ends (and killed with it, and its
+    children with it, if it does not)."""
+    if forkserver.ADDRESS in os.environ:
+        return forkserver.ForkServer(os.environ[forkserver.ADDRESS])
+    server = forkserver.ForkServer.start(cli_env(key=None), _die_with_parent)
     atexit.register(server.stop)
     return server
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The controller of several workers starts one fork server for them all, which makes its
+    imports while they start: once, not once a worker."""
+    if session.config.pluginmanager.hasplugin("dsession"):
+        os.environ[forkserver.ADDRESS] = warm().address
 
 
 def _start_server(argv: tuple[str, ...]) -> Server:

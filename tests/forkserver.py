@@ -9,7 +9,11 @@ The tests start commands with `ForkServer.spawn` (a `Forked`, which does what th
 subprocess.Popen); a shell, such as the documentation's examples, finds `command()` as the
 `batchtts` in the server's `bindir`.
 
-    python forkserver.py SOCKET SCRIPT   the server: SCRIPT is the console script each child runs
+    python forkserver.py SOCKET SCRIPT   the server, listening at SOCKET at once (commands wait there
+                                         until it has made its imports); SCRIPT is the console script
+                                         each child runs
+
+A child shows the server's command line (`ps`), as it was forked, not started afresh.
 
 The shell's `batchtts` starts for every command, so this module imports no more at its top than
 `command()` needs; what only the tests or the server use is imported where it is used.
@@ -27,10 +31,11 @@ from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import selectors
+    import subprocess
     import threading
     from collections.abc import Callable, Sequence
 
-ADDRESS = "BATCHTTS_FORKSERVER"  # the variable that gives the shell's `batchtts` the server's socket
+ADDRESS = "BATCHTTS_FORKSERVER"  # the variable that gives the server's socket (to the shell's `batchtts` too)
 _INT = struct.Struct("!i")
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Loaded on first use by commands (mastering, logs, `serve`): loaded once here too.
@@ -59,8 +64,10 @@ def command() -> None:
 def _ask(conn: socket.socket, argv: Sequence[str], cwd: str, env: dict[str, str], fds: list[int]) -> int:
     """Send a command to the server; the pid of the child that runs it."""
     socket.send_fds(conn, [marshal.dumps((list(argv), cwd, env))], fds)
-    (pid,) = _INT.unpack(conn.recv(_INT.size))
-    return int(pid)
+    reply = conn.recv(_INT.size)
+    if not reply:
+        raise RuntimeError(f"the fork server stopped: see {os.path.dirname(conn.getpeername())}/errors")
+    return int(_INT.unpack(reply)[0])
 
 
 def _status(conn: socket.socket) -> int | None:
@@ -70,35 +77,46 @@ def _status(conn: socket.socket) -> int | None:
 
 
 class ForkServer:
-    """A fork server of this test process, started with the environment `env`; it dies with the
-    process that started it (`preexec_fn`), and its children with it."""
+    """A fork server, reached at `address` (a socket in its folder, beside `bindir`, which holds the
+    shell's `batchtts`): one this process `start`ed, or another's, which it shares."""
 
-    def __init__(self, env: dict[str, str], preexec_fn: Callable[[], None]) -> None:
+    def __init__(self, address: str, process: subprocess.Popen[str] | None = None) -> None:
+        from pathlib import Path
+
+        self.address, self.process = address, process
+        self.folder = Path(address).parent
+        self.bindir = self.folder / "bin"
+
+    @classmethod
+    def start(cls, env: dict[str, str], preexec_fn: Callable[[], None]) -> ForkServer:
+        """Start a fork server with the environment `env`; it dies with the process that started it
+        (`preexec_fn`), and its children with it."""
         import select
         import subprocess
         import tempfile
         from pathlib import Path
 
-        self.folder = Path(tempfile.mkdtemp(prefix="batchtts-forkserver-"))
-        self.address = str(self.folder / "socket")
+        folder = Path(tempfile.mkdtemp(prefix="batchtts-forkserver-"))
         script = Path(sys.executable).parent / "batchtts"  # the console script of the environment under test
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, self.address, str(script)], env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
-        )
-        ready, _, _ = select.select([self.process.stdout], [], [], 60)
-        if not ready or self.process.stdout.readline() != "ready\n":
-            self.process.kill()
-            problem = self.process.stderr.read()
-            self.stop()
+        with open(folder / "errors", "w") as errors:
+            server = cls(str(folder / "socket"), subprocess.Popen(
+                [sys.executable, __file__, str(folder / "socket"), str(script)], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=errors, text=True, preexec_fn=preexec_fn,
+            ))
+        process = server.process
+        assert process is not None and process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        if not ready or process.stdout.readline() != "listening\n":
+            process.kill()
+            problem = (folder / "errors").read_text()
+            server.stop()
             raise RuntimeError(f"the fork server did not start: {problem}")
-        # The shell's `batchtts`, for a PATH; the shell needs ADDRESS set to `address` too.
-        self.bindir = self.folder / "bin"
-        self.bindir.mkdir()
-        shim = self.bindir / "batchtts"
+        server.bindir.mkdir()
+        shim = server.bindir / "batchtts"
         shim.write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
                         "import forkserver\nforkserver.command()\n")
         shim.chmod(0o755)
+        return server
 
     def spawn(self, argv: Sequence[str], env: dict[str, str]) -> Forked:
         """Start `batchtts ARGV...` with the environment `env`, in this process's folder, its stdin
@@ -120,12 +138,13 @@ class ForkServer:
         return Forked(list(argv), pid, conn, open(out_read), open(err_read))
 
     def stop(self) -> None:
+        """Stop a server this process started."""
         import shutil
 
+        assert self.process is not None and self.process.stdout is not None
         self.process.kill()
         self.process.wait(10)
         self.process.stdout.close()
-        self.process.stderr.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -201,15 +220,22 @@ class Forked:
         return self._read[0], self._read[1]
 
 
-def _serve(address: str) -> tuple[list[str], str, dict[str, str], list[int]]:
+def _listen(address: str) -> socket.socket:
+    """Listen at `address`, and say so: commands that connect from now on wait in the backlog until
+    the server has made its imports and accepts them."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address)
+    listener.listen(64)
+    print("listening", flush=True)
+    return listener
+
+
+def _serve(listener: socket.socket) -> tuple[list[str], str, dict[str, str], list[int]]:
     """Answer commands until the server is killed: fork a child for each, tell the command its pid,
     and its exit status once it is reaped (a command that goes away takes its child with it).
     Returns only in a child: the command's argv, folder, environment and standard streams."""
     import selectors
 
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(address)
-    listener.listen(64)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
@@ -218,7 +244,6 @@ def _serve(address: str) -> tuple[list[str], str, dict[str, str], list[int]]:
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}
-    print("ready", flush=True)
     while True:
         for key, _ in selector.select():
             if key.fileobj is listener:
@@ -309,6 +334,7 @@ def _become(argv: list[str], cwd: str, env: dict[str, str], fds: list[int], scri
 if __name__ == "__main__":
     import runpy
 
+    listening = _listen(sys.argv[1])
     _preload()
-    _become(*_serve(sys.argv[1]), script=sys.argv[2])
+    _become(*_serve(listening), script=sys.argv[2])
     runpy.run_path(sys.argv[0], run_name="__main__")  # the console script: `sys.exit(main())`

@@ -16,8 +16,8 @@ jobs/ (so the commands work as written from the root of a clone, and a block may
 earlier one made), each in a process of its own, offline: against a `batchtts serve` on 127.0.0.1,
 which BATCHTTS_BASE_URL and a dummy OPENROUTER_API_KEY point the CLI at. One test a page. Each
 `batchtts` a block runs is a process of its own too, the environment's console script, forked by
-the worker's fork server (forkserver.py): it starts without the second an interpreter and its
-imports take."""
+the tests' fork server (forkserver.py): it starts without the second an interpreter and its imports
+take."""
 
 from __future__ import annotations
 
