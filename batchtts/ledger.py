@@ -882,8 +882,10 @@ def _create(path: Path) -> None:
     db = sqlite3.connect(new, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
-        for number in range(1, VERSION + 1):
-            db.executescript(f"BEGIN; {upgrade(number)} PRAGMA user_version={number}; COMMIT;")
+        # Every upgrade in one transaction: the file is seen by no one before it is renamed, and one
+        # commit syncs the disk once, not once a schema version.
+        steps = "".join(upgrade(number) for number in range(1, VERSION + 1))
+        db.executescript(f"BEGIN; {steps} PRAGMA user_version={VERSION}; COMMIT;")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()

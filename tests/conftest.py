@@ -1,10 +1,16 @@
-"""Fixtures: a real `batchtts serve` on loopback, and the real CLI, in a subprocess (`batchtts()`,
-`start_batchtts()`) or in this process (`cli()`, for commands that need no process of their own)."""
+"""Fixtures: a real `batchtts serve` on loopback, and the real CLI, in a process of its own (`batchtts()`,
+`start_batchtts()`) or in this process (`cli()`, for commands that need no process of their own).
+Servers and processes of the CLI are forked from a fork server (forkserver.py, one for all the
+workers), which has imported the package once: each starts without the second a new interpreter and
+its imports take."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import httpx
 import hypothesis
 import pytest
@@ -41,11 +48,58 @@ FAST_RETRY = ["--backoff-initial", "0.01", "--backoff-max", "0.05"]
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_manifests"
 
+# The longest tests, with the seconds each took on two cores shared with other work: each worker
+# starts with its share of them (pytest_collection_modifyitems), so that none is left to start near
+# the end of the run while the other workers run out of tests.
+LONGEST = {
+    "tests/test_docs.py::test_examples_run[docs/long-form.md]": 22,
+    "tests/test_unattended.py::test_an_interrupted_upload_leaves_no_object_under_the_final_key": 22,
+    "tests/test_columnar.py::test_the_lane_plans_every_manifest_as_the_rows_do": 19,
+    "tests/test_unattended.py::test_output_to_s3_publishes_whole_objects_and_exports_next_to_them": 18,
+    "tests/test_docs.py::test_examples_run[README.md]": 17,
+    "tests/test_unattended.py::test_the_cron_and_systemd_recipes_run_the_nightly_job": 14,
+    "tests/test_columnar.py::test_a_rerun_is_planned_by_the_lane_as_the_rows_do": 13,
+    "tests/test_checks.py::test_verify_asr_gives_each_english_row_a_word_error_rate": 13,
+    "tests/test_faults.py::test_kill_9_pays_again_only_for_rows_in_flight": 12,
+    "tests/test_unattended.py::test_four_shards_cover_every_row_once_and_merge_like_one_run": 11,
+    "tests/test_report.py::test_the_attempts_match_what_the_server_saw_and_the_report_draws_them": 10,
+    "tests/test_docs.py::test_examples_run[docs/datasets.md]": 10,
+    "tests/test_ratelimit.py::test_each_kind_of_limiter_is_met_without_a_storm_of_429s[in-flight-both]": 10,
+    "tests/test_audiobook.py::test_mastered_files_are_the_chapters_when_the_run_mastered_them": 9,
+    "tests/test_faults.py::test_empty_foreign_and_damaged_ledgers_are_refused_and_left_as_they_are": 9,
+    "tests/test_ratelimit.py::test_each_kind_of_limiter_is_met_without_a_storm_of_429s[sliding-bare-429]": 9,
+    "tests/test_faults.py::test_a_full_disk_halts_the_run_cleanly_and_a_rerun_with_room_finishes": 8,
+    "tests/test_manifest_strict.py::test_a_field_of_ten_megabytes_reads": 8,
+}
+
 
 # One HTTP client for the tests' own requests to `batchtts serve`: each httpx.get() makes a client
 # of its own, and its TLS context loads the CA bundle (some 80 ms, for plain-HTTP loopback requests).
 # No connection is kept between requests: a server stopped, or closing an idle one, fails none.
 http = httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start each worker with its share of the longest tests. xdist's worksteal scheduler cuts the
+    collection into one run of tests a worker, each run from its head, and a worker that runs out
+    takes from the tail of the longest: LONGEST is shared out, longest first, to the worker with
+    the least so far, and put at the head of its run. Every worker orders the same collection alike,
+    as xdist requires; one process (-n 0) keeps the order as collected."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if not workers:
+        return
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for item in sorted((i for i in items if i.nodeid in LONGEST), key=lambda i: -LONGEST[i.nodeid]):
+        lightest = loads.index(min(loads))
+        heads[lightest].append(item)
+        loads[lightest] += LONGEST[item.nodeid]
+    rest = iter([i for i in items if i.nodeid not in LONGEST])
+    ordered: list[pytest.Item] = []
+    for worker, head in enumerate(heads):
+        size = (len(items) - len(ordered)) // (workers - worker)  # as worksteal cuts its runs
+        ordered += head + list(itertools.islice(rest, max(0, size - len(head))))
+    items[:] = ordered + list(rest)
 
 
 def sha(text: str) -> str:
@@ -54,7 +108,7 @@ def sha(text: str) -> str:
 
 @dataclass
 class Server:
-    process: subprocess.Popen[str]
+    process: forkserver.Forked
     url: str
     key: str | None = None  # the server's --api-key, which its admin endpoints take too
     initial: dict[str, Any] | None = None  # the settings a reusable server started with
@@ -87,8 +141,9 @@ REUSABLE = (("--engine", "tone"), ("--engine", "espeak"))
 
 
 def _die_with_parent() -> None:
-    """In the child before exec (Linux): a server dies with the test process that started it, even
-    one ended without its teardown (a per-test timeout ends a worker with os._exit)."""
+    """In the child before exec (Linux): the fork server dies with the test process that started it
+    (and the servers and commands it forked with it), even one ended without its teardown (a per-test
+    timeout ends a worker with os._exit)."""
     if _prctl is not None:
         _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -99,11 +154,28 @@ except (OSError, AttributeError):
     _prctl = None
 
 
+@functools.cache
+def warm() -> forkserver.ForkServer:
+    """The fork server: the one the controller of the workers started for them all (its address in
+    their environment), or else one of this process's, started for the first server or process of
+    the CLI a test needs. Stopped as the process that started it ends (and killed with it, and its
+    children with it, if it does not)."""
+    if forkserver.ADDRESS in os.environ:
+        return forkserver.ForkServer(os.environ[forkserver.ADDRESS])
+    server = forkserver.ForkServer.start(cli_env(key=None), _die_with_parent)
+    atexit.register(server.stop)
+    return server
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The controller of several workers starts one fork server for them all, which makes its
+    imports while they start: once, not once a worker."""
+    if session.config.pluginmanager.hasplugin("dsession"):
+        os.environ[forkserver.ADDRESS] = warm().address
+
+
 def _start_server(argv: tuple[str, ...]) -> Server:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchtts", "serve", "--port", "0", *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
-    )
+    proc = warm().spawn(["serve", "--port", "0", *argv], dict(os.environ))
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         line = proc.stdout.readline() if ready else ""
@@ -134,7 +206,7 @@ def _accepts(host: str, port: int) -> bool:
     return True
 
 
-def _stop_server(proc: subprocess.Popen[str]) -> None:
+def _stop_server(proc: forkserver.Forked) -> None:
     """Stop a server at once: it has nothing to save, and a graceful shutdown would wait out any
     answer still held back (a --latency of 30 s, a stalled body) for a client long gone."""
     proc.kill()
@@ -253,11 +325,15 @@ def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
 
 
 def batchtts(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "batchtts", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=cli_env(key, **env),
-    )
+    """Run the real CLI to completion, in a process of its own."""
+    proc = start_batchtts(*args, key=key, **env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @dataclass
@@ -318,11 +394,9 @@ def cli(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: st
     return CliResult(argv, result.exit_code, result.stdout, result.stderr)
 
 
-def start_batchtts(*args: str | Path, key: str | None = KEY) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchtts", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(key),
-    )
+def start_batchtts(*args: str | Path, key: str | None = KEY, **env: str) -> forkserver.Forked:
+    """Start the real CLI in a process of its own: signals sent to it reach the CLI itself."""
+    return warm().spawn(list(map(str, args)), cli_env(key, **env))
 
 
 def error_message(result: subprocess.CompletedProcess[str]) -> str:

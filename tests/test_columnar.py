@@ -189,8 +189,9 @@ def _finish(job: Job, ledger: Ledger, how: str) -> None:
     for i, row in enumerate(made[:len(made) // 2] if how == "half done" else made):
         recorded = dataclasses.replace(row, text="Said before.") if how == "one stale" and i == 0 else row
         ledger.record_done(recorded, Stored(row.relpath, 4, "0" * 64, 24000, 1, 0.1), 1, 0.0, None)
-        if not (how == "one file gone" and i == len(made) - 1):
-            (job.out / row.relpath).write_bytes(b"RIF" if how == "one resized" and i == 0 else b"RIFF")
+        path = job.out / row.relpath
+        if not (how == "one file gone" and i == len(made) - 1) and not path.is_dir():  # a row named "dir" finds a folder
+            path.write_bytes(b"RIF" if how == "one resized" and i == 0 else b"RIFF")
 
 
 def _rows(job: Job) -> list[Row]:

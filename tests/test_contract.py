@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import miniaudio
 import pytest
-from conftest import Server
+from conftest import Server, http
 
 # requestBody.content.application/json.example
 SPEC_REQUEST = {"input": "Hello world", "model": "elevenlabs/eleven-turbo-v2", "response_format": "pcm", "speed": 1,
@@ -48,7 +48,7 @@ PCM_CONTENT_TYPE = "audio/pcm;rate=24000;channels=1"
 
 def speak(server: Server, headers: dict[str, str] | None = None, **changes: Any) -> httpx.Response:
     """The spec's example request, with `changes`, to the server's speech endpoint."""
-    return httpx.post(f"{server.url}/audio/speech", json={**SPEC_REQUEST, **changes}, headers=headers, timeout=10)
+    return http.post(f"{server.url}/audio/speech", json={**SPEC_REQUEST, **changes}, headers=headers, timeout=10)
 
 
 def media_type(response: httpx.Response) -> str:
@@ -124,10 +124,10 @@ def test_every_refusal_is_the_specs_error_response(serve):
     assert spec_error(speak(server, input="Hello [[bad]] world"), 400) == SPEC_MESSAGES[400]
     for changes in OUTSIDE_THE_SCHEMA:
         request = {k: v for k, v in {**SPEC_REQUEST, **changes}.items() if v is not None}
-        response = httpx.post(f"{server.url}/audio/speech", json=request, timeout=10)
+        response = http.post(f"{server.url}/audio/speech", json=request, timeout=10)
         assert spec_error(response, 400).startswith(SPEC_MESSAGES[400]), changes
 
-    assert spec_error(httpx.get(f"{server.url}/no/such/resource", timeout=10), 404) == SPEC_MESSAGES[404]
+    assert spec_error(http.get(f"{server.url}/no/such/resource", timeout=10), 404) == SPEC_MESSAGES[404]
     assert spec_error(speak(server, model="test/missing-model"), 404)
 
     for status in (429, 500, 502, 503, 524, 529):
@@ -167,7 +167,7 @@ def test_a_429_says_when_to_come_back_in_seconds_and_in_epoch_milliseconds(serve
 
 def models(server: Server, output_modalities: str | None) -> list[dict[str, Any]]:
     params = {} if output_modalities is None else {"output_modalities": output_modalities}
-    response = httpx.get(f"{server.url}/models", params=params, timeout=10)
+    response = http.get(f"{server.url}/models", params=params, timeout=10)
     assert response.status_code == 200 and media_type(response) == "application/json"
     body = response.json()
     assert set(body) == {"data"} and isinstance(body["data"], list)

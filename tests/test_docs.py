@@ -14,7 +14,10 @@ Runnable examples. Every fenced block of the README and of docs/*.md whose info 
 The blocks of one page run in order, in one fresh folder holding copies of sample_manifests/ and
 jobs/ (so the commands work as written from the root of a clone, and a block may use what an
 earlier one made), each in a process of its own, offline: against a `batchtts serve` on 127.0.0.1,
-which BATCHTTS_BASE_URL and a dummy OPENROUTER_API_KEY point the CLI at. One test a page."""
+which BATCHTTS_BASE_URL and a dummy OPENROUTER_API_KEY point the CLI at. One test a page. Each
+`batchtts` a block runs is a process of its own too, the environment's console script, forked by
+the tests' fork server (forkserver.py): it starts without the second an interpreter and its imports
+take."""
 
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import forkserver
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, warm
 
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -124,10 +128,10 @@ def test_examples_run(page: Path, tmp_path: Path, serve):
     server = serve()
     for folder in ("sample_manifests", "jobs"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
-    bin_dir = str(Path(sys.executable).parent)  # the `batchtts` of the environment under test
-    env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url)
+    bin_dir = str(Path(sys.executable).parent)  # the environment under test, its `python` too
+    env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url, **{forkserver.ADDRESS: warm().address})
     env.pop("BATCHTTS_SERVE_KEY", None)
-    env["PATH"] = bin_dir + ":" + env.get("PATH", "")
+    env["PATH"] = f"{warm().bindir}:{bin_dir}:{env.get('PATH', '')}"  # its `batchtts` first
     found = blocks(page)
     for i, block in enumerate(found):
         if block.same_as is not None:

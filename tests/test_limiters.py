@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Server, cli, wait_for
+from conftest import Server, cli, http, wait_for
 
 from batchtts.limiters import QUOTA_SPENT, FixedWindow, InFlightCap, Quota, SlidingWindow, TokenBucket
 from batchtts.server import INJECTED_429_WAIT
@@ -119,7 +119,7 @@ def test_a_quota_counts_successes_holds_places_in_flight_and_starts_afresh_each_
 
 
 def speak(server: Server, text: str = "hello", timeout: float = 5) -> httpx.Response:
-    return httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": text}, timeout=timeout)
+    return http.post(f"{server.url}/audio/speech", json={**SPEECH, "input": text}, timeout=timeout)
 
 
 def timed(server: Server, text: str = "hello") -> tuple[float, httpx.Response, float]:
@@ -292,7 +292,7 @@ def test_limiters_change_at_runtime_and_bad_settings_are_refused(serve):
                        ({"max_in_flight": -1}, "must not be negative"), ({"quota": 1.5}, "quota must be int"),
                        ({"limiter": "fixed", "rate_limit": 2.5}, "must be a whole number"),
                        ({"rate_limit_headers": "some"}, "rate_limit_headers must be one of")]:
-        response = httpx.post(f"{server.admin}/faults", json=body, timeout=5)
+        response = http.post(f"{server.admin}/faults", json=body, timeout=5)
         assert response.status_code == 400 and says in response.json()["error"]["message"], body
     assert server.faults()["limiter"] == "bucket"
 

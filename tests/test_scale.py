@@ -289,15 +289,16 @@ def test_a_rerun_lists_its_folder_once_and_status_finds_the_job_without_listing_
         listed.append(os.path.realpath(path))
         return scandir(path)
 
-    monkeypatch.setattr(os, "scandir", counted)
-    with pytest.raises(UsageError, match="holds ledgers of this job run with 2 shards"):  # found in the listing
-        batchtts.run(job)
-    assert listed.count(os.path.realpath(out)) == 1
-    (out / "ledger-shard-0000-of-0002.sqlite").unlink()
-    listed.clear()
-    again = batchtts.run(job)
-    assert again.exit_code == EXIT_OK and again.counters.done == 0 and again.plan.total.done == 6
-    assert listed.count(os.path.realpath(out)) == 1
-    listed.clear()
-    assert results.status([out])["done"] == 6
-    assert os.path.realpath(out) not in listed
+    with monkeypatch.context() as patched:  # undone before the test's folder is removed, by scandir too
+        patched.setattr(os, "scandir", counted)
+        with pytest.raises(UsageError, match="holds ledgers of this job run with 2 shards"):  # found in the listing
+            batchtts.run(job)
+        assert listed.count(os.path.realpath(out)) == 1
+        (out / "ledger-shard-0000-of-0002.sqlite").unlink()
+        listed.clear()
+        again = batchtts.run(job)
+        assert again.exit_code == EXIT_OK and again.counters.done == 0 and again.plan.total.done == 6
+        assert listed.count(os.path.realpath(out)) == 1
+        listed.clear()
+        assert results.status([out])["done"] == 6
+        assert os.path.realpath(out) not in listed

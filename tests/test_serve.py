@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import FAST_RETRY, Server, cli, ledger_rows, wait_for, write_csv
+from conftest import FAST_RETRY, Server, cli, http, ledger_rows, wait_for, write_csv
 
 from batchtts import models
 from batchtts.config import Provider, Timeouts
@@ -67,23 +67,23 @@ def test_admin_endpoints_take_the_servers_key(serve):
     calls = [("GET", "stats", None), ("POST", "faults", {"latency": 0.01}), ("POST", "reset", None)]
     for method, name, body in calls:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}):
-            response = httpx.request(method, f"{server.admin}/{name}", json=body, headers=headers, timeout=5)
+            response = http.request(method, f"{server.admin}/{name}", json=body, headers=headers, timeout=5)
             assert_json_error(response, 401)
-    assert httpx.get(f"{server.admin}/stats", timeout=5).json()["error"]["message"] == "Missing Authentication header"
-    assert httpx.get(f"{server.admin}/stats?log=0", timeout=5).json()["error"]["code"] == 401
+    assert http.get(f"{server.admin}/stats", timeout=5).json()["error"]["message"] == "Missing Authentication header"
+    assert http.get(f"{server.admin}/stats?log=0", timeout=5).json()["error"]["code"] == 401
     assert server.process.poll() is None
 
     key = {"Authorization": "Bearer k"}
-    assert httpx.post(f"{server.admin}/faults", json={}, headers=key, timeout=5).json()["latency"] == 0.0
-    assert httpx.post(f"{server.admin}/faults", json={"latency": 0.01}, headers=key, timeout=5).json()["latency"] == 0.01
-    assert httpx.post(f"{server.admin}/reset", headers=key, timeout=5).json() == {"reset": True}
-    assert httpx.get(f"{server.admin}/stats", headers=key, timeout=5).json()["requests"] == 0
+    assert http.post(f"{server.admin}/faults", json={}, headers=key, timeout=5).json()["latency"] == 0.0
+    assert http.post(f"{server.admin}/faults", json={"latency": 0.01}, headers=key, timeout=5).json()["latency"] == 0.01
+    assert http.post(f"{server.admin}/reset", headers=key, timeout=5).json() == {"reset": True}
+    assert http.get(f"{server.admin}/stats", headers=key, timeout=5).json()["requests"] == 0
 
 
 def test_admin_endpoints_stay_open_on_a_server_without_a_key(serve):
     server = serve()
     assert server.faults(latency=0.01)["latency"] == 0.01
-    assert httpx.post(f"{server.admin}/reset", timeout=5).json() == {"reset": True}
+    assert http.post(f"{server.admin}/reset", timeout=5).json() == {"reset": True}
     assert server.stats()["requests"] == 0
 
 
@@ -91,14 +91,14 @@ def test_faults_cannot_change_the_key(serve):
     server = serve("--api-key", "k")
     key = {"Authorization": "Bearer k"}
     for value in (None, "mine"):
-        response = httpx.post(f"{server.admin}/faults", json={"api_key": value}, headers=key, timeout=5)
+        response = http.post(f"{server.admin}/faults", json={"api_key": value}, headers=key, timeout=5)
         assert "api_key" in assert_json_error(response, 400)
-    assert_json_error(httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 401)
-    assert httpx.post(f"{server.url}/audio/speech", json=SPEECH, headers=key, timeout=5).status_code == 200
+    assert_json_error(http.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 401)
+    assert http.post(f"{server.url}/audio/speech", json=SPEECH, headers=key, timeout=5).status_code == 200
 
     keyless = serve()
-    assert "api_key" in assert_json_error(httpx.post(f"{keyless.admin}/faults", json={"api_key": "x"}, timeout=5), 400)
-    assert httpx.post(f"{keyless.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
+    assert "api_key" in assert_json_error(http.post(f"{keyless.admin}/faults", json={"api_key": "x"}, timeout=5), 400)
+    assert http.post(f"{keyless.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
 
 
 BAD_FAULTS = [
@@ -123,26 +123,26 @@ def test_faults_refuses_a_bad_body_with_a_json_400_and_changes_nothing(serve):
     server = serve()
     before = server.faults()
     for body, says in BAD_FAULTS:
-        response = httpx.post(f"{server.admin}/faults", content=body, headers={"content-type": "application/json"}, timeout=5)
+        response = http.post(f"{server.admin}/faults", content=body, headers={"content-type": "application/json"}, timeout=5)
         assert says in assert_json_error(response, 400), body[:40]
     assert server.faults() == before
-    assert httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
+    assert http.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
 
 
 def test_unknown_paths_wrong_methods_and_bad_json_answer_json_errors(serve):
     server = serve()
     base = server.url.removesuffix("/api/v1")
-    assert assert_json_error(httpx.get(f"{server.url}/nope", timeout=5), 404) == "Resource not found"
-    assert_json_error(httpx.post(f"{server.admin}/nope", timeout=5), 404)
-    outside = httpx.post(f"{base}/audio/speech", json=SPEECH, timeout=5)  # a base URL without /api/v1
+    assert assert_json_error(http.get(f"{server.url}/nope", timeout=5), 404) == "Resource not found"
+    assert_json_error(http.post(f"{server.admin}/nope", timeout=5), 404)
+    outside = http.post(f"{base}/audio/speech", json=SPEECH, timeout=5)  # a base URL without /api/v1
     assert outside.status_code == 404 and not outside.headers["content-type"].startswith("application/json")
-    wrong_method = httpx.get(f"{server.url}/audio/speech", timeout=5)
+    wrong_method = http.get(f"{server.url}/audio/speech", timeout=5)
     assert_json_error(wrong_method, 405)
     assert wrong_method.headers["allow"] == "POST"
-    assert_json_error(httpx.get(f"{server.admin}/faults", timeout=5), 405)
-    assert_json_error(httpx.delete(f"{server.url}/models", timeout=5), 405)
+    assert_json_error(http.get(f"{server.admin}/faults", timeout=5), 405)
+    assert_json_error(http.delete(f"{server.url}/models", timeout=5), 405)
     for body in (DEEP, b"{", b"\xff"):
-        assert_json_error(httpx.post(f"{server.url}/audio/speech", content=body, timeout=5), 400)
+        assert_json_error(http.post(f"{server.url}/audio/speech", content=body, timeout=5), 400)
     assert server.stats()["by_status"] == {"400": 3}
     assert server.process.poll() is None
 
@@ -155,51 +155,51 @@ def test_an_oversized_body_gets_413_without_being_buffered(serve):
         for _ in range(64):
             yield b"x" * MiB
 
-    assert httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
+    assert http.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5).status_code == 200
     rss, peak = vm_kib(pid, "VmRSS"), vm_kib(pid, "VmHWM")
     big = b"x" * (64 * MiB)
     for target in (f"{server.url}/audio/speech", f"{server.admin}/faults"):
         for content in (big, chunks()):  # declared by Content-Length, then streamed chunked
-            response = httpx.post(target, content=content, timeout=10)
+            response = http.post(target, content=content, timeout=10)
             assert "Request body is larger than" in assert_json_error(response, 413)
             assert response.headers["connection"] == "close"
     for _ in range(2):
-        assert_json_error(httpx.post(f"{server.url}/audio/speech", content=big, timeout=10), 413)
+        assert_json_error(http.post(f"{server.url}/audio/speech", content=big, timeout=10), 413)
 
     # Six 64 MiB bodies: buffering any one of them would pass these bounds.
     assert vm_kib(pid, "VmRSS") < rss + 32 * 1024
     assert vm_kib(pid, "VmHWM") < peak + 32 * 1024
     assert server.stats()["by_status"] == {"200": 1, "413": 4}
     just_under = {**SPEECH, "input": "hi", "pad": "x" * (MAX_BODY - 200)}
-    assert httpx.post(f"{server.url}/audio/speech", json=just_under, timeout=5).status_code == 200
+    assert http.post(f"{server.url}/audio/speech", json=just_under, timeout=5).status_code == 200
 
     assert server.faults(max_body_bytes=10)["max_body_bytes"] == 10  # /faults keeps its own limit
-    assert_json_error(httpx.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 413)
+    assert_json_error(http.post(f"{server.url}/audio/speech", json=SPEECH, timeout=5), 413)
     assert server.faults(max_body_bytes=MAX_BODY)["max_body_bytes"] == MAX_BODY
 
 
 def test_the_model_table_is_the_shipped_fixture_and_max_input_chars_overrides_its_limits(serve):
     server = serve()
     shipped = json.loads(resources.files("batchtts").joinpath(MODELS_FIXTURE).read_text(encoding="utf-8"))
-    listed = httpx.get(f"{server.url}/models", params={"output_modalities": "all"}, timeout=5).json()
+    listed = http.get(f"{server.url}/models", params={"output_modalities": "all"}, timeout=5).json()
     assert listed == {"data": shipped["data"]}  # the voices are the server's to know, not the listing's
     limit = next(m["context_length"] for m in shipped["data"] if m["id"] == SPEECH["model"])
-    assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * limit}, timeout=5).status_code == 200
+    assert http.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * limit}, timeout=5).status_code == 200
 
     assert server.faults(max_input_chars=10)["max_input_chars"] == 10
-    too_long = httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * 11}, timeout=5)
+    too_long = http.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * 11}, timeout=5)
     assert "longer than 10 characters" in assert_json_error(too_long, 400)
-    assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * 10}, timeout=5).status_code == 200
+    assert http.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "x" * 10}, timeout=5).status_code == 200
 
 
 def test_client_disconnects_leave_stderr_clean(serve):
     server = serve("--latency", "0.5", "--stall-first", "1", "--stall-seconds", "0.5")
     impatient = httpx.Timeout(0.1, connect=5)
     with pytest.raises(httpx.ReadTimeout):  # gone during the latency sleep
-        httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "a"}, timeout=impatient)
+        http.post(f"{server.url}/audio/speech", json={**SPEECH, "input": "a"}, timeout=impatient)
     server.faults(latency=0)
     with pytest.raises(httpx.ReadTimeout):  # gone mid-response, while the body stalls
-        with httpx.stream("POST", f"{server.url}/audio/speech", json={**SPEECH, "input": "b"}, timeout=impatient) as response:
+        with http.stream("POST", f"{server.url}/audio/speech", json={**SPEECH, "input": "b"}, timeout=impatient) as response:
             assert response.status_code == 200
             response.read()
     for path in ("/api/v1/audio/speech", "/_batchtts/faults"):  # gone mid-body, politely then abruptly
@@ -276,7 +276,7 @@ def rehearse(server: Server, manifest: Path, out: Path, *extra: str) -> tuple[in
 
 def test_an_unknown_model_is_the_apis_404_naming_it_and_fails_its_rows(serve, tmp_path):
     server = serve()
-    answer = httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO}, timeout=5)
+    answer = http.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO}, timeout=5)
     message = assert_json_error(answer, 404)
     assert message == f"Model not found: {TYPO} (did you mean {SPEECH['model']}?)"
 
@@ -290,7 +290,7 @@ def test_an_unknown_model_is_the_apis_404_naming_it_and_fails_its_rows(serve, tm
     assert server.stats()["by_status"] == {"404": 2, "200": 1}
 
     assert server.faults(any_model=True)["any_model"] is True  # --any-model: the old "every model is served"
-    assert httpx.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO, "voice": "v"}, timeout=5).status_code == 200
+    assert http.post(f"{server.url}/audio/speech", json={**SPEECH, "model": TYPO, "voice": "v"}, timeout=5).status_code == 200
 
 
 def test_a_model_the_provider_lacks_costs_a_few_requests_not_one_a_row(serve, tmp_path):
@@ -354,7 +354,7 @@ def test_a_voice_its_model_does_not_take_fails_its_row_only(serve, tmp_path, eng
 
 def test_the_model_list_is_what_the_client_parses(serve):
     server = serve()
-    answer = httpx.get(f"{server.url}/models", params={"output_modalities": "speech"}, timeout=5)
+    answer = http.get(f"{server.url}/models", params={"output_modalities": "speech"}, timeout=5)
     body = answer.json()
     assert answer.status_code == 200 and set(body) == {"data"}
     for model in body["data"]:  # OpenRouter's Model object, as much of it as a speech model fills
