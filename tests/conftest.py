@@ -33,6 +33,12 @@ import httpx
 import hypothesis
 import pytest
 
+# pytest rewrites the asserts of each test module as a worker collects it, some seconds a worker:
+# cached as bytecode beside the module (tests/__pycache__, as Python caches any module it imports),
+# made once a change, not by each worker on every run, even where PYTHONDONTWRITEBYTECODE is set
+# (cli_env drops it for the CLI's processes too).
+sys.dont_write_bytecode = False
+
 # Hypothesis profiles: how many examples each property test tries (the tests set no count of their own).
 # "quick", the default, tries 50: enough to find what the properties are for on every run, cheap enough
 # for the whole suite to take two minutes. For the long run, before a release or after changing a
