@@ -33,6 +33,12 @@ import httpx
 import hypothesis
 import pytest
 
+# pytest rewrites the asserts of each test module as a worker collects it, some seconds a worker:
+# cached as bytecode beside the module (tests/__pycache__, as Python caches any module it imports),
+# made once a change, not by each worker on every run, even where PYTHONDONTWRITEBYTECODE is set
+# (cli_env drops it for the CLI's processes too).
+sys.dont_write_bytecode = False
+
 # Hypothesis profiles: how many examples each property test tries (the tests set no count of their own).
 # "quick", the default, tries 50: enough to find what the properties are for on every run, cheap enough
 # for the whole suite to take two minutes. For the long run, before a release or after changing a
@@ -164,6 +170,7 @@ def warm() -> forkserver.ForkServer:
         return forkserver.ForkServer(os.environ[forkserver.ADDRESS])
     server = forkserver.ForkServer.start(cli_env(key=None), _die_with_parent)
     atexit.register(server.stop)
+    os.environ[forkserver.ADDRESS] = server.address  # for the shells the tests start, as for the workers
     return server
 
 
@@ -171,7 +178,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """The controller of several workers starts one fork server for them all, which makes its
     imports while they start: once, not once a worker."""
     if session.config.pluginmanager.hasplugin("dsession"):
-        os.environ[forkserver.ADDRESS] = warm().address
+        warm()
 
 
 def _start_server(argv: tuple[str, ...]) -> Server:
@@ -324,9 +331,10 @@ def cli_env(key: str | None = KEY, **extra: str) -> dict[str, str]:
     return env
 
 
-def batchtts(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI to completion, in a process of its own."""
-    proc = start_batchtts(*args, key=key, **env)
+def batchtts(*args: str | Path, key: str | None = KEY, timeout: float = 60, cwd: Path | None = None,
+             **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI to completion, in a process of its own (in the folder `cwd`, if given)."""
+    proc = start_batchtts(*args, key=key, cwd=cwd, **env)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -394,9 +402,14 @@ def cli(*args: str | Path, key: str | None = KEY, timeout: float = 60, **env: st
     return CliResult(argv, result.exit_code, result.stdout, result.stderr)
 
 
-def start_batchtts(*args: str | Path, key: str | None = KEY, **env: str) -> forkserver.Forked:
+def start_batchtts(*args: str | Path, key: str | None = KEY, cwd: Path | None = None, **env: str) -> forkserver.Forked:
     """Start the real CLI in a process of its own: signals sent to it reach the CLI itself."""
-    return warm().spawn(list(map(str, args)), cli_env(key, **env))
+    return warm().spawn(list(map(str, args)), cli_env(key, **env), cwd=None if cwd is None else str(cwd))
+
+
+def batchtts_command() -> str:
+    """The path of a `batchtts` for a shell to run (the fork server's: forkserver.command)."""
+    return str(warm().bindir / "batchtts")
 
 
 def error_message(result: subprocess.CompletedProcess[str]) -> str:

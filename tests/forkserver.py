@@ -118,15 +118,15 @@ class ForkServer:
         shim.chmod(0o755)
         return server
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> Forked:
-        """Start `batchtts ARGV...` with the environment `env`, in this process's folder, its stdin
-        this process's, its output in pipes."""
+    def spawn(self, argv: Sequence[str], env: dict[str, str], cwd: str | None = None) -> Forked:
+        """Start `batchtts ARGV...` with the environment `env`, in the folder `cwd` (this process's by
+        default), its stdin this process's, its output in pipes."""
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             conn.connect(self.address)
-            pid = _ask(conn, ["batchtts", *argv], os.getcwd(), env, [0, out_write, err_write])
+            pid = _ask(conn, ["batchtts", *argv], cwd or os.getcwd(), env, [0, out_write, err_write])
         except BaseException:
             for fd in (out_read, err_read):
                 os.close(fd)

@@ -30,9 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import forkserver
 import pytest
-from conftest import ROOT, cli_env, warm
+from conftest import ROOT, batchtts_command, cli_env
 
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
@@ -128,10 +127,11 @@ def test_examples_run(page: Path, tmp_path: Path, serve):
     server = serve()
     for folder in ("sample_manifests", "jobs"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
+    command = Path(batchtts_command())
     bin_dir = str(Path(sys.executable).parent)  # the environment under test, its `python` too
-    env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url, **{forkserver.ADDRESS: warm().address})
+    env = cli_env(key="sk-or-docs-example", BATCHTTS_BASE_URL=server.url)
     env.pop("BATCHTTS_SERVE_KEY", None)
-    env["PATH"] = f"{warm().bindir}:{bin_dir}:{env.get('PATH', '')}"  # its `batchtts` first
+    env["PATH"] = f"{command.parent}:{bin_dir}:{env.get('PATH', '')}"  # its `batchtts` first
     found = blocks(page)
     for i, block in enumerate(found):
         if block.same_as is not None:

@@ -8,11 +8,10 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
-from conftest import FAST_RETRY, cli, cli_env, start_batchtts, stop, wait_for, write_csv
+from conftest import FAST_RETRY, batchtts, batchtts_command, cli, cli_env, start_batchtts, stop, wait_for, write_csv
 
 MODEL = "openai/gpt-4o-mini-tts"
 
@@ -138,8 +137,7 @@ def test_status_watch_follows_a_run_until_it_ends(serve, tmp_path):
     run = start_batchtts("run", manifest, "-o", out, "-m", MODEL, "--base-url", server.url, "-c", "1")
     try:
         wait_for(lambda: server.stats()["requests"] >= 1, timeout=30)
-        watch = subprocess.run([sys.executable, "-m", "batchtts", "status", out, "--watch", "--interval", "0.2", "--json"],
-                               capture_output=True, text=True, timeout=60, env=cli_env())
+        watch = batchtts("status", out, "--watch", "--interval", "0.2", "--json")
         assert run.wait(timeout=30) == 0
     finally:
         stop(run)
@@ -159,7 +157,7 @@ def test_export_to_a_reader_that_stops_early_ends_quietly(tmp_path):
     rows = [{"id": f"r{i:04d}", "text": f"Row number {i}.", "voice": "en-us"} for i in range(200)]
     manifest = write_csv(tmp_path / "m.csv", rows)
     assert cli("run", manifest, "-o", out, "-m", "local/espeak-ng", "--limit", "1").returncode == 0
-    export = f"{sys.executable} -m batchtts export {out} --to -"
+    export = f"{batchtts_command()} export {out} --to -"
     for fmt in ("csv", "jsonl"):  # `true` has gone before the first line is written
         piped = subprocess.run(f"set -o pipefail; {export} --format {fmt} | true", shell=True, executable="/bin/bash",
                                capture_output=True, text=True, timeout=60, env=cli_env())

@@ -29,6 +29,8 @@ import yaml
 from conftest import (
     FAST_RETRY,
     ROOT,
+    batchtts,
+    batchtts_command,
     cli,
     cli_env,
     error_message,
@@ -335,10 +337,7 @@ def test_the_cron_and_systemd_recipes_run_the_nightly_job(serve, tmp_path):
     exec_start = re.search(r"^ExecStart=\S+/batchtts (.*)$", service, re.MULTILINE)[1]
     assert "OnCalendar=" in (ROOT / "jobs" / "batchtts-nightly.timer").read_text()
     assert re.search(r"^SuccessExitStatus=4 5 143$", service, re.MULTILINE)
-    preview = subprocess.run(
-        [sys.executable, "-m", "batchtts", *shlex.split(exec_start), "--dry-run", "--base-url", server.url],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env(None), check=False,
-    )
+    preview = batchtts(*shlex.split(exec_start), "--dry-run", "--base-url", server.url, key=None, cwd=ROOT)
     assert preview.returncode == 0, preview.stderr
     assert "budget per run: $5.00" in preview.stdout and "prices: job file" in preview.stdout
 
@@ -350,7 +349,7 @@ def test_the_cron_and_systemd_recipes_run_the_nightly_job(serve, tmp_path):
     for folder in ("jobs", "sample_manifests"):
         shutil.copytree(ROOT / folder, home / folder)
     (home / ".venv" / "bin").mkdir(parents=True)
-    (home / ".venv" / "bin" / "batchtts").symlink_to(Path(sys.executable).parent / "batchtts")
+    (home / ".venv" / "bin" / "batchtts").symlink_to(batchtts_command())
     (home / ".env").write_text(f"OPENROUTER_API_KEY=sk-or-test\nBATCHTTS_BASE_URL={server.url}\n")
     env = {k: v for k, v in cli_env(None).items() if k not in ("OPENROUTER_API_KEY", "BATCHTTS_BASE_URL")}
     night = subprocess.run(["sh", "-c", command.replace("/srv/narration", str(home))], env=env,
@@ -423,20 +422,18 @@ def test_four_shards_cover_every_row_once_and_merge_like_one_run(serve, tmp_path
     job = tmp_path / "job.toml"
     job.write_text(f'manifest = "m.csv"\nout = "sharded"\nconcurrency = 8\n[defaults]\nmodel = "{MODEL}"\n'
                    f'voice = "alloy"\nformat = "wav"\n[provider]\nbase_url = "{server.url}"\n')
-    base = [sys.executable, "-m", "batchtts", "run", str(job), *FAST_RETRY]
-    # The same four shards as a flag, a Kubernetes Indexed Job, and two tasks of the project's Slurm script.
-    launches = [
-        (base + ["--shard", "0/4"], {}),
-        (base + ["--shards", "4"], {"JOB_COMPLETION_INDEX": "1"}),
-        (["bash", str(ROOT / "jobs" / "slurm-array.sh"), *FAST_RETRY],
-         {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "BATCHTTS_JOB": str(job)}),
-        (["bash", str(ROOT / "jobs" / "slurm-array.sh"), *FAST_RETRY],
-         {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "BATCHTTS_JOB": str(job)}),
+    base = ["run", str(job), *FAST_RETRY]
+    # The same four shards as a flag, a Kubernetes Indexed Job, and two tasks of the project's Slurm
+    # script, whose `batchtts` is found on the PATH.
+    slurm = ["bash", str(ROOT / "jobs" / "slurm-array.sh"), *FAST_RETRY]
+    path = {"PATH": str(Path(batchtts_command()).parent) + os.pathsep + os.environ["PATH"]}
+    procs = [
+        start_batchtts(*base, "--shard", "0/4"),
+        start_batchtts(*base, "--shards", "4", JOB_COMPLETION_INDEX="1"),
+        *(subprocess.Popen(slurm, env={**cli_env(), **path, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "4",
+                                       "BATCHTTS_JOB": str(job)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for task in (2, 3)),
     ]
-    bindir = str(Path(sys.executable).parent)
-    procs = [subprocess.Popen(argv, env={**cli_env(), **extra, "PATH": bindir + os.pathsep + os.environ["PATH"]},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv, extra in launches]
     for proc, source in zip(procs, ["--shard", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_ID"],
                             strict=True):
         stdout, stderr = proc.communicate(timeout=120)
@@ -552,11 +549,9 @@ def test_the_kubernetes_indexed_job_runs_its_command_as_shard_of_its_completions
     assert rule["values"] == [EXIT_USAGE, EXIT_PROVIDER_STOP, EXIT_BUDGET, EXIT_MAX_RUNTIME]
     assert container["workingDir"] == "/work/batchtts"
     # The pod's command, in the project folder as the pod sees it, for pod 5 of 8: a dry run.
-    preview = subprocess.run(
-        [sys.executable, "-m", *shlex.split(command), "--dry-run", "--base-url", server.url],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-        env={**cli_env(None), "JOB_COMPLETION_INDEX": "5"},
-    )
+    program, *args = shlex.split(command)
+    assert program == "batchtts"
+    preview = batchtts(*args, "--dry-run", "--base-url", server.url, key=None, cwd=ROOT, JOB_COMPLETION_INDEX="5")
     assert preview.returncode == 0, preview.stderr
     assert "dataset.parquet, shard 5/8:" in preview.stdout
 
