@@ -13,8 +13,8 @@ in the text's length even for a chapter with no blank line.
 
 from __future__ import annotations
 
-import functools
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,11 +62,19 @@ class Chunk:
     caption: str | None = None  # its words as the manifest writes them, when the lexicon changed them
 
 
-@functools.cache
-def _segmenter() -> pysbd.Segmenter:
-    import pysbd  # loaded by the first long row, not by every command
+_local = threading.local()
 
-    return pysbd.Segmenter(language="en", clean=False, char_span=True)
+
+def _segmenter() -> pysbd.Segmenter:
+    """This thread's segmenter: pysbd keeps the text it segments on the segmenter, so one shared by
+    threads finds one thread's sentences in another's text (and drops them, unfound)."""
+    try:
+        return _local.segmenter
+    except AttributeError:
+        import pysbd  # loaded by the first long row, not by every command
+
+        _local.segmenter = pysbd.Segmenter(language="en", clean=False, char_span=True)
+        return _local.segmenter
 
 
 def _spans(text: str, start: int, end: int, pattern: re.Pattern[str]) -> Iterator[tuple[int, int]]:

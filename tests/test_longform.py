@@ -6,12 +6,14 @@ import csv
 import json
 import re
 import sqlite3
+import sys
 import wave
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import FAST_RETRY, cli, ledger_rows, write_csv
 from test_engine import mpeg_frames
 
-from batchtts.chunking import DEFAULT_LIMIT, KNOWN_LIMITS, limit_for, split_text
+from batchtts.chunking import DEFAULT_LIMIT, KNOWN_LIMITS, limit_for, sentences, split_text
 from batchtts.config import Stitching
 from batchtts.server import listed_models
 from batchtts.tone import RATE as TONE_RATE
@@ -50,6 +52,22 @@ def test_a_60000_character_chapter_splits_within_the_limit_and_rejoins():
         assert not re.search(r"\b(Mr|Dr|U\.S|e\.g|p\.m|3)\.$", c.text), c.text[-20:]
     assert [c.paragraph_before for c in chunks[1:8]] == [True] * 7
     assert split_text("  short  ", LIMIT)[0].text == "short"
+
+
+def test_texts_split_in_several_threads_at_once_split_as_they_do_alone():
+    """Captions are written and mastered files' captions moved on threads of their own while rows
+    are split: no split may see another thread's text (a sentence looked up in the wrong text is
+    not found, and its words would be left out of the requests and the captions)."""
+    texts = [chapter(2, repeat=5 + i) + f" Ending {i}." for i in range(6)]  # paragraphs split at sentences
+    alone = [(split_text(t, 500), sentences(t)) for t in texts]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda t: (split_text(t, 500), sentences(t)), texts * 3))
+    finally:
+        sys.setswitchinterval(previous)
+    assert together == alone * 3
 
 
 def test_limits_come_from_flags_the_job_and_the_model_family():
