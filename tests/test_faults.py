@@ -35,6 +35,7 @@ from conftest import (
 
 import batchtts
 import batchtts as api
+from batchtts import ledger as ledger_module
 from batchtts.errors import EXIT_FAILED_ROWS, EXIT_HALTED, EXIT_INTERNAL
 from batchtts.ledger import VERSION, Ledger
 from batchtts.local import LocalSpeechProvider
@@ -367,6 +368,21 @@ def schema(db: sqlite3.Connection) -> list[tuple[str, str, list[tuple[object, ..
     objects = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name")
     return [(kind, name, db.execute(f"PRAGMA {'table' if kind == 'table' else 'index'}_info({name})").fetchall())
             for kind, name in objects]
+
+
+def test_a_ledger_made_at_a_version_in_one_step_is_the_ledger_its_upgrades_make():
+    """New ledgers are made whole (ledger.create), earlier ones upgraded a version at a time: at every
+    version both give the same tables, columns in the same order, and the same indexes and triggers."""
+    for version in range(1, VERSION + 1):
+        stepped, whole = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+        for number in range(1, version + 1):
+            stepped.executescript(ledger_module.upgrade(number))
+        whole.executescript("".join(t.create(version) for t in ledger_module.TABLES if t.since <= version))
+        kinds = "SELECT type, name FROM sqlite_master ORDER BY name"
+        assert schema(stepped) == schema(whole), version
+        assert stepped.execute(kinds).fetchall() == whole.execute(kinds).fetchall(), version
+        stepped.close()
+        whole.close()
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
