@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from array import array
 
 from .audio import encode_mp3, pcm_content_type
 
@@ -21,9 +20,12 @@ def tone_seconds(text: str, speed: float = 1.0) -> float:
 
 @functools.lru_cache(maxsize=32)
 def _one_second(hz: int) -> bytes:
+    import numpy as np  # loaded by the first tone, not by every command
+
     # A whole number of cycles, so seconds repeat without a click at the joins.
-    step = 2 * math.pi * hz / RATE
-    return array("h", (int(6000 * math.sin(i * step)) for i in range(RATE))).tobytes()
+    wave = 6000 * np.sin(np.arange(RATE) * (2 * math.pi * hz / RATE))
+    samples: np.ndarray[tuple[int], np.dtype[np.int16]] = wave.astype("<i2")
+    return samples.tobytes()
 
 
 def _pcm(samples: int, hz: int) -> bytes:
