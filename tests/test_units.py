@@ -466,6 +466,7 @@ def test_the_tallies_say_what_a_pass_over_every_row_says(tmp_path_factory, recor
             else:
                 ledger.db.execute("UPDATE rows SET sha256 = ? WHERE key = ?", (f"{file:064d}", row.key))
             _same(_tallied(ledger), _scanned(ledger))
+            assert ledger.row_count() == ledger.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
     finally:
         ledger.close()
 
