@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -93,7 +94,6 @@ class ForkServer:
         (`preexec_fn`), and its children with it."""
         import select
         import subprocess
-        import tempfile
         from pathlib import Path
 
         folder = Path(tempfile.mkdtemp(prefix="batchtts-forkserver-"))
@@ -327,6 +327,7 @@ def _become(argv: list[str], cwd: str, env: dict[str, str], fds: list[int], scri
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    tempfile.tempdir = None  # found again from this environment's TMPDIR, as a new interpreter would
     sys.argv[:] = [script, *argv[1:]]  # a script's argv[0] is its path, as the kernel ran it
     sys.path[0] = os.path.dirname(script)  # and its folder leads the path, not this one's
 
