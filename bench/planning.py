@@ -153,17 +153,22 @@ def startup_table(out: Path) -> None:
 def imports_table() -> None:
     print("Package modules each module imports (largest first)")
     counts = []
-    for path in sorted((ROOT / "batchtts").glob("*.py")):
-        tree = ast.parse(path.read_text())
+    package = ROOT / "batchtts"
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        within = list(parts[:-1])  # the subpackage a relative import starts from
         names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names.update([node.module] if node.module else [a.name for a in node.names])
-        counts.append((len(names), path.stem, os.path.getsize(path)))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = within[:len(within) - node.level + 1]
+                modules = [node.module] if node.module else [a.name for a in node.names]
+                names.update(".".join([*base, m]) for m in modules)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "batchtts"
+        counts.append((len(names), name, os.path.getsize(path)))
     counts.sort(reverse=True)
-    print(f"{'module':<14} {'imports':>8} {'bytes':>8}")
+    print(f"{'module':<18} {'imports':>8} {'bytes':>8}")
     for count, name, size in counts[:8]:
-        print(f"{name:<14} {count:>8} {size:>8,}")
+        print(f"{name:<18} {count:>8} {size:>8,}")
 
 
 def main() -> None:
