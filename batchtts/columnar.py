@@ -82,7 +82,7 @@ class Lane:
             return None
         found = self.planner.ledger.lookup_many(ids) if self.planner.ledger is not None else {}
         if found:
-            if len(found) < len(ids) or not self._done(ids, relpaths, models, voices, _strings(text), found):
+            if not self._done(ids, relpaths, models, voices, _strings(text), found):
                 return None
             self._flush()
             if self.checks is not None:
@@ -112,7 +112,7 @@ class Lane:
         ids, text, models, voices, _, relpaths = columns
         found = self.planner.ledger.lookup_many(ids)
         texts = _strings(text)
-        if len(found) < len(ids) or not self._done(ids, relpaths, models, voices, texts, found):
+        if not self._done(ids, relpaths, models, voices, texts, found):
             return None
         return ids, texts, models, voices
 
@@ -158,10 +158,10 @@ class Lane:
 
     def _done(self, ids: list[str], relpaths: list[str], models: list[str], voices: list[str], texts: list[str],
               found: dict[str, Entry]) -> bool:
-        """Every row is done: recorded done, for the same audio, under its own name, and its file is
-        there as recorded (`plan.needs_work`), looked for in the folder's listing together."""
+        """Every row is done: recorded (in `found`) done, for the same audio, under its own name, and
+        its file is there as recorded (`plan.needs_work`), looked for in the folder's listing together."""
         files = self.planner.files
-        if not isinstance(files, Listing):
+        if not isinstance(files, Listing) or len(found) < len(ids):
             return False
         entries = [found[row_id] for row_id in ids]
         if any(entry.status != "done" or entry.path != relpath for entry, relpath in zip(entries, relpaths, strict=True)):

@@ -35,6 +35,8 @@ _RUN_BITS = 16  # a hash's first bits, which say the run that holds it
 _PART_BITS = 4  # of those, the first: the listing is sorted a sixteenth at a time
 _RUNS = 1 << _RUN_BITS
 _PARTS = 1 << _PART_BITS
+_RUN_SHIFT = 64 - _RUN_BITS  # a hash shifted by this is its run
+_KEPT_SHIFT = _RUN_SHIFT - 32  # ... and by this, its run and the 32 bits kept (a uint32 keeps those)
 
 
 class Listing:
@@ -93,8 +95,8 @@ class Listing:
 
         starts, hashes = self._listed(folder)
         wanted = np.fromiter(map(hash64, names), np.uint64, len(names))
-        run = (wanted >> np.uint64(64 - _RUN_BITS)).astype(np.intp)
-        value = (wanted >> np.uint64(64 - _RUN_BITS - 32)).astype(np.uint32)
+        run = (wanted >> np.uint64(_RUN_SHIFT)).astype(np.intp)
+        value = (wanted >> np.uint64(_KEPT_SHIFT)).astype(np.uint32)
         low, end = starts[run], starts[run + 1]
         high = end.copy()
         last = max(len(hashes) - 1, 0)
@@ -161,8 +163,8 @@ class Listing:
             for index, part in enumerate(parts):
                 full = np.frombuffer(part, np.uint64)
                 full.sort()  # in place: by run, then by the bits kept
-                hashes[at:at + len(full)] = full >> np.uint64(64 - _RUN_BITS - 32)  # the bits kept, in order
-                counts += np.bincount((full >> np.uint64(64 - _RUN_BITS)).astype(np.intp), minlength=_RUNS)
+                hashes[at:at + len(full)] = full >> np.uint64(_KEPT_SHIFT)  # the bits kept, in order
+                counts += np.bincount((full >> np.uint64(_RUN_SHIFT)).astype(np.intp), minlength=_RUNS)
                 at += len(full)
                 del full
                 parts[index] = array.array("Q")  # its 8 bytes a file given back before the next part is sorted
