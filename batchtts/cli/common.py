@@ -21,7 +21,7 @@ from ..redact import redact_uri
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def fail(exc: BatchTTSError) -> None:
+def fail(exc: BatchTTSError) -> NoReturn:
     say_error(str(exc), exc.exit_code)
     sys.exit(exc.exit_code)
 
